@@ -1,0 +1,114 @@
+"""Bytes on topics <-> records: Avro single-object encoding for internal topics, JSON or Avro for raw topics.
+
+Single-object encoding (Avro spec): 0xC3 0x01, the 8-byte little-endian CRC-64-AVRO fingerprint of the
+writer schema, then the Avro binary body. Any Avro library can decode it with the `.avsc` file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from fastavro import schemaless_reader, schemaless_writer
+
+from streamml.errors import DecodeError, SchemaError
+from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = len(MAGIC) + 8
+Record = dict[str, Any]
+
+
+def is_avro(data: bytes) -> bool:
+    return data[:2] == MAGIC and len(data) >= HEADER_LEN
+
+
+class AvroCodec:
+    """Encodes and decodes one record type; build once per type and reuse (it holds the parsed schema)."""
+
+    def __init__(self, schema: AvroSchema | str) -> None:
+        self.schema = get_schema(schema) if isinstance(schema, str) else schema
+        self.header = MAGIC + self.schema.fingerprint
+        self._parsed = self.schema.parsed
+
+    def encode(self, record: Record) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self.header)
+        try:
+            schemaless_writer(buf, self._parsed, record)
+        except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
+            raise SchemaError(f"record does not fit schema {self.schema.name}: {exc}") from exc
+        return buf.getvalue()
+
+    def encode_many(self, records: Iterable[Record]) -> list[bytes]:
+        return [self.encode(r) for r in records]
+
+    def decode(self, data: bytes) -> Record:
+        if data[:2] != MAGIC:
+            raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
+        if data[2:HEADER_LEN] != self.schema.fingerprint:
+            other = schema_by_fingerprint().get(data[2:HEADER_LEN])
+            got = other.name if other else f"unknown schema {data[2:HEADER_LEN].hex()}"
+            raise DecodeError(f"expected a {self.schema.name} record, got {got}")
+        try:
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self._parsed, None)
+        except Exception as exc:  # truncated or corrupt bodies raise EOFError, ValueError, ...
+            raise DecodeError(f"corrupt {self.schema.name} record: {exc}") from exc
+        assert isinstance(record, dict)
+        return record
+
+
+_codecs: dict[str, AvroCodec] = {}
+
+
+def codec_for(name: str) -> AvroCodec:
+    """A cached codec per record name."""
+    codec = _codecs.get(name)
+    if codec is None:
+        codec = _codecs[name] = AvroCodec(name)
+    return codec
+
+
+def decode_any(data: bytes) -> tuple[str, Record]:
+    """Decode a single-object encoded record of any StreamML schema; returns (record name, record)."""
+    if not is_avro(data):
+        raise DecodeError("not Avro single-object encoded")
+    schema = schema_by_fingerprint().get(data[2:HEADER_LEN])
+    if schema is None:
+        raise DecodeError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+    return schema.name, codec_for(schema.name).decode(data)
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    if value is None or isinstance(value, bool | int | str):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DecodeError(f"field {name!r} is not a finite number")
+        return
+    kind = (
+        "an object" if isinstance(value, dict) else "an array" if isinstance(value, list) else "not a scalar"
+    )
+    raise DecodeError(f"field {name!r} is {kind}; raw events hold scalar values only")
+
+
+def decode_raw(data: bytes | None) -> Record:
+    """Read a raw event (a flat JSON object of scalars, or an Avro RawEvent) into the RawEvent shape."""
+    if data is None:
+        raise DecodeError("empty record (null value)")
+    if is_avro(data):
+        return codec_for("RawEvent").decode(data)
+    try:
+        obj = json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise DecodeError("neither Avro (no 0xC3 0x01 header) nor UTF-8 JSON") from exc
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError(f"a raw event must be a JSON object, got {type(obj).__name__}")
+    for key, value in obj.items():
+        _check_scalar(key, value)
+    return {"fields": obj, "event_time": None}

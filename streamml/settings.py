@@ -1,0 +1,88 @@
+"""The one settings class of StreamML, read from STREAMML_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class Settings(BaseSettings):
+    """Everything a StreamML process can be configured with; frozen so a process sees one config."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMML_", env_file=".env", extra="ignore", frozen=True)
+
+    bootstrap_servers: str = Field(
+        DEFAULT_BOOTSTRAP, description="Kafka bootstrap servers, comma separated host:port."
+    )
+    client_id: str = Field("streamml", description="Kafka client.id prefix for this process.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol."
+    )
+    sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512.")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    ssl_ca_location: str | None = Field(None, description="Path of the CA bundle for TLS.")
+    ssl_certificate_location: str | None = Field(None, description="Client certificate for mutual TLS.")
+    ssl_key_location: str | None = Field(None, description="Client key for mutual TLS.")
+
+    topic_prefix: str = Field("streamml", description="Prefix of every topic StreamML declares.")
+    default_partitions: int = Field(3, ge=1, description="Partitions of per-pipeline data topics.")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of created topics.")
+    min_insync_replicas: int = Field(1, ge=1, description="min.insync.replicas of created topics.")
+
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the Prometheus metrics endpoint.")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the metrics endpoint (0 = off).")
+    http_host: str = Field("127.0.0.1", description="Bind address of HTTP APIs (e.g. POST /predict).")
+    http_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API.")
+
+    signing_key: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key that signs and verifies model artifacts (required to serve)."
+    )
+    broker_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker at start.")
+    log_level: str = Field("INFO", description="Python log level of services and the CLI.")
+
+    @field_validator("signing_key", "sasl_password", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        """Compose passes `${VAR:-}` as an empty string: treat it as not configured, never as a key."""
+        return None if value == "" else value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers or any(":" not in s for s in servers):
+            raise ValueError(
+                f"bootstrap_servers must be host:port[,host:port], got {value!r} "
+                "(set STREAMML_BOOTSTRAP_SERVERS, or run `make kafka-up` for a local broker)"
+            )
+        return ",".join(servers)
+
+    def kafka_config(self) -> dict[str, Any]:
+        """Client options shared by producers, consumers and the admin client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,171 @@
+"""The topic catalogue: every topic StreamML uses is declared here once (name, partitions, policy, schema)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from streamml.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+PIPELINE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+Encoding = Literal["avro", "json-or-avro"]
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A declared topic; `schema` names the record type its values carry (None for raw topics)."""
+
+    name: str
+    role: str  # e.g. "features"; the same role exists once per pipeline (or once globally)
+    schema: str
+    encoding: Encoding
+    key: str  # what the record key holds
+    description: str
+    partitions: int
+    replication_factor: int
+    cleanup_policy: Literal["delete", "compact"] = "delete"
+    retention_ms: int = 7 * DAY_MS
+    config: dict[str, str] = field(default_factory=dict)
+
+    def topic_config(self, min_insync_replicas: int) -> dict[str, str]:
+        """The topic-level configs to create the topic with."""
+        conf = {
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": str(self.retention_ms),
+            "min.insync.replicas": str(min(min_insync_replicas, self.replication_factor)),
+        }
+        conf.update(self.config)
+        return conf
+
+
+def check_pipeline_name(name: str) -> str:
+    if not PIPELINE_NAME.match(name):
+        raise ValueError(
+            f"invalid pipeline name {name!r}: use 1-63 lower-case letters, digits and dashes, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+# Compacted topics keep their latest record per key forever (retention -1): model versions and decisions
+# have unique keys, so nothing is removed unless a tombstone replaces it.
+MODEL_MAX_BYTES = 64 * 1024 * 1024
+
+
+class Catalogue:
+    """Names and declarations of all topics, derived from settings (prefix, partitions, replication)."""
+
+    GLOBAL_ROLES = ("pipelines", "model-versions", "promotions", "training-requests", "drift-alerts")
+    PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "dead-letter")
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = settings.topic_prefix
+        self.partitions = settings.default_partitions
+        self.rf = settings.replication_factor
+
+    # -- global control topics, keyed by pipeline -------------------------------------------------
+    def pipelines(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.pipelines", "pipelines", "PipelineDefinition", "avro", "pipeline name",
+            "Pipeline definitions; the latest record per pipeline is its current revision.",
+            1, self.rf, cleanup_policy="compact", retention_ms=-1,
+        )  # fmt: skip
+
+    def model_versions(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.model-versions", "model-versions", "ModelVersion", "avro",
+            "pipeline/model/version",
+            "Every model version with its signed artifact and lineage.",
+            1, self.rf, cleanup_policy="compact", retention_ms=-1,
+            config={"max.message.bytes": str(MODEL_MAX_BYTES)},
+        )  # fmt: skip
+
+    def promotions(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.promotions", "promotions", "Promotion", "avro", "pipeline/model/decision-time",
+            "Deployment decisions (promote, rollback, shadow, discard) with their reasons.",
+            1, self.rf, cleanup_policy="compact", retention_ms=-1,
+        )  # fmt: skip
+
+    def training_requests(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.training-requests", "training-requests", "TrainingRequest", "avro", "pipeline",
+            "Requests to train a batch model on an exact slice of a topic.",
+            1, self.rf, retention_ms=30 * DAY_MS,
+        )  # fmt: skip
+
+    def drift_alerts(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.drift-alerts", "drift-alerts", "DriftAlert", "avro", "pipeline",
+            "Drift and artifact alerts.",
+            1, self.rf, retention_ms=30 * DAY_MS,
+        )  # fmt: skip
+
+    # -- per-pipeline data topics -----------------------------------------------------------------
+    def _data(
+        self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
+    ) -> TopicSpec:
+        check_pipeline_name(pipeline)
+        return TopicSpec(
+            f"{self.prefix}.{pipeline}.{role}", role, schema, encoding, key, doc, self.partitions, self.rf
+        )
+
+    def raw(self, pipeline: str) -> TopicSpec:
+        return self._data(
+            pipeline, "raw", "RawEvent", "json-or-avro", "entity key or none",
+            "Raw input events: flat JSON objects, or Avro RawEvent records.",
+        )  # fmt: skip
+
+    def features(self, pipeline: str) -> TopicSpec:
+        return self._data(
+            pipeline, "features", "FeatureVector", "avro", "event id", "Feature vectors, one per valid event."
+        )
+
+    def labels(self, pipeline: str) -> TopicSpec:
+        return self._data(pipeline, "labels", "Label", "avro", "event id", "Ground truth, possibly late.")
+
+    def predictions(self, pipeline: str) -> TopicSpec:
+        return self._data(
+            pipeline, "predictions", "Prediction", "avro", "event id",
+            "One prediction per event (plus tagged shadow predictions of challengers).",
+        )  # fmt: skip
+
+    def dead_letter(self, pipeline: str) -> TopicSpec:
+        spec = self._data(
+            pipeline, "dead-letter", "DeadLetter", "avro", "source topic/partition/offset",
+            "Records a service could not process, with the original bytes and the reason.",
+        )  # fmt: skip
+        return TopicSpec(**{**spec.__dict__, "retention_ms": 30 * DAY_MS})
+
+    # -- listings -------------------------------------------------------------------------------------
+    def global_topics(self) -> list[TopicSpec]:
+        return [
+            self.pipelines(),
+            self.model_versions(),
+            self.promotions(),
+            self.training_requests(),
+            self.drift_alerts(),
+        ]
+
+    def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:
+        return [
+            self.raw(pipeline),
+            self.features(pipeline),
+            self.labels(pipeline),
+            self.predictions(pipeline),
+            self.dead_letter(pipeline),
+        ]
+
+    def resolve(self, topic: str) -> TopicSpec | None:
+        """The declaration of a topic name, if StreamML declares it (used by `streamml tail`)."""
+        for spec in self.global_topics():
+            if spec.name == topic:
+                return spec
+        head = f"{self.prefix}."
+        if topic.startswith(head):
+            pipeline, _, role = topic[len(head) :].rpartition(".")
+            if role in self.PIPELINE_ROLES and PIPELINE_NAME.match(pipeline):
+                return next(s for s in self.pipeline_topics(pipeline) if s.role == role)
+        return None
