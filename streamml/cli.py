@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 import uuid
+from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any
 
 import click
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streamml import sources
+from streamml import control, pipelines, sources
 from streamml.codec import codec_for, decode_any, is_avro
 from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import check_broker, ensure_topics, make_admin, make_consumer, make_producer
@@ -26,7 +28,12 @@ from streamml.topics import Catalogue, check_pipeline_name
 app = typer.Typer(help="StreamML: event-streaming machine learning on Apache Kafka.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create and inspect the declared topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
-console = Console()
+pipeline_app = typer.Typer(help="Apply, list, show and delete pipeline definitions.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+model_app = typer.Typer(help="List model versions, promote and roll back.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+# Piped output (scripts, tests, CI logs) gets wide tables instead of truncated cells.
+console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
 log = logging.getLogger(__name__)
 
@@ -258,6 +265,124 @@ def tail(
         raise StreamMLError(f"consuming {topic} failed: {exc}") from exc
     finally:
         consumer.close()
+
+
+@pipeline_app.command("apply")
+def pipeline_apply(file: Annotated[Path, typer.Argument(help="Pipeline definition (YAML or JSON).")]) -> None:
+    """Validate a pipeline file, create its topics and publish it (a new revision if it exists)."""
+    spec = pipelines.load_file(file)
+    settings = _settings()
+    check_broker(settings)
+    catalogue = Catalogue(settings)
+    ensure_topics(settings, catalogue.global_topics() + catalogue.pipeline_topics(spec.name))
+    existing = control.current_pipelines(settings).get(spec.name)
+    revision = existing["revision"] + 1 if existing else 1
+    definition = pipelines.to_definition(spec, catalogue.raw(spec.name).name, revision)
+    if definition.raw_topic != catalogue.raw(spec.name).name:
+        ensure_topics(settings, [replace(catalogue.raw(spec.name), name=definition.raw_topic)])
+    control.publish(
+        settings, catalogue.pipelines().name, "PipelineDefinition", spec.name, definition.to_avro()
+    )
+    console.print(
+        f"pipeline [bold]{spec.name}[/bold] revision {revision} applied (raw topic {definition.raw_topic})"
+    )
+
+
+@pipeline_app.command("list")
+def pipeline_list() -> None:
+    """The current pipelines."""
+    settings = _settings()
+    check_broker(settings)
+    table = Table("pipeline", "revision", "task", "raw topic", "online model", "promotion", "status")
+    for name, rec in sorted(control.current_pipelines(settings).items()):
+        online = next((m["estimator_spec"] for m in rec["models"] if m["kind"] == "ONLINE"), "-")
+        status = "deleted" if rec["deleted"] else "active"
+        table.add_row(
+            name, str(rec["revision"]), rec["task"], rec["raw_topic"], online, rec["promotion_mode"], status
+        )
+    console.print(table)
+
+
+@pipeline_app.command("show")
+def pipeline_show(name: str) -> None:
+    """The full current definition of a pipeline."""
+    settings = _settings()
+    check_broker(settings)
+    rec = control.current_pipelines(settings).get(name)
+    if rec is None:
+        raise ValidationError(f"no pipeline named {name!r} (see `streamml pipeline list`)")
+    console.print_json(data=rec)
+
+
+@pipeline_app.command("delete")
+def pipeline_delete(name: str) -> None:
+    """Mark a pipeline deleted: services stop processing it (its topics and data stay)."""
+    settings = _settings()
+    check_broker(settings)
+    rec = control.current_pipelines(settings).get(name)
+    if rec is None or rec["deleted"]:
+        raise ValidationError(f"no active pipeline named {name!r}")
+    rec = {**rec, "deleted": True, "revision": rec["revision"] + 1, "updated_at": int(time.time() * 1000)}
+    control.publish(settings, Catalogue(settings).pipelines().name, "PipelineDefinition", name, rec)
+    console.print(f"pipeline {name} deleted (revision {rec['revision']})")
+
+
+@model_app.command("list")
+def model_list(pipeline: str) -> None:
+    """Versions with metrics and lineage, which one is live, and why each decision was made."""
+    settings = _settings()
+    check_broker(settings)
+    history = control.model_history(settings, pipeline)
+    live = history.live()
+    table = Table("model", "version", "kind", "events", "metrics", "parent", "created", "status")
+    reasons: dict[tuple[str, int], str] = {}
+    for d in history.decisions:
+        reasons[(d["model_name"], d["version"])] = f"{d['action'].lower()} by {d['actor']}: {d['reason']}"
+    for v in history.versions:
+        key = (v["model_name"], v["version"])
+        is_live = live is not None and (live["model_name"], live["version"]) == key
+        shown = ", ".join(f"{k}={x:.4g}" for k, x in sorted(v["metrics"].items()) if k != "events_seen")
+        status = ("[green]LIVE[/green] " if is_live else "") + reasons.get(key, "")
+        created = time.strftime("%H:%M:%S", time.localtime(v["created_at"] / 1000))
+        table.add_row(v["model_name"], str(v["version"]), v["kind"], str(v["events_seen"]), shown,
+                      str(v["parent_version"] or "-"), created, status)  # fmt: skip
+    console.print(table)
+    if live is None:
+        console.print("no version is live yet")
+
+
+@model_app.command("promote")
+def model_promote(
+    pipeline: str,
+    version: int,
+    model: Annotated[str | None, typer.Option(help="Model name, if the pipeline has several.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded with the decision).")] = "manual promotion",
+) -> None:
+    """Make a version live (a PROMOTE record on the promotions topic)."""
+    settings = _settings()
+    check_broker(settings)
+    history = control.model_history(settings, pipeline)
+    target = control.find_version(history, version, model)
+    live = history.live()
+    control.decide(settings, pipeline, target["model_name"], version, "PROMOTE", reason,
+                   live["version"] if live else None, target["metrics"])  # fmt: skip
+    console.print(f"{pipeline}: {target['model_name']} v{version} promoted")
+
+
+@model_app.command("rollback")
+def model_rollback(
+    pipeline: str, reason: Annotated[str, typer.Option(help="Why.")] = "manual rollback"
+) -> None:
+    """Make the previously live version live again."""
+    settings = _settings()
+    check_broker(settings)
+    history = control.model_history(settings, pipeline)
+    live, previous = history.live(), history.previous_live()
+    if live is None or previous is None:
+        raise ValidationError(f"{pipeline}: no earlier live version to roll back to")
+    control.decide(settings, pipeline, previous["model_name"], previous["version"], "ROLLBACK", reason,
+                   live["version"])  # fmt: skip
+    console.print(f"{pipeline}: rolled back from v{live['version']} to v{previous['version']}")
 
 
 def main() -> None:

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     signing_key: SecretStr | None = Field(
         None, description="HMAC-SHA256 key that signs and verifies model artifacts (required to serve)."
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="at_least_once: outputs may repeat after a crash; exactly_once: Kafka transactions.",
+    )
+    commit_interval_s: float = Field(0.2, gt=0, description="How often services commit offsets/transactions.")
+    max_batch: int = Field(2000, ge=1, description="Most records a service processes per batch.")
+    instance_id: str = Field("0", description="Distinguishes replicas of one service (group and txn ids).")
+    data_dir: str = Field(".local/data", description="Folder for service-local state (Faust data dirs).")
     broker_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker at start.")
     log_level: str = Field("INFO", description="Python log level of services and the CLI.")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,15 +89,34 @@ def test_cluster_id_is_22_chars_of_base64url_for_16_bytes() -> None:
     assert first != second
 
 
+def test_cluster_id_never_starts_with_a_dash() -> None:
+    # One id in 64 would, and kafka-storage would then read it as an option.
+    assert not any(new_cluster_id().startswith("-") for _ in range(3000))
+
+
+def write_layout(home: Path, brokers: int, base_port: int, formatted: bool) -> None:
+    layout = {"brokers": brokers, "base_port": base_port, "cluster_id": new_cluster_id()}
+    (home / "cluster.json").write_text(json.dumps(layout))
+    if formatted:
+        (home / "node-1" / "data").mkdir(parents=True)
+        (home / "node-1" / "data" / "meta.properties").write_text("node.id=1\n")
+
+
 def test_start_refuses_a_home_formatted_for_another_cluster_size(tmp_path: Path) -> None:
-    layout = {"brokers": 1, "base_port": 19800, "cluster_id": new_cluster_id()}
-    (tmp_path / "cluster.json").write_text(json.dumps(layout))
+    write_layout(tmp_path, brokers=1, base_port=19800, formatted=True)
 
     with pytest.raises(LocalKafkaError, match="1-broker cluster"):
         LocalKafka(tmp_path, brokers=3, base_port=19800).start()
 
     reopened = LocalKafka.from_home(tmp_path)
     assert (reopened.brokers, reopened.base_port) == (1, 19800)
+
+
+def test_a_home_never_formatted_may_change_its_layout(tmp_path: Path) -> None:
+    # e.g. a first `up` that failed because its port was busy, retried with --port.
+    write_layout(tmp_path, brokers=1, base_port=19800, formatted=False)
+
+    LocalKafka(tmp_path, brokers=1, base_port=19850).check_layout()
 
 
 def test_from_home_without_a_cluster_says_how_to_make_one(tmp_path: Path) -> None:
@@ -112,9 +133,9 @@ def test_rejects_impossible_cluster_shapes(tmp_path: Path, brokers: int, base_po
 def test_fetch_jars_without_maven_says_the_jars_could_not_be_fetched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(localkafka.shutil, "which", lambda name: None if name == "mvn" else f"/usr/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "mvn" else f"/usr/bin/{name}")
 
-    with pytest.raises(StreamMLError, match="could not fetch the Kafka .* jars: Maven"):
+    with pytest.raises(StreamMLError, match=r"could not fetch the Kafka .* jars: Maven"):
         localkafka.fetch_jars(tmp_path / "libs")
 
 
@@ -127,7 +148,7 @@ def test_fetch_jars_does_not_run_maven_when_the_pinned_jar_is_there(
     def no_maven(*args: object, **kwargs: object) -> None:
         raise AssertionError("maven must not run")
 
-    monkeypatch.setattr(localkafka.subprocess, "run", no_maven)
+    monkeypatch.setattr(subprocess, "run", no_maven)
     assert localkafka.fetch_jars(tmp_path) == tmp_path.resolve()
 
 

@@ -1,0 +1,1 @@
+"""The features microservice: raw events → validated feature vectors (invalid → dead-letter topic)."""

@@ -1,0 +1,1 @@
+"""The learner microservice: online River learning with prequential metrics and signed model versions."""

@@ -1,0 +1,219 @@
+"""Composition root of the learner: pipelines follower, resume from the last version, data loop.
+
+Exactly-once learning: the learner ignores group offsets and always seeks to the offsets recorded in
+its last published version (or the beginning if none), so after any restart each event is learned once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+
+from streamml import metrics
+from streamml.artifacts import ArtifactRejectedError
+from streamml.codec import codec_for
+from streamml.errors import ConfigError, DecodeError, StreamMLError
+from streamml.kafka import ensure_topics
+from streamml.pipelines import online_model
+from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
+from streamml.service import ControlFollower, now_ms, prepare, run_worker, setup_logging
+from streamml.settings import Settings, get_settings
+from streamml.topics import Catalogue
+from streams.learner import LabelJoin, OnlineLearner
+
+log = logging.getLogger(__name__)
+SERVICE = "learner"
+
+
+class Learner:
+    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.key = key
+        self.control = ControlFollower(settings)
+        self.pipelines: dict[str, dict[str, Any]] = {}
+        self.learners: dict[str, OnlineLearner] = {}
+        self.joins: dict[str, LabelJoin] = {}
+        self.latest: dict[tuple[str, str], dict[str, Any]] = {}  # last published version per model
+        self.topic_roles: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, "features" | "labels")
+        self._features = codec_for("FeatureVector")
+        self._labels = codec_for("Label")
+        self._versions = codec_for("ModelVersion")
+        self._promotions = codec_for("Promotion")
+
+    # -- control --------------------------------------------------------------------------------------
+    def load_versions(self) -> None:
+        for msg in read_to_end(self.settings, self.catalogue.model_versions().name):
+            if msg.value() is None:
+                continue
+            try:
+                rec = self._versions.decode(msg.value() or b"")
+            except DecodeError:
+                continue
+            key = (rec["pipeline"], rec["model_name"])
+            if rec["kind"] == "ONLINE" and rec["version"] >= self.latest.get(key, {}).get("version", 0):
+                self.latest[key] = rec
+
+    def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
+        if record is None:
+            return
+        name = record["name"]
+        if record["deleted"]:
+            self.pipelines.pop(name, None)
+            self.learners.pop(name, None)
+            self.topic_roles = {t: r for t, r in self.topic_roles.items() if r[0] != name}
+            return
+        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+        self.pipelines[name] = record
+        model = online_model(record)
+        regression = record["task"] == "REGRESSION"
+        current = self.learners.get(name)
+        same = current is not None and (current.model_name, current.estimator_spec, current.params) == (
+            model["name"], model["estimator_spec"], dict(model["params"])
+        )  # fmt: skip
+        if not same:
+            self.learners[name] = self._new_learner(name, model, regression)
+        self.joins[name] = LabelJoin(ttl_s=record["label"]["ttl_seconds"])
+        self.topic_roles[self.catalogue.features(name).name] = (name, "features")
+        if record["label"]["source"] == "TOPIC":
+            self.topic_roles[self.catalogue.labels(name).name] = (name, "labels")
+
+    def _new_learner(self, pipeline: str, model: dict[str, Any], regression: bool) -> OnlineLearner:
+        last = self.latest.get((pipeline, model["name"]))
+        if last is not None and last["estimator_spec"] == model["estimator_spec"]:
+            try:
+                learner = OnlineLearner.resume(last, regression, self.key)
+                log.info("%s: resuming from v%d (%d events)", pipeline, learner.version, learner.events_seen)
+                return learner
+            except ArtifactRejectedError as exc:
+                log.error(
+                    "%s: cannot resume from v%s (%s); starting a new lineage", pipeline, last["version"], exc
+                )
+        learner = OnlineLearner(
+            pipeline=pipeline,
+            model_name=model["name"],
+            estimator_spec=model["estimator_spec"],
+            params=dict(model["params"]),
+            regression=regression,
+            signing_key=self.key,
+        )
+        if last is not None:  # a new estimator: keep version numbers monotonic, learn from here on
+            learner.version = int(last["version"])
+        return learner
+
+    # -- data path ------------------------------------------------------------------------------------
+    def topics(self) -> set[str]:
+        return set(self.topic_roles)
+
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Seek to the resume point of the last version (or the beginning), never to group offsets."""
+        for tp in partitions:
+            role = self.topic_roles.get(tp.topic)
+            learner = self.learners.get(role[0]) if role else None
+            position = learner.positions.get((tp.topic, tp.partition)) if learner else None
+            tp.offset = position if position is not None else OFFSET_BEGINNING
+        return partitions
+
+    def handle(self, msgs: list[Message]) -> list[Output]:
+        now = time.monotonic()
+        for msg in msgs:
+            topic = msg.topic() or ""
+            role = self.topic_roles.get(topic)
+            if role is None:
+                continue
+            pipeline, kind = role
+            learner = self.learners[pipeline]
+            partition, offset = msg.partition() or 0, msg.offset() or 0
+            learner.consumed(topic, partition, offset)
+            try:
+                if kind == "features":
+                    fv = self._features.decode(msg.value() or b"")
+                    if self.pipelines[pipeline]["label"]["source"] == "INLINE":
+                        if fv["label"] is not None:
+                            learner.learn(fv["features"], fv["label"])
+                    else:
+                        joined = self.joins[pipeline].add_features(fv, now)
+                        if joined is not None:
+                            learner.learn(joined["features"], joined["label"])
+                else:
+                    label = self._labels.decode(msg.value() or b"")
+                    joined = self.joins[pipeline].add_label(label["event_id"], label["label"], now)
+                    if joined is not None:
+                        learner.learn(joined["features"], joined["label"])
+            except (DecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: skipping %s[%d]@%d: %s", pipeline, topic, partition, offset, exc)
+        return self.snapshots()
+
+    def snapshots(self) -> list[Output]:
+        """Versions (and AUTO promotions) for every learner that is due."""
+        outputs: list[Output] = []
+        for name, learner in self.learners.items():
+            definition = self.pipelines.get(name)
+            if definition is None:
+                continue
+            self.joins[name].expire(time.monotonic())
+            if not learner.due(definition["snapshot_every_events"], definition["snapshot_every_seconds"]):
+                continue
+            record = learner.snapshot(now_ms())
+            self.latest[(name, learner.model_name)] = record
+            key = f"{name}/{learner.model_name}/{record['version']}".encode()
+            outputs.append(Output(self.catalogue.model_versions().name, key, self._versions.encode(record)))
+            metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
+            for metric, value in record["metrics"].items():
+                metrics.LEARNER_METRIC.labels(name, metric).set(value)
+            if definition["promotion_mode"] == "AUTO":
+                outputs.append(self._auto_promotion(record))
+        return outputs
+
+    def _auto_promotion(self, version: dict[str, Any]) -> Output:
+        decided = now_ms()
+        record = {
+            "pipeline": version["pipeline"],
+            "model_name": version["model_name"],
+            "action": "PROMOTE",
+            "version": version["version"],
+            "previous_version": version["parent_version"],
+            "actor": "auto",
+            "reason": "promotion mode AUTO: each new online version goes live",
+            "metrics": version["metrics"],
+            "decided_at": decided,
+        }
+        key = f"{version['pipeline']}/{version['model_name']}/{decided}".encode()
+        return Output(self.catalogue.promotions().name, key, self._promotions.encode(record))
+
+
+def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
+    if settings.signing_key is None:
+        raise ConfigError("the learner signs model versions: set STREAMML_SIGNING_KEY")
+    catalogue = prepare(settings)
+    service = Learner(settings, catalogue, settings.signing_key.get_secret_value().encode())
+    service.load_versions()
+    service.control.bootstrap(catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
+    app = faust_app(SERVICE, settings)
+    service.control.follow(app, catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
+    loop = BatchLoop(
+        settings,
+        name=SERVICE,
+        group_id=f"{settings.topic_prefix}-{SERVICE}-data",
+        handler=service.handle,
+        topics=service.topics,
+        on_assign=service.on_assign,
+        on_idle=service.snapshots,
+    )
+    return app, service, loop
+
+
+def main() -> None:
+    settings = get_settings()
+    setup_logging(settings)
+    try:
+        app, _service, loop = build(settings)
+    except StreamMLError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
+    metrics.serve(settings.metrics_host, settings.metrics_port)
+    run_worker(app, loop, loglevel=settings.log_level)

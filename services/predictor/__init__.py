@@ -1,0 +1,1 @@
+"""The predictor microservice: features → predictions with hot-swapped, verified model versions."""

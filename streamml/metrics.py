@@ -1,0 +1,49 @@
+"""Prometheus metrics shared by every service, declared once (bounded labels: no event ids)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+EVENTS_IN = Counter("streamml_events_in_total", "Records consumed.", ["service", "topic", "pipeline"])
+EVENTS_OUT = Counter("streamml_events_out_total", "Records produced.", ["service", "topic", "pipeline"])
+DEAD_LETTERED = Counter(
+    "streamml_events_dead_lettered_total",
+    "Records sent to a dead-letter topic.",
+    ["service", "pipeline", "reason"],
+)
+BATCH_SECONDS = Histogram(
+    "streamml_batch_processing_seconds",
+    "Time to process one consumed batch.",
+    ["service"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+E2E_SECONDS = Histogram(
+    "streamml_end_to_end_latency_seconds",
+    "Event time to prediction time.",
+    ["pipeline"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+LIVE_VERSION = Gauge("streamml_live_model_version", "Version serving predictions.", ["pipeline", "model"])
+SWAPS = Counter("streamml_model_swaps_total", "Live model changes in the predictor.", ["pipeline", "model"])
+LAST_SWAP = Gauge("streamml_last_swap_timestamp_seconds", "When the live model last changed.", ["pipeline"])
+REJECTED_ARTIFACTS = Counter(
+    "streamml_rejected_artifacts_total", "Model artifacts that failed verification.", ["pipeline", "reason"]
+)
+VERSIONS_PUBLISHED = Counter(
+    "streamml_model_versions_published_total", "Model versions published.", ["pipeline", "model"]
+)
+LEARNER_METRIC = Gauge(
+    "streamml_learner_metric", "Prequential metric of the online learner.", ["pipeline", "metric"]
+)
+ERRORS = Counter("streamml_errors_total", "Unexpected errors.", ["service", "kind"])
+
+
+def serve(host: str, port: int) -> None:
+    """Expose /metrics; port 0 turns it off."""
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)

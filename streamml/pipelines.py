@@ -1,0 +1,181 @@
+"""Pipeline definitions: a YAML/JSON file → a validated PipelineDefinition record on the pipelines topic."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from streamml import estimators
+from streamml.errors import ValidationError
+from streamml.records import PipelineDefinition
+from streamml.topics import PIPELINE_NAME
+
+FieldTypeName = Literal["float", "int", "bool", "string"]
+
+
+class FieldFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: FieldTypeName
+    required: bool = True
+    default: bool | int | float | str | None = None
+
+
+class LabelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["inline", "topic", "none"] = "inline"
+    field: str | None = None
+    ttl_seconds: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _inline_needs_field(self) -> LabelFile:
+        if self.source == "inline" and not self.field:
+            raise ValueError("label.source 'inline' needs label.field (the raw field holding the label)")
+        return self
+
+
+class StepFile(BaseModel):
+    """One feature step; keys other than op/output/inputs are the step's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    op: str
+    output: str | None = None
+    inputs: list[str] = Field(default_factory=list)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "online"
+    kind: Literal["online", "batch"] = "online"
+    estimator: str
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class PipelineFile(BaseModel):
+    """The user-facing pipeline format (what `streamml pipeline apply FILE` reads)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    raw_topic: str | None = None
+    event_id_field: str = "event_id"
+    key_field: str | None = None
+    event_time_field: str | None = None
+    fields: dict[str, FieldTypeName | FieldFile]
+    label: LabelFile = Field(default_factory=lambda: LabelFile(source="none"))
+    task: Literal["binary", "multiclass", "regression"]
+    features: list[StepFile] = Field(default_factory=list)
+    models: list[ModelFile]
+    promotion: Literal["auto", "manual"] = "auto"
+    snapshot_every_events: int = Field(1000, ge=1)
+    snapshot_every_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not PIPELINE_NAME.match(value):
+            raise ValueError("use 1-63 lower-case letters, digits and dashes")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineFile:
+        if self.label.field and self.label.field in self.fields:
+            raise ValueError(f"label field {self.label.field!r} must not also be an input field")
+        if not any(m.kind == "online" for m in self.models):
+            raise ValueError("a pipeline needs at least one online (River) model")
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        return self
+
+
+def _field_specs(fields: dict[str, FieldTypeName | FieldFile]) -> list[dict[str, Any]]:
+    out = []
+    for name, spec in fields.items():
+        f = FieldFile(type=spec) if isinstance(spec, str) else spec
+        out.append({"name": name, "type": f.type.upper(), "required": f.required, "default": f.default})
+    return out
+
+
+def to_definition(spec: PipelineFile, raw_topic: str, revision: int = 1) -> PipelineDefinition:
+    """The Avro record of a pipeline file; estimators and feature steps are validated on the way."""
+    from streams.features import FeatureEngine  # the engine knows the step ops and checks their inputs
+
+    for model in spec.models:
+        kind_ok = estimators.library_of(model.estimator) == ("river" if model.kind == "online" else "sklearn")
+        if not kind_ok:
+            raise ValidationError(
+                f"model {model.name!r}: an {model.kind} model needs a "
+                f"{'River' if model.kind == 'online' else 'scikit-learn'} estimator, got {model.estimator!r}"
+            )
+        estimators.build(model.estimator, model.params)  # fails on unknown classes or bad parameters
+    definition = PipelineDefinition(
+        name=spec.name,
+        revision=revision,
+        description=spec.description,
+        raw_topic=spec.raw_topic or raw_topic,
+        event_id_field=spec.event_id_field,
+        key_field=spec.key_field,
+        event_time_field=spec.event_time_field,
+        fields=_field_specs(spec.fields),  # type: ignore[arg-type]
+        label={
+            "source": spec.label.source.upper(),
+            "field": spec.label.field,
+            "ttl_seconds": spec.label.ttl_seconds,
+        },  # type: ignore[arg-type]
+        task=spec.task.upper(),  # type: ignore[arg-type]
+        feature_steps=[  # type: ignore[arg-type]
+            {
+                "op": s.op,
+                "output": s.output,
+                "inputs": s.inputs,
+                "params": {k: json.dumps(v) for k, v in s.params().items()},
+            }
+            for s in spec.features
+        ],
+        models=[  # type: ignore[arg-type]
+            {
+                "name": m.name,
+                "kind": m.kind.upper(),
+                "estimator_spec": m.estimator,
+                "params": estimators.encode_params(m.params),
+            }
+            for m in spec.models
+        ],
+        promotion_mode=spec.promotion.upper(),  # type: ignore[arg-type]
+        snapshot_every_events=spec.snapshot_every_events,
+        snapshot_every_seconds=spec.snapshot_every_seconds,
+        deleted=False,
+        updated_at=int(time.time() * 1000),
+    )
+    FeatureEngine(definition.to_avro())  # unknown ops, missing inputs, bad parameters fail here
+    return definition
+
+
+def load_file(path: Path) -> PipelineFile:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError(f"cannot read pipeline file {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValidationError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from exc
+    try:
+        return PipelineFile.model_validate(data)
+    except Exception as exc:  # pydantic's ValidationError lists every problem with its location
+        raise ValidationError(f"{path}: invalid pipeline definition:\n{exc}") from exc
+
+
+def online_model(definition: dict[str, Any]) -> dict[str, Any]:
+    """The served online model of a pipeline: the first ONLINE model."""
+    return next(m for m in definition["models"] if m["kind"] == "ONLINE")

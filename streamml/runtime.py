@@ -1,0 +1,281 @@
+"""What every StreamML service runs on: a Faust app, and a batched Kafka data path inside it.
+
+Faust owns the process: lifecycle, agents on the low-volume control topics (pipelines, model versions,
+promotions), tables, timers and web views. The high-volume data path is a `BatchLoop`, a Faust (mode)
+service that drains a confluent-kafka consumer in batches on the same event loop, so per-event cost is
+our logic plus librdkafka, not Faust's per-message plumbing (measured ~10x faster, see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+import mode
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from streamml.errors import StreamMLError
+from streamml.kafka import make_consumer, make_producer
+from streamml.metrics import BATCH_SECONDS, EVENTS_IN
+from streamml.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+
+
+def faust_app(service: str, settings: Settings, *, app_id: str | None = None, web: bool = False) -> faust.App:
+    """A Faust app configured from settings; web views bind to the configured (loopback) address."""
+    brokers = ";".join(f"kafka://{s}" for s in settings.bootstrap_servers.split(","))
+    datadir = Path(settings.data_dir) / service
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        app_id or f"{settings.topic_prefix}-{service}",
+        broker=brokers,
+        store="memory://",
+        datadir=str(datadir),
+        consumer_auto_offset_reset="earliest",
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=True,
+        web_enabled=web,
+        web_host=settings.http_host,
+        web_port=settings.http_port,
+        web_bind=settings.http_host,
+        producer_acks=-1,
+    )
+
+
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[Message]:
+    """Every record currently in a topic (all partitions, oldest first per partition)."""
+    consumer = make_consumer(settings, f"{settings.topic_prefix}-reader-{time.monotonic_ns()}")
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise StreamMLError(f"topic {topic} does not exist: run `streamml topics create`")
+        ends: dict[int, int] = {}
+        parts = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                parts.append(TopicPartition(topic, p, low))
+        out: list[Message] = []
+        if not parts:
+            return out
+        consumer.assign(parts)
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise StreamMLError(f"timed out reading {topic} to its end")
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    continue
+                partition, offset = msg.partition() or 0, msg.offset() or 0
+                out.append(msg)
+                if partition in ends and offset + 1 >= ends[partition]:
+                    del ends[partition]
+        return out
+    finally:
+        consumer.close()
+
+
+Handler = Callable[[list[Message]], Iterable[Output]]
+
+
+class BatchLoop(mode.Service):
+    """Consume → handle a batch → produce → commit, on the Faust event loop.
+
+    at_least_once: outputs are flushed before offsets are committed, every `commit_interval_s`; after a
+    crash the uncommitted tail is processed again (duplicates possible, no loss).
+    exactly_once: outputs and offsets are committed in one Kafka transaction per interval; consumers
+    reading with isolation.level=read_committed see every output once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        group_id: str,
+        handler: Handler,
+        topics: Callable[[], set[str]],
+        on_assign: Callable[[list[TopicPartition]], list[TopicPartition]] | None = None,
+        on_idle: Callable[[], Iterable[Output]] | None = None,
+        ready: asyncio.Event | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.group_id = group_id
+        self.handler = handler
+        self.topics = topics
+        self._on_assign_hook = on_assign
+        self._on_idle = on_idle
+        self.ready = ready
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._subscribed: set[str] = set()
+        self._positions: dict[tuple[str, int], int] = {}
+        self._last_commit = time.monotonic()
+        self._in_txn = False
+        self._delivery_errors: list[str] = []
+        self.processed = 0
+        super().__init__(**kwargs)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def on_start(self) -> None:
+        self._consumer = make_consumer(
+            self.settings,
+            self.group_id,
+            **{"enable.auto.offset.store": False, "isolation.level": "read_committed"},
+        )
+        overrides: dict[str, Any] = {"linger.ms": 2}
+        if self.exactly_once:
+            overrides["transactional.id"] = f"{self.group_id}-{self.settings.instance_id}"
+        self._producer = make_producer(self.settings, **overrides)
+        if self.exactly_once:
+            self._producer.init_transactions(30)
+
+    async def on_stop(self) -> None:
+        try:
+            if self._consumer is not None and self._producer is not None:
+                self._commit(force=True)
+        except (KafkaException, StreamMLError):
+            log.exception("%s: final commit failed; the uncommitted tail will be processed again", self.name)
+        finally:
+            if self._consumer is not None:
+                self._consumer.close()
+            if self._producer is not None:
+                self._producer.flush(10)
+
+    # -- rebalance ------------------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._on_assign_hook is not None:
+            partitions = self._on_assign_hook(partitions)
+            consumer.assign(partitions)
+        log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(force=True)
+        for p in partitions:
+            self._positions.pop((p.topic, p.partition), None)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    @mode.Service.task
+    async def _run(self) -> None:
+        if self.ready is not None:
+            await self.ready.wait()
+        assert self._consumer is not None
+        while not self.should_stop:
+            wanted = self.topics()
+            if wanted != self._subscribed:
+                self._resubscribe(wanted)
+            if not self._subscribed:
+                await asyncio.sleep(0.1)
+                continue
+            msgs = self._consumer.consume(self.settings.max_batch, 0)
+            if not msgs:
+                if (
+                    self._on_idle is not None
+                    and time.monotonic() - self._last_commit >= self.settings.commit_interval_s
+                ):
+                    self._produce_all(self._on_idle())
+                self._commit()
+                await asyncio.sleep(0.002)
+                continue
+            self.process(msgs)
+            self._commit()
+            await asyncio.sleep(0)  # let Faust agents (e.g. a model swap) run between batches
+
+    def _resubscribe(self, wanted: set[str]) -> None:
+        assert self._consumer is not None
+        self._commit(force=True)
+        if wanted:
+            self._consumer.subscribe(sorted(wanted), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        else:
+            self._consumer.unsubscribe()
+        self._subscribed = set(wanted)
+        log.info("%s: subscribed to %s", self.name, sorted(wanted))
+
+    def process(self, msgs: list[Message]) -> None:
+        assert self._producer is not None
+        started = time.perf_counter()
+        good = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("%s: consume error %s", self.name, err)
+        if not good:
+            return
+        self._begin()  # offsets of records without outputs still commit inside the transaction
+        self._produce_all(self.handler(good))
+        positions = self._positions
+        topic_counts: dict[str, int] = {}
+        for msg in good:
+            topic = msg.topic() or ""
+            positions[(topic, msg.partition() or 0)] = (msg.offset() or 0) + 1
+            topic_counts[topic] = topic_counts.get(topic, 0) + 1
+        for topic, n in topic_counts.items():
+            EVENTS_IN.labels(self.name, topic, topic.split(".")[-2] if topic.count(".") >= 2 else "").inc(n)
+        self.processed += len(good)
+        BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _begin(self) -> None:
+        if self.exactly_once and not self._in_txn:
+            assert self._producer is not None
+            self._producer.begin_transaction()
+            self._in_txn = True
+
+    def _produce_all(self, outputs: Iterable[Output]) -> None:
+        assert self._producer is not None
+        outputs = list(outputs)
+        if not outputs:
+            return
+        self._begin()
+        produce = self._producer.produce
+        for out in outputs:
+            try:
+                produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+            except BufferError:  # local queue full: wait for deliveries, then retry once
+                self._producer.flush(10)
+                produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+        self._producer.poll(0)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _commit(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_commit < self.settings.commit_interval_s:
+            return
+        self._last_commit = time.monotonic()
+        assert self._consumer is not None and self._producer is not None
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
+        if self.exactly_once:
+            if not self._in_txn:
+                return
+            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
+            self._producer.commit_transaction(30)
+            self._in_txn = False
+        else:
+            if self._producer.flush(30) > 0:
+                raise StreamMLError(f"{self.name}: outputs not delivered within 30 s; not committing")
+            if self._delivery_errors:
+                errors, self._delivery_errors = self._delivery_errors, []
+                raise StreamMLError(f"{self.name}: {len(errors)} outputs failed: {errors[:3]}")
+            if offsets:
+                self._consumer.commit(offsets=offsets, asynchronous=False)

@@ -1,0 +1,248 @@
+"""Raw event → feature vector: validation, type coercion, missing values, derived fields, per-key windows.
+
+Pure logic (no Kafka, no Faust): the features service wraps it. Per-key rolling state lives in a
+`KeyedWindows` object that the service persists in a Faust table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from streamml.errors import ValidationError
+
+Scalar = bool | int | float | str | None
+Features = dict[str, float | str]
+
+_TRUE = {"true", "1", "yes", "t", "y"}
+_FALSE = {"false", "0", "no", "f", "n"}
+
+
+def _coerce(name: str, kind: str, value: Scalar) -> float | str:
+    """One raw value as its declared type (bools and ints become floats for the models)."""
+    if kind == "STRING":
+        if isinstance(value, bool | int | float | str):
+            return str(value)
+    elif kind == "BOOL":
+        if isinstance(value, bool):
+            return 1.0 if value else 0.0
+        if isinstance(value, int | float) and value in (0, 1):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return 1.0 if value.strip().lower() in _TRUE else 0.0
+    elif kind in ("FLOAT", "INT"):
+        number: float | None = None
+        if isinstance(value, int | float):  # bool is an int too
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is not None and math.isfinite(number):
+            if kind == "INT" and not number.is_integer():
+                raise ValidationError(f"field {name!r}: expected an integer, got {value!r}")
+            return number
+    raise ValidationError(f"field {name!r}: expected {kind.lower()}, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class KeyedWindows:
+    """Rolling windows of the last N values per (step output, entity key)."""
+
+    windows: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
+    dirty: set[tuple[str, str]] = field(default_factory=set)
+
+    def push(self, output: str, key: str, value: float, size: int) -> deque[float]:
+        window = self.windows.get((output, key))
+        if window is None:
+            window = self.windows[(output, key)] = deque(maxlen=size)
+        window.append(value)
+        self.dirty.add((output, key))
+        return window
+
+    def take_dirty(self) -> dict[tuple[str, str], list[float]]:
+        """The windows changed since the last call (what the service writes to its table)."""
+        out = {k: list(self.windows[k]) for k in self.dirty}
+        self.dirty.clear()
+        return out
+
+    def restore(self, output: str, key: str, values: list[float], size: int) -> None:
+        self.windows[(output, key)] = deque(values, maxlen=size)
+
+
+Step = Callable[[Features, str | None, KeyedWindows], None]
+
+
+def _num(features: Features, name: str) -> float | None:
+    value = features.get(name)
+    return value if isinstance(value, float) else None
+
+
+def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[str, Any]) -> Step:
+    def need_output() -> str:
+        if not output:
+            raise ValidationError(f"feature step {op!r} needs an 'output' name")
+        return output
+
+    def need_inputs(n: int | None = None) -> None:
+        if not inputs or (n is not None and len(inputs) != n):
+            raise ValidationError(f"feature step {op!r} needs {n or 'one or more'} input(s), got {inputs}")
+
+    if op == "fill_missing":
+        need_inputs()
+        fill = params.get("value", 0.0)
+        fill_value: float | str = fill if isinstance(fill, str) else float(fill)
+
+        def fill_missing(f: Features, _k: str | None, _w: KeyedWindows) -> None:
+            for name in inputs:
+                f.setdefault(name, fill_value)
+
+        return fill_missing
+    if op in ("sum", "product", "difference", "ratio"):
+        need_inputs(None if op in ("sum", "product") else 2)
+        out = need_output()
+        on_zero = float(params.get("on_zero", 0.0))
+
+        def arith(f: Features, _k: str | None, _w: KeyedWindows) -> None:
+            values = [_num(f, n) for n in inputs]
+            if any(v is None for v in values):
+                return  # a missing input leaves the derived feature missing (models treat it as absent)
+            nums = [float(v) for v in values if v is not None]
+            if op == "sum":
+                f[out] = math.fsum(nums)
+            elif op == "product":
+                f[out] = math.prod(nums)
+            elif op == "difference":
+                f[out] = nums[0] - nums[1]
+            else:
+                f[out] = nums[0] / nums[1] if nums[1] != 0 else on_zero
+
+        return arith
+    if op == "log1p":
+        need_inputs(1)
+        out = need_output()
+
+        def log1p(f: Features, _k: str | None, _w: KeyedWindows) -> None:
+            v = _num(f, inputs[0])
+            if v is not None:
+                f[out] = math.copysign(math.log1p(abs(v)), v)
+
+        return log1p
+    if op in ("rolling_mean", "rolling_count", "rolling_sum"):
+        need_inputs(1)
+        out = need_output()
+        size = int(params.get("window", 10))
+        if size < 1 or size > 100_000:
+            raise ValidationError(f"feature step {op!r}: window must be 1..100000 events, got {size}")
+
+        def rolling(f: Features, key: str | None, windows: KeyedWindows) -> None:
+            v = _num(f, inputs[0])
+            if v is None:
+                return
+            window = windows.push(out, key or "", v, size)
+            if op == "rolling_count":
+                f[out] = float(len(window))
+            elif op == "rolling_sum":
+                f[out] = math.fsum(window)
+            else:
+                f[out] = math.fsum(window) / len(window)
+
+        return rolling
+    if op == "drop":
+        need_inputs()
+
+        def drop(f: Features, _k: str | None, _w: KeyedWindows) -> None:
+            for name in inputs:
+                f.pop(name, None)
+
+        return drop
+    raise ValidationError(
+        f"unknown feature step {op!r}; known: fill_missing, sum, product, difference, ratio, log1p, "
+        "rolling_mean, rolling_count, rolling_sum, drop"
+    )
+
+
+def _event_time(value: Scalar) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ValidationError(f"event time must be ms since epoch or ISO-8601, got {value!r}")
+    if isinstance(value, int | float):
+        return int(value)
+    try:
+        return int(datetime.fromisoformat(value).timestamp() * 1000)
+    except ValueError as exc:
+        raise ValidationError(f"event time {value!r} is not ISO-8601") from exc
+
+
+class FeatureEngine:
+    """Compiled feature logic of one pipeline revision."""
+
+    def __init__(self, definition: Mapping[str, Any]) -> None:
+        self.pipeline: str = definition["name"]
+        self.revision: int = definition["revision"]
+        self.id_field: str = definition["event_id_field"]
+        self.key_field: str | None = definition["key_field"]
+        self.time_field: str | None = definition["event_time_field"]
+        self.fields = [(f["name"], f["type"], f["required"], f["default"]) for f in definition["fields"]]
+        label = definition["label"]
+        self.label_field: str | None = label["field"] if label["source"] == "INLINE" else None
+        self.regression = definition["task"] == "REGRESSION"
+        self.steps: list[Step] = []
+        known = {f[0] for f in self.fields}
+        for step in definition["feature_steps"]:
+            params = {k: json.loads(v) for k, v in step["params"].items()}
+            missing = [i for i in step["inputs"] if i not in known]
+            if missing and step["op"] not in ("fill_missing", "drop"):
+                raise ValidationError(f"feature step {step['op']!r} reads unknown feature(s) {missing}")
+            self.steps.append(_build_step(step["op"], step["output"], list(step["inputs"]), params))
+            if step["output"]:
+                known.add(step["output"])
+        self.windows = KeyedWindows()
+
+    def transform(
+        self, raw: Mapping[str, Any], *, timestamp_ms: int, now_ms: int, source: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The FeatureVector record of one raw event; raises ValidationError with the reason if invalid."""
+        values: Mapping[str, Scalar] = raw["fields"]
+        event_id = values.get(self.id_field)
+        if event_id is None or isinstance(event_id, bool | float) or event_id == "":
+            raise ValidationError(f"missing or invalid event id field {self.id_field!r}")
+        features: Features = {}
+        for name, kind, required, default in self.fields:
+            value = values.get(name)
+            if value is None:
+                if required:
+                    raise ValidationError(f"missing required field {name!r}")
+                if default is None:
+                    continue
+                value = default
+            features[name] = _coerce(name, kind, value)
+        key = values.get(self.key_field) if self.key_field else None
+        key_str = None if key is None else str(key)
+        for step in self.steps:
+            step(features, key_str, self.windows)
+        label: Scalar = None
+        if self.label_field is not None:
+            label = values.get(self.label_field)
+            if label is not None and self.regression:
+                label = float(_coerce(self.label_field, "FLOAT", label))
+        if self.time_field and values.get(self.time_field) is not None:
+            event_time = _event_time(values[self.time_field])
+        else:
+            event_time = raw.get("event_time") or timestamp_ms
+        return {
+            "event_id": str(event_id),
+            "key": key_str,
+            "pipeline": self.pipeline,
+            "pipeline_revision": self.revision,
+            "features": features,
+            "label": label,
+            "event_time": event_time,
+            "feature_time": now_ms,
+            "source": source,
+        }

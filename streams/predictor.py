@@ -1,0 +1,122 @@
+"""Serving logic of the predictor: which model version is live per pipeline, swaps, and predicting.
+
+Pure (no Kafka, no Faust): the predictor service feeds it model-version and promotion records and
+batches of feature vectors. A version is unpickled only when it is promoted and only after its
+checksum and signature verify; a rejected artifact leaves the current model serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamml.artifacts import ArtifactRejectedError, load
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    pipeline: str
+    model_name: str
+    version: int
+    model: Any
+    regression: bool
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """Something an operator should see: a swap or a rejected artifact (the service turns it into records)."""
+
+    kind: str  # "swap" | "rejected"
+    pipeline: str
+    model_name: str
+    version: int
+    previous_version: int | None = None
+    reason: str = ""
+
+
+@dataclass
+class ModelRegistry:
+    """Model versions seen so far and the live one per pipeline."""
+
+    signing_key: bytes | None
+    regression: dict[str, bool] = field(default_factory=dict)  # pipeline -> task is regression
+    versions: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    live: dict[str, LiveModel] = field(default_factory=dict)
+    wanted: dict[str, tuple[str, int]] = field(default_factory=dict)  # promoted but not yet received
+    rejected: set[tuple[str, str, int]] = field(default_factory=set)
+
+    def on_version(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
+        key = (record["pipeline"], record["model_name"], int(record["version"]))
+        self.versions[key] = dict(record)
+        if self.wanted.get(key[0]) == (key[1], key[2]):
+            return self._activate(*key)
+        return []
+
+    def on_promotion(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
+        if record["action"] not in ("PROMOTE", "ROLLBACK"):
+            return []
+        pipeline, name, version = record["pipeline"], record["model_name"], int(record["version"])
+        current = self.live.get(pipeline)
+        if current is not None and (current.model_name, current.version) == (name, version):
+            return []
+        self.wanted[pipeline] = (name, version)
+        if (pipeline, name, version) in self.versions:
+            return self._activate(pipeline, name, version)
+        return []  # the version record has not arrived yet: activate when it does
+
+    def _activate(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
+        record = self.versions[(pipeline, name, version)]
+        previous = self.live.get(pipeline)
+        prev_version = previous.version if previous else None
+        try:
+            state = load(record, self.signing_key)
+            model = state["model"] if isinstance(state, dict) else state
+        except ArtifactRejectedError as exc:
+            self.rejected.add((pipeline, name, version))
+            self.wanted.pop(pipeline, None)
+            log.warning("rejected %s/%s v%d: %s", pipeline, name, version, exc)
+            return [RegistryEvent("rejected", pipeline, name, version, prev_version, str(exc))]
+        self.wanted.pop(pipeline, None)
+        self.live[pipeline] = LiveModel(pipeline, name, version, model, self.regression.get(pipeline, False))
+        # Only the live version's artifact is needed in memory; drop older artifacts of this model.
+        return [RegistryEvent("swap", pipeline, name, version, prev_version)]
+
+
+def predict_one(live: LiveModel, features: Mapping[str, Any]) -> tuple[Any, float | None, dict[str, float]]:
+    """(prediction, score, probabilities) of one feature dict."""
+    if live.regression:
+        y = live.model.predict_one(features)
+        return (None if y is None else float(y)), None, {}
+    proba = live.model.predict_proba_one(features)
+    if not proba:
+        return None, None, {}
+    label = max(proba, key=proba.__getitem__)
+    return label, float(proba[label]), {str(k): float(v) for k, v in proba.items()}
+
+
+def prediction_record(
+    live: LiveModel, fv: Mapping[str, Any], now_ms: int, *, shadow: bool = False
+) -> dict[str, Any]:
+    label, score, proba = predict_one(live, fv["features"])
+    if isinstance(label, bool | int | float | str) or label is None:
+        value = label
+    else:  # numpy scalars and the like
+        value = label.item() if hasattr(label, "item") else str(label)
+    return {
+        "event_id": fv["event_id"],
+        "key": fv["key"],
+        "pipeline": fv["pipeline"],
+        "model_name": live.model_name,
+        "model_version": live.version,
+        "prediction": value,
+        "score": score,
+        "probabilities": proba,
+        "shadow": shadow,
+        "event_time": fv["event_time"],
+        "feature_time": fv["feature_time"],
+        "prediction_time": now_ms,
+    }
