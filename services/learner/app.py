@@ -120,6 +120,7 @@ class Learner:
 
     def handle(self, msgs: list[Message]) -> list[Output]:
         now = time.monotonic()
+        outputs: list[Output] = []
         for msg in msgs:
             topic = msg.topic() or ""
             role = self.topic_roles.get(topic)
@@ -133,20 +134,21 @@ class Learner:
                 if kind == "features":
                     fv = self._features.decode(msg.value() or b"")
                     if self.pipelines[pipeline]["label"]["source"] == "INLINE":
-                        if fv["label"] is not None:
-                            learner.learn(fv["features"], fv["label"])
+                        pair = fv if fv["label"] is not None else None
                     else:
-                        joined = self.joins[pipeline].add_features(fv, now)
-                        if joined is not None:
-                            learner.learn(joined["features"], joined["label"])
+                        pair = self.joins[pipeline].add_features(fv, now)
                 else:
                     label = self._labels.decode(msg.value() or b"")
-                    joined = self.joins[pipeline].add_label(label["event_id"], label["label"], now)
-                    if joined is not None:
-                        learner.learn(joined["features"], joined["label"])
+                    pair = self.joins[pipeline].add_label(label["event_id"], label["label"], now)
             except (DecodeError, KeyError, TypeError, ValueError) as exc:
                 log.warning("%s: skipping %s[%d]@%d: %s", pipeline, topic, partition, offset, exc)
-        return self.snapshots()
+                continue
+            if pair is None:
+                continue
+            learner.learn(pair["features"], pair["label"])
+            if learner.since_snapshot >= self.pipelines[pipeline]["snapshot_every_events"]:
+                outputs += self._snapshot(pipeline, learner)  # exactly every N labelled events
+        return outputs + self.snapshots()
 
     def snapshots(self) -> list[Output]:
         """Versions (and AUTO promotions) for every learner that is due."""
@@ -156,17 +158,21 @@ class Learner:
             if definition is None:
                 continue
             self.joins[name].expire(time.monotonic())
-            if not learner.due(definition["snapshot_every_events"], definition["snapshot_every_seconds"]):
-                continue
-            record = learner.snapshot(now_ms())
-            self.latest[(name, learner.model_name)] = record
-            key = f"{name}/{learner.model_name}/{record['version']}".encode()
-            outputs.append(Output(self.catalogue.model_versions().name, key, self._versions.encode(record)))
-            metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
-            for metric, value in record["metrics"].items():
-                metrics.LEARNER_METRIC.labels(name, metric).set(value)
-            if definition["promotion_mode"] == "AUTO":
-                outputs.append(self._auto_promotion(record))
+            if learner.due(definition["snapshot_every_events"], definition["snapshot_every_seconds"]):
+                outputs += self._snapshot(name, learner)
+        return outputs
+
+    def _snapshot(self, name: str, learner: OnlineLearner) -> list[Output]:
+        """Publish the learner's state as a new version (and, in AUTO mode, promote it)."""
+        record = learner.snapshot(now_ms())
+        self.latest[(name, learner.model_name)] = record
+        key = f"{name}/{learner.model_name}/{record['version']}".encode()
+        outputs = [Output(self.catalogue.model_versions().name, key, self._versions.encode(record))]
+        metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
+        for metric, value in record["metrics"].items():
+            metrics.LEARNER_METRIC.labels(name, metric).set(value)
+        if self.pipelines[name]["promotion_mode"] == "AUTO":
+            outputs.append(self._auto_promotion(record))
         return outputs
 
     def _auto_promotion(self, version: dict[str, Any]) -> Output:
