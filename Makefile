@@ -4,9 +4,24 @@ PYTHON ?= python3
 BROKERS ?= 1
 PORT ?= 9092
 BOOTSTRAP ?= 127.0.0.1:$(PORT)
-DEMO_PIPELINE ?= demo
+DEMO_PIPELINE ?= agrawal
 DEMO_RATE ?= 200
-DEMO_EVENTS ?= 1250
+DEMO_EVENTS ?= 50000
+# `make demo`: how long `streamml top` watches, and where the Agrawal stream drifts from concept 0 to 4
+# (by default halfway through the view; DEMO_RATE must then be a whole number).
+DEMO_SECONDS ?= 120
+DEMO_DRIFT_AT ?= $$(( $(DEMO_RATE) * $(DEMO_SECONDS) / 2 ))
+DEMO_DRIFT_WIDTH ?= 1000
+DEMO_SOURCE = drift:agrawal?position=$(DEMO_DRIFT_AT)&width=$(DEMO_DRIFT_WIDTH)&before=0&after=4&seed=42
+DEMO_KEY_FILE := .local/demo-signing-key
+DEMO_PRODUCER_PID := .local/producer.pid
+# The services need a signing key: yours if STREAMML_SIGNING_KEY is set, else the local demo key.
+DEMO_ENV = $(KAFKA_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}"
+# Stops the demo producer, after checking the recorded pid still is one (pids get reused).
+STOP_DEMO_PRODUCER = if [ -f $(DEMO_PRODUCER_PID) ]; then pid=$$(cat $(DEMO_PRODUCER_PID)); \
+	if ps -p $$pid -o args= 2>/dev/null | grep -q 'streamml produce'; then kill $$pid; \
+	for _ in $$(seq 50); do kill -0 $$pid 2>/dev/null || break; sleep 0.1; done; \
+	kill -9 $$pid 2>/dev/null; echo "stopped the producer (pid $$pid)"; fi; rm -f $(DEMO_PRODUCER_PID); fi
 # Only the targets that talk to the local broker point at it; tests start their own broker.
 KAFKA_ENV := STREAMML_BOOTSTRAP_SERVERS=$${STREAMML_BOOTSTRAP_SERVERS:-$(BOOTSTRAP)}
 
@@ -61,13 +76,32 @@ test-integration: ## Integration tests against a real Kafka broker started by th
 test-e2e: ## End-to-end tests of whole services against a real broker
 	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PYTHON) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
-demo: kafka-up ## Broker up, topics, produce the Phishing dataset, then show the topic
-	$(KAFKA_ENV) streamml topics create --pipeline $(DEMO_PIPELINE)
-	$(KAFKA_ENV) streamml produce river:Phishing --pipeline $(DEMO_PIPELINE) --rate $(DEMO_RATE) --limit $(DEMO_EVENTS)
-	$(KAFKA_ENV) streamml tail streamml.$(DEMO_PIPELINE).raw --limit 5
-	@echo "demo done: the local broker keeps running at $(BOOTSTRAP); 'make down' stops it"
+demo: kafka-up ## Whole system live: broker, services, a drifting Agrawal stream and `streamml top`
+	@mkdir -p .local/logs
+	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
+		(umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
+		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
+	$(DEMO_ENV) streamml topics create --pipeline agrawal
+	$(DEMO_ENV) $(PYTHON) -m streamml.stack up
+	$(DEMO_ENV) streamml pipeline apply pipelines/agrawal.yaml
+	@$(STOP_DEMO_PRODUCER)
+	$(DEMO_ENV) setsid streamml produce "$(DEMO_SOURCE)" --pipeline agrawal --rate $(DEMO_RATE) \
+		--limit $(DEMO_EVENTS) --no-progress > .local/logs/producer.log 2>&1 & echo $$! > $(DEMO_PRODUCER_PID)
+	@echo "producing $(DEMO_EVENTS) events at $(DEMO_RATE)/s (pid $$(cat $(DEMO_PRODUCER_PID)), log .local/logs/producer.log)"
+	@# One shell line, so the summary still prints when Ctrl-C ends the view (everything else keeps running).
+	@$(DEMO_ENV) streamml top --duration $(DEMO_SECONDS); \
+	echo; echo "Still running in the background (watch again: streamml top; stop it all: make down):"; \
+	$(PYTHON) -m streamml.localkafka status | head -1 | sed 's/^/  kafka /'; \
+	ps -o pid=,args= -p "$$(grep -o '"pid": [0-9]*' .local/stack.json | grep -o '[0-9]*$$' | paste -sd, -)" \
+		| cut -c1-90 | sed 's/^ */  /'; \
+	if kill -0 $$(cat $(DEMO_PRODUCER_PID)) 2>/dev/null; then \
+		echo "  $$(cat $(DEMO_PRODUCER_PID)) producer (log .local/logs/producer.log)"; \
+	else echo "  (the producer has finished: $$(tail -1 .local/logs/producer.log))"; fi
 
-down: kafka-down ## Stop everything `make demo` started
+down: ## Stop everything `make demo` started: producer, services, local Kafka
+	@$(STOP_DEMO_PRODUCER)
+	$(PYTHON) -m streamml.stack down
+	@$(MAKE) --no-print-directory kafka-down
 
 ci: ## Run exactly what CI runs
 	.ci/run

@@ -385,6 +385,21 @@ def model_rollback(
     console.print(f"{pipeline}: rolled back from v{live['version']} to v{previous['version']}")
 
 
+@app.command()
+def top(
+    state: Annotated[
+        Path | None, typer.Option(help="State file of the running stack (default: .local/stack.json).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, help="Exit after this many seconds (default: until Ctrl-C).")
+    ] = None,
+) -> None:
+    """Live view of a running stack: events/s per stage, dead letters, live model, swaps, accuracy."""
+    from streamml import dashboard  # imported here so other commands do not pay for rich.live
+
+    dashboard.run(state or dashboard.DEFAULT_STATE, duration=duration, console=console)
+
+
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -91,7 +91,7 @@ def _instantiate(cls: type, params: Mapping[str, Any]) -> Any:
     kwargs = {str(k): _materialize(v) for k, v in params.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, KeyError) as exc:  # what estimators raise for bad parameter values
         raise ValidationError(f"bad parameters for {cls.__module__}.{cls.__qualname__}: {exc}") from exc
 
 

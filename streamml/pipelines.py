@@ -112,7 +112,7 @@ def to_definition(spec: PipelineFile, raw_topic: str, revision: int = 1) -> Pipe
         kind_ok = estimators.library_of(model.estimator) == ("river" if model.kind == "online" else "sklearn")
         if not kind_ok:
             raise ValidationError(
-                f"model {model.name!r}: an {model.kind} model needs a "
+                f"model {model.name!r}: {'an online' if model.kind == 'online' else 'a batch'} model needs a "
                 f"{'River' if model.kind == 'online' else 'scikit-learn'} estimator, got {model.estimator!r}"
             )
         estimators.build(model.estimator, model.params)  # fails on unknown classes or bad parameters

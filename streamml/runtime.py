@@ -53,6 +53,10 @@ def faust_app(service: str, settings: Settings, *, app_id: str | None = None, we
         web_port=settings.http_port,
         web_bind=settings.http_host,
         producer_acks=-1,
+        producer_max_request_size=64 * 1024 * 1024,
+        # A crashed member is noticed in seconds, not a minute, so a restarted service resumes quickly.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
     )
 
 
@@ -78,13 +82,14 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list
         while ends:
             if time.monotonic() > deadline:
                 raise StreamMLError(f"timed out reading {topic} to its end")
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error():
-                    continue
-                partition, offset = msg.partition() or 0, msg.offset() or 0
-                out.append(msg)
-                if partition in ends and offset + 1 >= ends[partition]:
-                    del ends[partition]
+            for msg in consumer.consume(1000, 0.2):
+                if not msg.error():
+                    out.append(msg)
+            # The position, not the last record, says when a partition is done: transaction markers
+            # occupy offsets but are never delivered.
+            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                if tp.offset >= ends[tp.partition]:
+                    del ends[tp.partition]
         return out
     finally:
         consumer.close()
@@ -139,7 +144,12 @@ class BatchLoop(mode.Service):
         self._consumer = make_consumer(
             self.settings,
             self.group_id,
-            **{"enable.auto.offset.store": False, "isolation.level": "read_committed"},
+            **{
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "session.timeout.ms": 10_000,  # a crashed instance's partitions move on within seconds
+                "heartbeat.interval.ms": 1_000,
+            },
         )
         overrides: dict[str, Any] = {"linger.ms": 2}
         if self.exactly_once:

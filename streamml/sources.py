@@ -35,6 +35,8 @@ CSV_SUFFIXES = (".csv",)
 RIVER_PREFIX = "river:"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_KINDS = ("classification", "regression")
+DRIFT_PREFIX = "drift:"
+DRIFT_KINDS = ("agrawal",)
 
 # Only these River modules may be named in a spec, so a spec can never import arbitrary code.
 _RIVER_MODULES = ("river.datasets", "river.datasets.synth")
@@ -68,7 +70,9 @@ def describe_sources() -> str:
         "                             river:synth.Agrawal?classification_function=0&seed=42\n"
         "  synthetic:classification   built-in generator: f0..f9, color and a boolean label\n"
         "  synthetic:regression       built-in generator: f0..f9, color and a numeric label\n"
-        "Infinite generators (synthetic:* and most river:synth.*) need --limit."
+        "  drift:agrawal[?k=v&k=v]    Agrawal loans whose labelling rule changes mid-stream; parameters\n"
+        "                             position=20000 width=1000 before=0 after=4 seed (functions 0-9)\n"
+        "Infinite generators (synthetic:*, drift:* and most river:synth.*) need --limit."
     )
 
 
@@ -99,6 +103,8 @@ def open_source(
         events = _open_river(spec[len(RIVER_PREFIX) :], limit, seed, label_field, id_field)
     elif spec.startswith(SYNTHETIC_PREFIX):
         events = _open_synthetic(spec[len(SYNTHETIC_PREFIX) :], limit, seed, label_field, id_field)
+    elif spec.startswith(DRIFT_PREFIX):
+        events = _open_drift(spec[len(DRIFT_PREFIX) :], limit, seed, label_field, id_field)
     elif spec.lower().endswith(JSONL_SUFFIXES):
         events = _iter_jsonl(_existing_file(spec), spec)
     elif spec.lower().endswith(CSV_SUFFIXES):
@@ -339,8 +345,11 @@ def _open_river(
     return _iter_river(dataset, name, label_field, id_field)
 
 
-def _iter_river(dataset: Any, name: str, label_field: str, id_field: str) -> Iterator[SourceEvent]:
-    where = f"{RIVER_PREFIX}{name}"
+def _iter_river(
+    dataset: Any, name: str, label_field: str, id_field: str, *, where: str | None = None
+) -> Iterator[SourceEvent]:
+    """Yield River samples as events; ``name`` prefixes generated ids, ``where`` names the source."""
+    where = where or f"{RIVER_PREFIX}{name}"
     for n, (x, y) in enumerate(dataset):
         features = _flatten(x, f"{where} sample {n}")
         value: dict[str, JsonScalar] = {} if id_field in features else {id_field: f"{name}-{n}"}
@@ -445,3 +454,84 @@ def _iter_synthetic(kind: str, seed: int, label_field: str, id_field: str) -> It
         else:
             value[label_field] = 10.0 * score + rng.gauss(0.0, 1.0)
         yield SourceEvent(line=None, value=value)
+
+
+# --- concept drift ---------------------------------------------------------------------------------------
+
+# River's ConceptDriftStream computes exp(-4 * (t - position) / width) from t = 1, and math.exp overflows
+# above ~709.78: reject such parameters up front rather than crash on the first event.
+_MAX_DRIFT_EXPONENT = 709
+_AGRAWAL_FUNCTIONS = range(10)
+_DRIFT_DEFAULTS: dict[str, int] = {"position": 20_000, "width": 1_000, "before": 0, "after": 4}
+_AGRAWAL_FEATURES = frozenset(
+    ("salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan")
+)
+
+
+def _int_param(params: Mapping[str, JsonScalar], key: str, where: str, minimum: int | None) -> int:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{where}: {key} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValidationError(f"{where}: {key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _open_drift(
+    rest: str, limit: int | None, seed: int, label_field: str, id_field: str
+) -> Iterator[SourceEvent]:
+    """Agrawal loans whose labelling function switches from ``before`` to ``after`` around ``position``.
+
+    The switch is River's sigmoid blend: event t comes from the new concept with probability
+    1 / (1 + exp(-4 (t - position) / width)), so ``width`` events around ``position`` are mixed.
+    """
+    kind, _, query = rest.partition("?")
+    where = f"{DRIFT_PREFIX}{kind}"
+    if kind not in DRIFT_KINDS:
+        raise ValidationError(f"{where}: unknown drift stream; available: {', '.join(DRIFT_KINDS)}")
+    given = _parse_query(query, where)
+    accepted = [*_DRIFT_DEFAULTS, "seed"]
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValidationError(
+            f"{where}: unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+        )
+    params: dict[str, JsonScalar] = {**_DRIFT_DEFAULTS, "seed": seed, **given}
+    position = _int_param(params, "position", where, 0)
+    width = _int_param(params, "width", where, 1)
+    before = _int_param(params, "before", where, 0)
+    after = _int_param(params, "after", where, 0)
+    drift_seed = _int_param(params, "seed", where, None)
+    for key, function in (("before", before), ("after", after)):
+        if function not in _AGRAWAL_FUNCTIONS:
+            raise ValidationError(
+                f"{where}: {key}={function} is not an Agrawal classification function (0-9)"
+            )
+    if before == after:
+        raise ValidationError(
+            f"{where}: before and after are both {before}, so nothing would drift; use river:synth.Agrawal"
+        )
+    if 4 * position / width > _MAX_DRIFT_EXPONENT:
+        min_width = math.ceil(4 * position / _MAX_DRIFT_EXPONENT)
+        raise ValidationError(
+            f"{where}: width={width} is too narrow for position={position}: River's drift sigmoid"
+            f" overflows when 4*position/width > {_MAX_DRIFT_EXPONENT}; use width>={min_width}"
+            " (or an earlier position)"
+        )
+    if limit is None:
+        raise ValidationError(f"{where} is an infinite generator; give --limit to say how many events")
+    for field in (label_field, id_field):
+        if field in _AGRAWAL_FEATURES:
+            raise ValidationError(f"{where}: {field!r} is a feature name of this generator; choose another")
+
+    from river.datasets import synth
+
+    dataset = synth.ConceptDriftStream(
+        stream=synth.Agrawal(classification_function=before, seed=drift_seed),
+        # A different seed, so the new concept is applied to fresh applicants, not a replay of the old ones.
+        drift_stream=synth.Agrawal(classification_function=after, seed=drift_seed + 1),
+        position=position,
+        width=width,
+        seed=drift_seed,
+    )
+    return _iter_river(dataset, f"{kind}-drift", label_field, id_field, where=where)

@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SERVICES = ("features", "learner", "predictor")
+HEALTH_PATHS = {"predictor": "/healthz"}  # services with an HTTP API are ready when it answers
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,6 +48,19 @@ class ServiceProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout_s: float = 0.5) -> bool:
+        """Metrics endpoint answers, and the HTTP API too where the service has one."""
+        urls = [f"http://127.0.0.1:{self.metrics_port}/metrics"]
+        if self.name in HEALTH_PATHS:
+            urls.append(f"http://127.0.0.1:{self.http_port}{HEALTH_PATHS[self.name]}")
+        try:
+            for url in urls:
+                with urllib.request.urlopen(url, timeout=timeout_s):  # loopback only
+                    pass
+        except OSError:
+            return False
+        return True
 
     def metrics_text(self, timeout_s: float = 2.0) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -108,11 +122,9 @@ class Stack:
                 raise RuntimeError(
                     f"{name} exited with {svc.proc.returncode if svc.proc else '?'}: {self.tail(name)}"
                 )
-            try:
-                svc.metrics_text(0.5)
+            if svc.healthy():
                 return
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         raise TimeoutError(f"{name} not ready after {timeout_s} s: {self.tail(name)}")
 
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 20.0) -> int | None:
@@ -147,7 +159,9 @@ class Stack:
             }
             for n, s in self.services.items()
         }
-        path.write_text(json.dumps({"env": self.env, "services": state}, indent=2))
+        public_env = {k: v for k, v in self.env.items() if not k.endswith(("_KEY", "_PASSWORD"))}
+        path.write_text(json.dumps({"env": public_env, "services": state}, indent=2))  # never secrets
+        path.chmod(0o600)
 
 
 def stop_saved(path: Path, timeout_s: float = 20.0) -> list[str]:

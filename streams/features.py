@@ -11,7 +11,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from streamml.errors import ValidationError
@@ -19,6 +19,7 @@ from streamml.errors import ValidationError
 Scalar = bool | int | float | str | None
 Features = dict[str, float | str]
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n"}
 
@@ -84,6 +85,17 @@ def _num(features: Features, name: str) -> float | None:
     return value if isinstance(value, float) else None
 
 
+def _number(op: str, name: str, value: Any, kind: type[float] | type[int] = float) -> Any:
+    """A numeric step parameter, or a ValidationError saying which one is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValidationError(f"feature step {op!r}: {name} must be a number, got {value!r}")
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValidationError(f"feature step {op!r}: {name} must be a number, got {value!r}") from None
+    return number
+
+
 def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[str, Any]) -> Step:
     def need_output() -> str:
         if not output:
@@ -97,7 +109,7 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
     if op == "fill_missing":
         need_inputs()
         fill = params.get("value", 0.0)
-        fill_value: float | str = fill if isinstance(fill, str) else float(fill)
+        fill_value: float | str = fill if isinstance(fill, str) else _number(op, "value", fill)
 
         def fill_missing(f: Features, _k: str | None, _w: KeyedWindows) -> None:
             for name in inputs:
@@ -107,7 +119,7 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
     if op in ("sum", "product", "difference", "ratio"):
         need_inputs(None if op in ("sum", "product") else 2)
         out = need_output()
-        on_zero = float(params.get("on_zero", 0.0))
+        on_zero = _number(op, "on_zero", params.get("on_zero", 0.0))
 
         def arith(f: Features, _k: str | None, _w: KeyedWindows) -> None:
             values = [_num(f, n) for n in inputs]
@@ -137,7 +149,7 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
     if op in ("rolling_mean", "rolling_count", "rolling_sum"):
         need_inputs(1)
         out = need_output()
-        size = int(params.get("window", 10))
+        size = _number(op, "window", params.get("window", 10), int)
         if size < 1 or size > 100_000:
             raise ValidationError(f"feature step {op!r}: window must be 1..100000 events, got {size}")
 
@@ -174,9 +186,12 @@ def _event_time(value: Scalar) -> int:
     if isinstance(value, int | float):
         return int(value)
     try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
+        parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise ValidationError(f"event time {value!r} is not ISO-8601") from exc
+    if parsed.tzinfo is None:  # no offset: UTC, never the host's zone, so every host agrees
+        parsed = parsed.replace(tzinfo=UTC)
+    return (parsed - _EPOCH) // timedelta(milliseconds=1)  # exact integer ms, no float rounding
 
 
 class FeatureEngine:

@@ -22,7 +22,7 @@ from streamml import artifacts, estimators
 def new_metrics(regression: bool) -> dict[str, Any]:
     if regression:
         return {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
-    return {"accuracy": metrics.Accuracy(), "log_loss": metrics.LogLoss()}
+    return {"accuracy": metrics.Accuracy(), "log_loss": metrics.CrossEntropy()}  # also right for multiclass
 
 
 @dataclass

@@ -62,6 +62,7 @@ class ModelRegistry:
         pipeline, name, version = record["pipeline"], record["model_name"], int(record["version"])
         current = self.live.get(pipeline)
         if current is not None and (current.model_name, current.version) == (name, version):
+            self.wanted.pop(pipeline, None)  # a later decision overrides an earlier pending one
             return []
         self.wanted[pipeline] = (name, version)
         if (pipeline, name, version) in self.versions:
@@ -82,7 +83,8 @@ class ModelRegistry:
             return [RegistryEvent("rejected", pipeline, name, version, prev_version, str(exc))]
         self.wanted.pop(pipeline, None)
         self.live[pipeline] = LiveModel(pipeline, name, version, model, self.regression.get(pipeline, False))
-        # Only the live version's artifact is needed in memory; drop older artifacts of this model.
+        # Artifacts of all versions stay in memory (as bytes, unpickled only when promoted): a rollback
+        # may need any of them.
         return [RegistryEvent("swap", pipeline, name, version, prev_version)]
 
 

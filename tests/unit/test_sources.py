@@ -351,6 +351,95 @@ def test_describe_sources_mentions_every_form() -> None:
         "river:",
         "synthetic:classification",
         "synthetic:regression",
+        "drift:agrawal",
         "--limit",
     ):
         assert form in text
+
+
+# --- concept drift ---------------------------------------------------------------------------------------
+
+DRIFT = "drift:agrawal?position=3000&width=100&before=0&after=4"
+
+
+def agrawal_function_0(event: dict[str, JsonScalar]) -> int:
+    """Agrawal's classification function 0, written out: class 1 for applicants under 40 or 60 and over."""
+    age = event["age"]
+    assert isinstance(age, int)
+    return int(age < 40 or age >= 60)
+
+
+def disagreement(events: list[dict[str, JsonScalar]]) -> float:
+    return sum(agrawal_function_0(e) != e["label"] for e in events) / len(events)
+
+
+def test_drift_events_look_like_agrawal_loans() -> None:
+    events = values(DRIFT, limit=50)
+    assert len(events) == 50
+    assert events[0]["event_id"] == "agrawal-drift-0" and events[49]["event_id"] == "agrawal-drift-49"
+    assert set(events[0]) == {
+        "event_id",
+        *("salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan"),
+        "label",
+    }
+    assert {e["label"] for e in events} == {0, 1}
+    json.dumps(events)
+
+
+def test_drift_is_deterministic_per_seed() -> None:
+    assert values(DRIFT, limit=200, seed=3) == values(DRIFT, limit=200, seed=3)
+    assert values(DRIFT, limit=200, seed=3) != values(DRIFT, limit=200, seed=4)
+    assert values(DRIFT + "&seed=3", limit=200) == values(DRIFT, limit=200, seed=3)  # spec wins
+
+
+def test_drift_labels_switch_concept_after_the_position() -> None:
+    events = values(DRIFT, limit=6000)
+    before, after = events[:2500], events[3500:]
+    assert disagreement(before) == 0.0  # pure function 0 until the transition starts
+    assert disagreement(after) > 0.3  # function 4 labels many applicants differently
+    # The transition is centred on the position: about half of the events there are from the new concept.
+    assert 0.05 < disagreement(events[2950:3050]) < disagreement(after)
+
+
+def test_drift_position_moves_the_switch() -> None:
+    events = values("drift:agrawal?position=500&width=50", limit=2000)
+    assert disagreement(events[:400]) == 0.0
+    assert disagreement(events[700:]) > 0.3
+
+
+def test_drift_width_that_would_overflow_river_is_rejected_with_a_minimum() -> None:
+    with pytest.raises(ValidationError, match=r"width=100 is too narrow for position=20000") as info:
+        open_source("drift:agrawal?position=20000&width=100", limit=10)
+    assert "use width>=113" in str(info.value)
+    # The suggested minimum really works, from the very first event (where River's exponent is largest).
+    assert len(values("drift:agrawal?position=20000&width=113", limit=5)) == 5
+
+
+def test_drift_defaults_match_the_documented_ones() -> None:
+    spec = "drift:agrawal?position=20000&width=1000&before=0&after=4&seed=42"
+    assert values("drift:agrawal", limit=100, seed=42) == values(spec, limit=100)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("drift:sea", "unknown drift stream; available: agrawal"),
+        ("drift:agrawal?speed=2", r"unknown parameter\(s\) speed; accepted: position, width"),
+        ("drift:agrawal?width=0", "width must be at least 1, got 0"),
+        ("drift:agrawal?position=-5", "position must be at least 0"),
+        ("drift:agrawal?position=1.5", "position must be a whole number"),
+        ("drift:agrawal?width=true", "width must be a whole number"),
+        ("drift:agrawal?after=10", r"after=10 is not an Agrawal classification function \(0-9\)"),
+        ("drift:agrawal?before=4&after=4", "nothing would drift"),
+    ],
+)
+def test_drift_bad_parameters(spec: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        open_source(spec, limit=1)
+
+
+def test_drift_needs_limit_and_a_free_label_name() -> None:
+    with pytest.raises(ValidationError, match="infinite generator; give --limit"):
+        open_source("drift:agrawal")
+    with pytest.raises(ValidationError, match="'age' is a feature name"):
+        open_source("drift:agrawal", limit=1, label_field="age")

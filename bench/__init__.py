@@ -1,0 +1,1 @@
+"""`make bench`: throughput, latency and model-swap benchmarks of StreamML's services, with profiles."""

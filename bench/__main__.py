@@ -1,0 +1,316 @@
+"""`python -m bench` (`make bench`): StreamML's data path measured on a broker of its own.
+
+Starts a local Kafka on free ports in a temporary folder, runs the measurements, prints the tables and,
+as the last line, one JSON object with the headline numbers. The broker and every service it started
+are stopped at the end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import measures, profile, report, stats
+from bench.measures import Measured
+from bench.workload import (
+    ESTIMATOR,
+    Deployment,
+    agrawal_events,
+    feature_vectors,
+    pipeline_definition,
+    signed_versions,
+)
+from streamml.codec import codec_for
+from streamml.localkafka import LocalKafka, free_port_block
+
+log = logging.getLogger("bench")
+T = TypeVar("T")
+MEASURES = ("passthrough", "predictor", "e2e", "swap", "learner", "breakdown")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--events", type=int, default=100_000, help="N pre-produced records (default 100000)")
+    p.add_argument("--rate", type=float, default=5000, help="e2e: raw events per second (default 5000)")
+    p.add_argument("--duration", type=float, default=20, help="e2e: measured seconds (default 20)")
+    p.add_argument("--warmup", type=float, default=3, help="e2e: seconds at full rate before measuring")
+    p.add_argument("--swaps", type=int, default=12, help="promotions during the swap measurement (>= 10)")
+    p.add_argument("--swap-interval", type=float, default=1.0, help="seconds between promotions")
+    p.add_argument("--swap-rate", type=float, default=2000, help="feature vectors per second during swaps")
+    p.add_argument("--snapshot-every", type=int, default=10_000, help="learner: events per version")
+    p.add_argument("--estimator", default=ESTIMATOR, help=f"online model spec (default {ESTIMATOR})")
+    p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {MEASURES}")
+    p.add_argument("--profile-dir", type=Path, help="record the predictor and learner with py-spy here")
+    p.add_argument("--keep", type=Path, help="work folder to keep (broker data, service logs)")
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(MEASURES)
+    if unknown:
+        p.error(f"unknown measures {sorted(unknown)}; choose from {MEASURES}")
+    return args
+
+
+class Bench:
+    """Runs the measurements in order; a failed one is reported as n/a and the others still run."""
+
+    def __init__(self, bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
+        self.bootstrap = bootstrap
+        self.workdir = workdir
+        self.args = args
+        self.only = set(args.only.split(","))
+        self.run_id = f"{int(time.time()) % 1_000_000}{os.getpid() % 1000}"
+        self.key = secrets.token_hex(16)
+        self.results: dict[str, Measured] = {}
+        self.failures: dict[str, str] = {}
+        self.deployments: dict[str, Deployment] = {}
+        self.breakdowns: dict[str, dict[str, float]] = {}
+
+    def deployment(self, name: str) -> Deployment:
+        dep = Deployment(self.bootstrap, f"bench{self.run_id}-{name}", self.key, self.workdir / name)
+        self.deployments[name] = dep
+        return dep
+
+    def attempt(self, name: str, fn: Callable[[], T]) -> T | None:
+        started = time.monotonic()
+        log.info("== %s", name)
+        try:
+            value = fn()
+        except Exception as exc:  # one broken measurement must not hide the others
+            log.exception("%s failed", name)
+            self.failures[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            return None
+        log.info("== %s done in %.1f s", name, time.monotonic() - started)
+        return value
+
+    def measure(self, name: str, fn: Callable[[], Measured]) -> None:
+        if name not in self.only:
+            return
+        got = self.attempt(name, fn)
+        if got is not None:
+            self.results[name] = got
+
+    def run(self) -> None:
+        a = self.args
+        log.info("generating %d Agrawal events and their feature vectors", a.events)
+        definition = pipeline_definition("bench.raw", estimator=a.estimator)
+        events = agrawal_events(a.events)
+        vectors = feature_vectors(definition, events)
+        encode = codec_for("FeatureVector").encode
+        records = [(fv["event_id"].encode(), encode(fv)) for fv in vectors]
+        warm = vectors[: min(2000, len(vectors))]
+        # The inputs stay alive all run: keep the cyclic GC from rescanning them in every measured loop.
+        gc.collect()
+        gc.freeze()
+        one = signed_versions(self.key.encode(), warm, 1, len(warm), a.estimator)[0]
+
+        def definition_for(dep: Deployment, **kw: Any) -> dict[str, Any]:
+            return pipeline_definition(dep.raw_topic, estimator=a.estimator, **kw)
+
+        def passthrough() -> Measured:
+            dep = self.deployment("passthrough")
+            return measures.passthrough(dep, records, dep.settings.max_batch, dep.settings.commit_interval_s)
+
+        def predictor() -> Measured:
+            dep = self.deployment("predictor")
+            return measures.predictor_service(dep, definition_for(dep), records, one, a.profile_dir)
+
+        def e2e() -> Measured:
+            dep = self.deployment("e2e")
+            return measures.e2e_latency(
+                dep, definition_for(dep), events, one, a.rate, a.duration, a.warmup, a.profile_dir
+            )
+
+        def swap() -> Measured:
+            dep = self.deployment("swap")
+            versions = signed_versions(self.key.encode(), warm, a.swaps + 1, 200, a.estimator)
+            return measures.swap_latency(
+                dep, definition_for(dep), records, versions, a.swap_rate, a.swap_interval
+            )
+
+        def learner() -> Measured:
+            dep = self.deployment("learner")
+            definition = definition_for(dep, snapshot_every_events=a.snapshot_every)
+            return measures.learner_service(dep, definition, records, a.snapshot_every, a.profile_dir)
+
+        self.measure("passthrough", passthrough)
+        self.measure("predictor", predictor)
+        self.measure("e2e", e2e)
+        self.measure("swap", swap)
+        self.measure("learner", learner)
+        if "learner" in self.only:
+            river = self.attempt("river", lambda: measures.river_inprocess(vectors, a.estimator))
+            if river is not None:
+                self.results["river"] = river
+        if "breakdown" in self.only:
+            self.attempt("breakdown", lambda: self.breakdown(one))
+
+    def breakdown(self, version: dict[str, Any]) -> None:
+        """In-process phase timings, on the topics the service measurements filled (skipped if not run)."""
+        a = self.args
+        dep = self.deployments.get("predictor")
+        if dep is not None:
+            definition = pipeline_definition(dep.raw_topic, estimator=a.estimator)
+            self.breakdowns["predictor"] = profile.predictor_breakdown(
+                dep, definition, version, dep.settings.max_batch
+            )
+        dep = self.deployments.get("learner")
+        if dep is not None:
+            definition = pipeline_definition(
+                dep.raw_topic, estimator=a.estimator, snapshot_every_events=a.snapshot_every
+            )
+            self.breakdowns["learner"] = profile.learner_breakdown(dep, definition, dep.settings.max_batch)
+
+    # -- output -----------------------------------------------------------------------------------------
+    def value(self, name: str, key: str | None = None) -> float | None:
+        m = self.results.get(name)
+        if m is None:
+            return None
+        v = m.value if key is None else m.details.get(key)
+        return None if v is None else float(v)
+
+    def result(self) -> dict[str, float | None]:
+        def r(v: float | None, digits: int) -> float | None:
+            return None if v is None else round(v, digits)
+
+        passthrough_eps = self.value("passthrough")
+        predictor_eps = self.value("predictor")
+        learner_eps = self.value("learner")
+        return {
+            "passthrough_eps": r(passthrough_eps, 1),
+            "predictor_eps": r(predictor_eps, 1),
+            "predictor_ratio": r(stats.ratio(predictor_eps, passthrough_eps), 3),
+            "e2e_p50_ms": r(self.value("e2e"), 2),
+            "e2e_p99_ms": r(self.value("e2e", "p99"), 2),
+            "swap_p50_ms": r(self.value("swap"), 1),
+            "swap_p99_ms": r(self.value("swap", "p99"), 1),
+            "learner_eps": r(learner_eps, 1),
+            "learner_ratio": r(stats.ratio(learner_eps, self.value("river")), 3),
+        }
+
+    def text(self, elapsed_s: float) -> str:
+        a = self.args
+        n = report.num
+        res = self.result()
+        m = self.results
+        d: Callable[[str, str], Any] = lambda name, key: m[name].details.get(key) if name in m else None  # noqa: E731
+        rows = [
+            ["pass-through: consume→decode→encode→produce (1 process)", n(res["passthrough_eps"]), "events/s",
+             f"{n(d('passthrough', 'wall_eps'))} incl. last batch + final flush"],
+            ["predictor service (1 worker, prediction_time stamps)", n(res["predictor_eps"]), "events/s",
+             f"{n(d('predictor', 'create_time_eps'))} by Kafka CreateTime of outputs"],
+            ["predictor / pass-through", n(res["predictor_ratio"], 2), "", ""],
+            ["e2e raw event → prediction at consumer, p50", n(res["e2e_p50_ms"], 1), "ms",
+             f"p90 {n(d('e2e', 'p90'), 1)}, max {n(d('e2e', 'max'), 1)}, "
+             f"{n(d('e2e', 'received'))}/{n(d('e2e', 'sent'))} received, "
+             f"{n(d('e2e', 'achieved_rate'))} events/s sent"],
+            ["e2e p99", n(res["e2e_p99_ms"], 1), "ms", ""],
+            ["swap: promotion produced → first prediction, p50", n(res["swap_p50_ms"], 1), "ms",
+             f"{d('swap', 'swapped')}/{d('swap', 'promotions')} promotions, max {n(d('swap', 'max'), 1)} ms"],
+            ["swap p99", n(res["swap_p99_ms"], 1), "ms", ""],
+            ["learner service (snapshot created_at stamps)", n(res["learner_eps"]), "events/s",
+             f"accuracy {n(d('learner', 'accuracy'), 3)}"],
+            ["in-process River (same pipeline, no Kafka)", n(self.value("river")), "events/s",
+             f"accuracy {n(d('river', 'accuracy'), 3)}"],
+            ["learner / in-process River", n(res["learner_ratio"], 2), "", ""],
+        ]  # fmt: skip
+        load = os.getloadavg()
+        title = (
+            f"StreamML bench: N={a.events:,} records, 1 partition, model {a.estimator}, e2e at "
+            f"{a.rate:,.0f}/s for {a.duration:.0f} s, {a.swaps} swaps; took {elapsed_s:.0f} s; "
+            f"load average now {load[0]:.2f} on {os.cpu_count()} cores"
+        )
+        parts = [report.table(["measure", "value", "unit", "notes"], rows, title), report.targets_table(res)]
+        swaps = d("swap", "latencies_ms")
+        if swaps:
+            parts.append("swap latencies (ms) by version: " + ", ".join(
+                f"v{v}={'never' if ms is None else f'{ms:.0f}'}" for v, ms in swaps.items()))  # fmt: skip
+        for name in ("predictor", "learner"):
+            parts += self.breakdown_text(name)
+        parts += self.e2e_profile_text()
+        if self.failures:
+            parts.append("FAILED:\n" + "\n".join(f"  {k}: {v}" for k, v in self.failures.items()))
+        return "\n\n".join(parts)
+
+    def breakdown_text(self, name: str) -> list[str]:
+        """In-process phases and the py-spy profile of the service, both in µs per event."""
+        parts = []
+        columns: dict[str, dict[str, float]] = {}
+        total = profile.us_per_event(self.value(name))
+        if name in self.breakdowns:
+            bd = dict(self.breakdowns[name])
+            rest = profile.loop_rest(bd, self.value(name))
+            if rest is not None:
+                bd["rest of the service loop (derived)"] = rest
+            columns["in-process"] = bd
+        measured = self.results.get(name)
+        for path in measured.profiles if measured else []:
+            sampled = profile.read_speedscope(path)
+            if total is not None:
+                columns[f"py-spy ({sampled.busy_samples} busy samples)"] = profile.per_event_from_profile(
+                    sampled, total
+                )
+            parts.append(hottest(name, path, sampled))
+        if columns:
+            parts.insert(0, report.breakdown_table(f"{name}: where the time goes", columns, total))
+        return parts
+
+    def e2e_profile_text(self) -> list[str]:
+        measured = self.results.get("e2e")
+        if measured is None or not measured.profiles:
+            return []
+        events = int(measured.details.get("sent") or 0)
+        columns: dict[str, dict[str, float]] = {}
+        parts = []
+        for path in measured.profiles:
+            sampled = profile.read_speedscope(path)
+            service = path.name.split(".")[0].removeprefix("e2e-")
+            col = profile.per_event_absolute(sampled, events)
+            busy = sum(col.values()) * events / 1e6
+            col["main thread busy, % of one core"] = 100 * busy / max(sampled.seconds, 1e-9)
+            columns[service] = col
+            parts.append(hottest(f"e2e {service}", path, sampled))
+        title = f"e2e at {self.args.rate:,.0f} events/s: busy main-thread µs per event (py-spy)"
+        return [report.breakdown_table(title, columns, None), *parts]
+
+
+def hottest(name: str, path: Path, sampled: profile.Profile, top: int = 12) -> str:
+    busy = max(sampled.busy_samples, 1)
+    lines = sorted(sampled.by_leaf.items(), key=lambda kv: -kv[1])[:top]
+    head = f"{name}: hottest lines in py-spy profile {path} (share of busy samples)"
+    return "\n".join([head, *(f"  {100 * c / busy:5.1f}%  {leaf}" for leaf, c in lines)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("streamml.kafka.librdkafka").setLevel(logging.ERROR)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="streamml-bench-") as tmp:
+        workdir = args.keep.resolve() if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        kafka = LocalKafka(workdir / "kafka", brokers=1, base_port=free_port_block(2), die_with_parent=True)
+        try:
+            bootstrap = kafka.start(timeout_s=120)
+            log.info("Kafka at %s (work folder %s)", bootstrap, workdir)
+            bench = Bench(bootstrap, workdir, args)
+            bench.run()
+        finally:
+            kafka.stop()
+    print(bench.text(time.monotonic() - started))
+    print(json.dumps(bench.result()))
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

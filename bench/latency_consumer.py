@@ -1,0 +1,65 @@
+"""The end-to-end latency probe: a plain consumer of the predictions topic in its own process.
+
+It stamps each prediction the moment `poll` hands it over (the moment an application could act on it) and
+subtracts the produce time the benchmark wrote into the event id. A separate process keeps the producer's
+pacing and this stamping from competing for one GIL; it imports only confluent-kafka so it starts fast.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.connection import Connection
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+MEASURED_PREFIX = b"m-"
+
+
+def event_id(seq: int, sent_ns: int) -> str:
+    """Id of a measured event: the probe reads its produce time back from it (µs precision)."""
+    return f"m-{seq}-{sent_ns}"
+
+
+def sent_ns_of(key: bytes) -> int | None:
+    """Produce time (ns since epoch) encoded in a measured event id; None for warm-up events."""
+    if not key.startswith(MEASURED_PREFIX):
+        return None
+    try:
+        return int(key.rsplit(b"-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
+    """(produce time ns, latency µs) of `expected` measured predictions, or until the parent says "stop"."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-latency-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 100,
+        }
+    )
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    consumer.poll(0.5)  # connects and fetches before the parent starts measuring
+    conn.send("ready")
+    latencies: list[tuple[int, int]] = []
+    try:
+        while len(latencies) < expected:
+            if conn.poll():
+                conn.recv()
+                break
+            msg = consumer.poll(0.1)
+            if msg is None:
+                continue
+            received = time.time_ns()
+            if msg.error() is not None:
+                continue
+            key = msg.key()
+            sent = sent_ns_of(key) if isinstance(key, bytes) else None
+            if sent is not None:
+                latencies.append((sent, (received - sent) // 1000))
+    finally:
+        consumer.close()
+    conn.send(latencies)

@@ -1,0 +1,437 @@
+"""The five measurements of `make bench`, each on its own deployment (topic prefix) of the shared broker.
+
+Service throughputs come from stamps the services write themselves (prediction_time, created_at), so the
+benchmark process only reads results back after the run and never competes with the service for CPU
+while it is being measured (the machine has 2 cores).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from river import metrics as river_metrics
+
+from bench import latency_consumer, stats
+from bench.profile import Spy
+from bench.workload import (
+    MODEL,
+    PIPELINE,
+    TIME_FIELD,
+    DeliveryFailed,
+    Deployment,
+    produce_all,
+)
+from streamml import estimators
+from streamml.codec import codec_for
+from streamml.errors import StreamMLError
+from streamml.kafka import ensure_topics, make_consumer, make_producer
+from streamml.runtime import read_to_end
+from streamml.topics import TopicSpec
+
+log = logging.getLogger(__name__)
+
+Keyed = tuple[bytes | None, bytes]
+
+
+@dataclass
+class Measured:
+    """One measurement's headline value and the details printed in the table."""
+
+    value: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    profiles: list[Path] = field(default_factory=list)
+
+
+@contextmanager
+def maybe_spy(profile_dir: Path | None, name: str, pid: int | None) -> Iterator[Spy | None]:
+    """py-spy recording a service process while it is measured (only when --profile-dir is given)."""
+    if profile_dir is None or pid is None:
+        yield None
+        return
+    spy = Spy.start(pid, profile_dir / f"{name}.speedscope.json")
+    try:
+        yield spy
+    finally:
+        spy.stop()
+
+
+# -- pass-through: the data path without a model --------------------------------------------------------
+def passthrough(
+    dep: Deployment, records: Sequence[Keyed], max_batch: int, commit_interval_s: float
+) -> Measured:
+    """Consume → decode → encode → produce FeatureVectors in one process, batched like `BatchLoop`.
+
+    A short untimed run first warms the broker (a fresh JVM is still compiling) and the client.
+    """
+    dep.create_topics()
+    out = TopicSpec(
+        f"{dep.prefix}.{PIPELINE}.passthrough", "passthrough", "FeatureVector", "avro", "event id",
+        "make bench: pass-through copy of the features", 1, 1,
+    )  # fmt: skip
+    ensure_topics(dep.settings, [out])
+    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
+    n = len(records)
+    _copy(dep, out.name, "warmup", min(n, 20_000), max_batch, commit_interval_s)
+    batches, finished = _copy(dep, out.name, "timed", n, max_batch, commit_interval_s)
+    return Measured(
+        stats.rate_from_batches(batches),
+        {"events": n, "batches": len(batches), "wall_eps": n / (finished - batches[0][0])},
+    )
+
+
+def _copy(
+    dep: Deployment, out: str, run: str, n: int, max_batch: int, commit_interval_s: float
+) -> tuple[list[tuple[float, int]], float]:
+    """The first n features records copied to `out` by a new consumer group: (batch stamps, end time)."""
+    consumer = make_consumer(
+        dep.settings, f"{dep.prefix}-passthrough-{run}",
+        **{"enable.auto.offset.store": False, "isolation.level": "read_committed"},
+    )  # fmt: skip
+    producer = make_producer(dep.settings, **{"linger.ms": 2})
+    codec = codec_for("FeatureVector")
+    decode, encode = codec.decode, codec.encode
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+
+    def commit() -> None:
+        if producer.flush(30) or errors:
+            raise DeliveryFailed(f"pass-through outputs not delivered: {errors[:3]}")
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
+                        asynchronous=False)  # fmt: skip
+
+    consumer.subscribe([dep.features_topic])
+    batches: list[tuple[float, int]] = []
+    positions: dict[tuple[str, int], int] = {}
+    done = 0
+    last_commit = time.monotonic()
+    deadline = time.monotonic() + 180
+    try:
+        while done < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pass-through: {done} of {n} records after 180 s")
+            msgs = consumer.consume(min(max_batch, n - done), 0)
+            if not msgs:
+                time.sleep(0.002)
+                continue
+            batches.append((time.perf_counter(), len(msgs)))
+            produce = producer.produce
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                value = encode(decode(msg.value() or b""))
+                try:
+                    produce(out, value, msg.key(), on_delivery=on_delivery)
+                except BufferError:
+                    producer.flush(10)
+                    produce(out, value, msg.key(), on_delivery=on_delivery)
+                positions[(msg.topic() or "", msg.partition() or 0)] = (msg.offset() or 0) + 1
+                done += 1
+            producer.poll(0)
+            if time.monotonic() - last_commit >= commit_interval_s:
+                commit()
+                last_commit = time.monotonic()
+        commit()
+        return batches, time.perf_counter()
+    finally:
+        consumer.close()
+
+
+# -- predictor: the real service draining pre-produced features -----------------------------------------
+def _predictions(dep: Deployment) -> list[tuple[dict[str, Any], int]]:
+    """Every Prediction record of the deployment with its Kafka CreateTime (ms)."""
+    codec = codec_for("Prediction")
+    return [
+        (codec.decode(m.value() or b""), m.timestamp()[1])
+        for m in read_to_end(dep.settings, dep.predictions_topic, 120)
+    ]
+
+
+def predictor_service(
+    dep: Deployment,
+    definition: dict[str, Any],
+    records: Sequence[Keyed],
+    version: dict[str, Any],
+    profile_dir: Path | None,
+) -> Measured:
+    """The predictor service (1 worker) drains N feature vectors once its model is promoted."""
+    dep.create_topics()
+    dep.publish_pipeline(definition)
+    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
+    dep.publish_version(version)
+    n = len(records)
+    with dep.services("predictor") as stack:
+        svc = stack.services["predictor"]
+        with maybe_spy(profile_dir, "predictor", svc.pid) as spy:
+            promoted = dep.promote(int(version["version"]), None)
+            dep.wait_count(dep.predictions_topic, n, 240, stack)
+        profiles = [spy.path] if spy and spy.path else []
+    rows = _predictions(dep)
+    stamps = [r["prediction_time"] for r, _ in rows]
+    created = sorted(ts for _, ts in rows)
+    eps = stats.rate_from_batches([(t / 1000, c) for t, c in stats.group_stamps(stamps)])
+    return Measured(
+        eps,
+        {
+            "events": len(rows),
+            "batches": len(set(stamps)),
+            "create_time_eps": (len(created) - 1) / ((created[-1] - created[0]) / 1000),
+            "promotion_to_first_prediction_ms": min(stamps) - promoted,
+            "versions": sorted({r["model_version"] for r, _ in rows}),
+        },
+        profiles,
+    )
+
+
+# -- end-to-end latency: raw JSON → features → predictor → consumer -------------------------------------
+class Pacer:
+    """Produces at a fixed rate from the caller's thread (no burst catch-up beyond 10 ms of events)."""
+
+    def __init__(self, producer: Producer, rate: float) -> None:
+        self.producer = producer
+        self.rate = rate
+        self.sent = 0
+        self.max_lag = max(10, int(rate * 0.01))  # at most 10 ms worth of events sent late in a burst
+
+    def run(
+        self, seconds: float, send: Callable[[int], None], until: Callable[[], bool] | None = None
+    ) -> float:
+        """send(i) `rate` times a second for `seconds` (or until `until()`); returns the achieved rate."""
+        start = time.monotonic()
+        sent = 0
+        next_check = start
+        while True:
+            now = time.monotonic()
+            elapsed = now - start
+            if elapsed >= seconds:
+                break
+            if until is not None and now >= next_check:
+                next_check = now + 0.25
+                if until():
+                    break
+            due = min(int(elapsed * self.rate) + 1, int(seconds * self.rate))
+            if due - sent > self.max_lag:  # fell behind (GIL, GC): skip ahead rather than burst
+                sent = due - self.max_lag
+            while sent < due:
+                send(self.sent)
+                self.sent += 1
+                sent += 1
+            self.producer.poll(0)
+            time.sleep(0.0005)
+        return sent / max(time.monotonic() - start, 1e-9)
+
+
+def e2e_latency(
+    dep: Deployment,
+    definition: dict[str, Any],
+    events: Sequence[dict[str, Any]],
+    version: dict[str, Any],
+    rate: float,
+    duration_s: float,
+    warmup_s: float,
+    profile_dir: Path | None,
+) -> Measured:
+    """Raw events at `rate`/s for `duration_s` through the features and predictor services."""
+    dep.create_topics()
+    dep.publish_pipeline(definition)
+    dep.publish_version(version)
+    dep.promote(int(version["version"]), None)
+    expected = int(rate * duration_s)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    probe = ctx.Process(
+        target=latency_consumer.run, args=(dep.bootstrap, dep.predictions_topic, expected, child), daemon=True
+    )
+    producer = make_producer(dep.settings, **{"linger.ms": 0})
+    raw_topic = dep.raw_topic
+    cycle = itertools.cycle(events)
+
+    def send(event_id: str | None) -> None:
+        """One raw JSON event; event time = produce time; measured events carry it in their id too."""
+        event = dict(next(cycle))
+        sent_ns = time.time_ns()
+        event["event_id"] = event_id or latency_consumer.event_id(pacer.sent, sent_ns)
+        event[TIME_FIELD] = sent_ns // 1_000_000
+        value = json.dumps(event).encode()
+        key = str(event["zipcode"]).encode()
+        try:
+            producer.produce(raw_topic, value, key)
+        except BufferError:
+            producer.poll(0.01)
+            producer.produce(raw_topic, value, key)
+
+    pacer = Pacer(producer, rate)
+    with dep.services("features", "predictor") as stack:
+        probe.start()
+        try:
+            if not parent.poll(60) or parent.recv() != "ready":
+                raise TimeoutError("latency probe did not start")
+            # Until the first prediction comes back both services have joined their groups.
+            warm = Pacer(producer, 50)
+            warm.run(120, lambda i: send(f"w-{i}"), until=lambda: dep.topic_count(dep.predictions_topic) > 0)
+            if dep.topic_count(dep.predictions_topic) == 0:
+                raise TimeoutError(f"no prediction within 120 s: {stack.tail('features')}")
+            pacer.run(warmup_s, lambda i: send(f"w-s{i}"))
+            pacer.sent = 0
+            features, predictor = stack.services["features"], stack.services["predictor"]
+            with (
+                maybe_spy(profile_dir, "e2e-features", features.pid) as spy_f,
+                maybe_spy(profile_dir, "e2e-predictor", predictor.pid) as spy_p,
+            ):
+                achieved = pacer.run(duration_s, lambda _i: send(None))
+                producer.flush(30)
+            profiles = [p.path for p in (spy_f, spy_p) if p is not None and p.path is not None]
+            if not parent.poll(15):
+                parent.send("stop")
+                if not parent.poll(15):
+                    raise TimeoutError("latency probe did not report")
+            pairs: list[tuple[int, int]] = parent.recv()
+        finally:
+            probe.join(5)
+            if probe.is_alive():
+                probe.terminate()
+                probe.join(5)
+    if not pairs:
+        raise StreamMLError("no measured prediction arrived")
+    s = stats.summarize([lat / 1000 for _, lat in pairs])
+    trend = stats.windowed_p50([(sent / 1e9, lat / 1000) for sent, lat in pairs], 2.0)
+    return Measured(
+        s.p50,
+        {
+            "p99": s.p99,
+            "p90": s.p90,
+            "max": s.max,
+            "mean": s.mean,
+            "sent": pacer.sent,
+            "received": s.count,
+            "achieved_rate": achieved,
+            "p50_by_2s": [round(v, 1) for _, v in trend],
+        },
+        profiles,
+    )
+
+
+# -- model swap latency -----------------------------------------------------------------------------------
+def swap_latency(
+    dep: Deployment,
+    definition: dict[str, Any],
+    records: Sequence[Keyed],
+    versions: Sequence[dict[str, Any]],
+    rate: float,
+    interval_s: float,
+) -> Measured:
+    """Promote versions 2..K one after another while features flow; promotion produced → first use."""
+    dep.create_topics()
+    dep.publish_pipeline(definition)
+    for v in versions:
+        dep.publish_version(v)
+    dep.promote(int(versions[0]["version"]), None)
+    producer = make_producer(dep.settings, **{"linger.ms": 1})
+    cycle = itertools.cycle(records)
+    topic = dep.features_topic
+
+    def send(_i: int) -> None:
+        key, value = next(cycle)
+        try:
+            producer.produce(topic, value, key)
+        except BufferError:
+            producer.poll(0.01)
+            producer.produce(topic, value, key)
+
+    pacer = Pacer(producer, rate)
+    promoted_at: dict[int, float] = {}
+    with dep.services("predictor") as stack:
+        pacer.run(120, send, until=lambda: dep.topic_count(dep.predictions_topic) > 0)
+        if dep.topic_count(dep.predictions_topic) == 0:
+            raise TimeoutError(f"no prediction within 120 s: {stack.tail('predictor')}")
+        pacer.run(1.0, send)
+        previous = int(versions[0]["version"])
+        for v in versions[1:]:
+            number = int(v["version"])
+            promoted_at[number] = dep.promote(number, previous)
+            previous = number
+            pacer.run(interval_s, send)
+        pacer.run(1.0, send)
+        producer.flush(30)
+        time.sleep(1.0)
+    rows = _predictions(dep)
+    first = stats.first_stamp_by((r["model_version"], r["prediction_time"]) for r, _ in rows)
+    latencies = stats.swap_latencies(promoted_at, first)
+    seen = [v for v in latencies.values() if v is not None]
+    if not seen:
+        raise StreamMLError("no promoted version ever predicted")
+    s = stats.summarize(seen)
+    return Measured(
+        s.p50,
+        {
+            "p99": s.p99,
+            "max": s.max,
+            "promotions": len(promoted_at),
+            "swapped": len(seen),
+            "latencies_ms": latencies,
+            "events": len(rows),
+        },
+    )
+
+
+# -- learner ---------------------------------------------------------------------------------------------
+def learner_service(
+    dep: Deployment,
+    definition: dict[str, Any],
+    records: Sequence[Keyed],
+    every: int,
+    profile_dir: Path | None,
+) -> Measured:
+    """The learner service over N labelled vectors; rate between its first and last snapshot."""
+    dep.create_topics()
+    dep.publish_pipeline(definition)
+    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
+    n = len(records)
+    snapshots = n // every
+    with dep.services("learner") as stack:
+        svc = stack.services["learner"]
+        with maybe_spy(profile_dir, "learner", svc.pid) as spy:
+            dep.wait_count(dep.versions_topic, snapshots, 240, stack)
+        profiles = [spy.path] if spy and spy.path else []
+    codec = codec_for("ModelVersion")
+    versions = [codec.decode(m.value() or b"") for m in read_to_end(dep.settings, dep.versions_topic)]
+    points = [(int(v["events_seen"]), v["created_at"] / 1000) for v in versions if v["model_name"] == MODEL]
+    eps = stats.rate_between(points)
+    last = max(versions, key=lambda v: int(v["events_seen"]))
+    return Measured(
+        eps,
+        {
+            "versions": len(versions),
+            "events_seen": int(last["events_seen"]),
+            "accuracy": last["metrics"].get("accuracy"),
+        },
+        profiles,
+    )
+
+
+def river_inprocess(vectors: Sequence[dict[str, Any]], estimator: str) -> Measured:
+    """The same pipeline in one Python loop, no Kafka: predict_proba_one, Accuracy.update, learn_one."""
+    model = estimators.build(estimator)
+    accuracy = river_metrics.Accuracy()  # type: ignore[no-untyped-call]
+    started = time.perf_counter()
+    for fv in vectors:
+        x, y = fv["features"], fv["label"]
+        proba = model.predict_proba_one(x)
+        y_pred = max(proba, key=proba.__getitem__) if proba else None
+        accuracy.update(y, y_pred)
+        model.learn_one(x, y)
+    elapsed = time.perf_counter() - started
+    value = float(accuracy.get())  # type: ignore[no-untyped-call]
+    return Measured(len(vectors) / elapsed, {"accuracy": value})

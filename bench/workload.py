@@ -1,0 +1,292 @@
+"""What the benchmark feeds the services: an Agrawal pipeline, its events, feature vectors, signed versions.
+
+One `Deployment` per measurement: its own topic prefix (so measurements never see each other's records),
+its topics, control records published like the CLI does, and the services started with `streamml.stack`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from river.datasets import synth
+
+from streamml.codec import codec_for
+from streamml.kafka import ensure_topics, make_consumer, make_producer
+from streamml.pipelines import PipelineFile, to_definition
+from streamml.settings import Settings
+from streamml.stack import Stack
+from streamml.topics import Catalogue
+from streams.features import FeatureEngine
+from streams.learner import OnlineLearner
+
+log = logging.getLogger(__name__)
+
+PIPELINE = "bench"
+MODEL = "online"
+ESTIMATOR = "linear_model.LogisticRegression"
+AGRAWAL_FIELDS = {
+    "salary": "float",
+    "commission": "float",
+    "age": "int",
+    "elevel": "int",
+    "car": "int",
+    "zipcode": "int",
+    "hvalue": "float",
+    "hyears": "int",
+    "loan": "float",
+}
+# The derived features of pipelines/agrawal.yaml: 9 raw + 5 derived = 14 features per vector.
+FEATURE_STEPS: list[dict[str, Any]] = [
+    {"op": "ratio", "output": "loan_per_salary", "inputs": ["loan", "salary"]},
+    {"op": "sum", "output": "income", "inputs": ["salary", "commission"]},
+    {"op": "log1p", "output": "log_hvalue", "inputs": ["hvalue"]},
+    {"op": "rolling_mean", "output": "zipcode_mean_salary_100", "inputs": ["salary"], "window": 100},
+    {"op": "rolling_count", "output": "zipcode_count_100", "inputs": ["salary"], "window": 100},
+]
+TIME_FIELD = "ts"  # raw events carry their produce time here; the pipeline takes it as event time
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def pipeline_definition(
+    raw_topic: str, *, estimator: str = ESTIMATOR, snapshot_every_events: int = 10_000
+) -> dict[str, Any]:
+    """The PipelineDefinition record of the benchmark pipeline (validated like `streamml pipeline apply`)."""
+    spec = PipelineFile.model_validate(
+        {
+            "name": PIPELINE,
+            "description": "make bench: Agrawal loan applications, labels inline",
+            "event_id_field": "event_id",
+            "key_field": "zipcode",
+            "event_time_field": TIME_FIELD,
+            "fields": AGRAWAL_FIELDS,
+            "label": {"source": "inline", "field": "label"},
+            "task": "binary",
+            "features": FEATURE_STEPS,
+            "models": [{"name": MODEL, "kind": "online", "estimator": estimator}],
+            "promotion": "manual",
+            "snapshot_every_events": snapshot_every_events,
+            "snapshot_every_seconds": 3600.0,  # only event-count snapshots during a run
+        }
+    )
+    return to_definition(spec, raw_topic).to_avro()
+
+
+def agrawal_events(n: int, seed: int = 42) -> list[dict[str, Any]]:
+    """n raw events (flat JSON-able dicts) with an event id and an inline boolean label."""
+    events = []
+    for i, (x, y) in enumerate(itertools.islice(synth.Agrawal(seed=seed), n)):
+        event: dict[str, Any] = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in x.items()}
+        event["event_id"] = f"e{i}"
+        event["label"] = bool(y)
+        events.append(event)
+    return events
+
+
+def feature_vectors(definition: dict[str, Any], events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the features service would emit for these events (same engine, same record shape)."""
+    engine = FeatureEngine(definition)
+    stamp = now_ms()
+    out = []
+    for offset, event in enumerate(events):
+        source = {"topic": definition["raw_topic"], "partition": 0, "start_offset": offset,
+                  "end_offset": offset + 1}  # fmt: skip
+        out.append(engine.transform({"fields": event, "event_time": None}, timestamp_ms=stamp,
+                                    now_ms=stamp, source=source))  # fmt: skip
+    return out
+
+
+def signed_versions(
+    key: bytes, vectors: Sequence[dict[str, Any]], count: int, every: int, estimator: str = ESTIMATOR
+) -> list[dict[str, Any]]:
+    """`count` successive ModelVersion records of one lineage, each after `every` more learned events."""
+    learner = OnlineLearner(
+        pipeline=PIPELINE, model_name=MODEL, estimator_spec=estimator, params={}, regression=False,
+        signing_key=key,
+    )  # fmt: skip
+    versions = []
+    stream = itertools.cycle(vectors)
+    for _ in range(count):
+        for fv in itertools.islice(stream, every):
+            learner.learn(fv["features"], fv["label"])
+        versions.append(learner.snapshot(now_ms()))
+    return versions
+
+
+def promotion(version: int, previous: int | None, decided_at: int) -> dict[str, Any]:
+    return {
+        "pipeline": PIPELINE,
+        "model_name": MODEL,
+        "action": "PROMOTE",
+        "version": version,
+        "previous_version": previous,
+        "actor": "bench",
+        "reason": "make bench",
+        "metrics": {},
+        "decided_at": decided_at,
+    }
+
+
+class DeliveryFailed(RuntimeError):
+    """The benchmark could not write its own input records."""
+
+
+def produce_all(producer: Producer, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Write records as fast as the client takes them; raises unless every one is acknowledged."""
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+
+    n = 0
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 5000 == 0:
+            producer.poll(0)
+    if producer.flush(60) or errors:
+        raise DeliveryFailed(f"could not write {topic}: {errors[:3] or 'flush timed out'}")
+    return n
+
+
+@dataclass
+class Deployment:
+    """One isolated StreamML deployment on the shared broker: own prefix, topics, key and services."""
+
+    bootstrap: str
+    prefix: str
+    signing_key: str
+    workdir: Path
+
+    def __post_init__(self) -> None:
+        self.settings = Settings(
+            bootstrap_servers=self.bootstrap,
+            topic_prefix=self.prefix,
+            default_partitions=1,
+            signing_key=self.signing_key,
+            data_dir=str(self.workdir / "data"),
+        )
+        self.catalogue = Catalogue(self.settings)
+        self.key = self.signing_key.encode()
+        self._control = make_producer(self.settings, **{"linger.ms": 0})
+
+    # -- topics and control records ---------------------------------------------------------------
+    @property
+    def raw_topic(self) -> str:
+        return self.catalogue.raw(PIPELINE).name
+
+    @property
+    def features_topic(self) -> str:
+        return self.catalogue.features(PIPELINE).name
+
+    @property
+    def predictions_topic(self) -> str:
+        return self.catalogue.predictions(PIPELINE).name
+
+    @property
+    def versions_topic(self) -> str:
+        return self.catalogue.model_versions().name
+
+    def create_topics(self) -> None:
+        ensure_topics(
+            self.settings, self.catalogue.global_topics() + self.catalogue.pipeline_topics(PIPELINE)
+        )
+
+    def publish(self, topic: str, schema: str, key: str, record: dict[str, Any]) -> int:
+        """Produce one control record and wait for its ack; returns the ms stamp taken just before produce."""
+        value = codec_for(schema).encode(record)
+        errors: list[str] = []
+        stamp = now_ms()
+        self._control.produce(
+            topic, value, key.encode(), on_delivery=lambda e, _m: errors.append(str(e)) if e else None
+        )
+        if self._control.flush(30) or errors:
+            raise DeliveryFailed(f"could not publish to {topic}: {errors or 'timed out'}")
+        return stamp
+
+    def publish_pipeline(self, definition: dict[str, Any]) -> None:
+        self.publish(self.catalogue.pipelines().name, "PipelineDefinition", PIPELINE, definition)
+
+    def publish_version(self, record: dict[str, Any]) -> None:
+        key = f"{PIPELINE}/{MODEL}/{record['version']}"
+        self.publish(self.versions_topic, "ModelVersion", key, record)
+
+    def promote(self, version: int, previous: int | None) -> int:
+        """Publish a PROMOTE record; returns its produce time (ms since epoch)."""
+        decided = now_ms()
+        return self.publish(
+            self.catalogue.promotions().name, "Promotion", f"{PIPELINE}/{MODEL}/{decided}",
+            promotion(version, previous, decided),
+        )  # fmt: skip
+
+    # -- reading back -------------------------------------------------------------------------------
+    def topic_count(self, topic: str) -> int:
+        """Records in a topic (sum of high - low watermarks): cheap, so it does not load the services."""
+        consumer = make_consumer(self.settings, f"{self.prefix}-bench-count")
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            total = 0
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                total += high - low
+            return total
+        finally:
+            consumer.close()
+
+    def wait_count(self, topic: str, n: int, timeout_s: float, stack: Stack | None = None) -> float:
+        """Until `topic` holds n records (monotonic time returned); fails fast if a service died."""
+        deadline = time.monotonic() + timeout_s
+        have = 0
+        while time.monotonic() < deadline:
+            have = self.topic_count(topic)
+            if have >= n:
+                return time.monotonic()
+            if stack is not None:
+                for name, svc in stack.services.items():
+                    if not svc.alive():
+                        raise RuntimeError(f"{name} died: {stack.tail(name)}")
+            time.sleep(0.25)
+        raise TimeoutError(f"{topic}: {have} of {n} records after {timeout_s:.0f} s")
+
+    # -- services -------------------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        return {
+            "STREAMML_BOOTSTRAP_SERVERS": self.bootstrap,
+            "STREAMML_TOPIC_PREFIX": self.prefix,
+            "STREAMML_DEFAULT_PARTITIONS": "1",
+            "STREAMML_SIGNING_KEY": self.signing_key,
+            "STREAMML_DATA_DIR": str(self.workdir / "data"),
+            "STREAMML_LOG_LEVEL": "INFO",
+        }
+
+    @contextmanager
+    def services(self, *names: str) -> Iterator[Stack]:
+        """The named services running (ready), stopped on exit even on error."""
+        stack = Stack.create(self.env(), self.workdir / "logs")
+        try:
+            for name in names:
+                stack.start(name)
+            for name in names:
+                stack.wait_ready(name, timeout_s=120)
+            yield stack
+        finally:
+            stack.stop_all()
+
+    def close(self) -> None:
+        self._control.flush(10)

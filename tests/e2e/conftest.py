@@ -1,0 +1,212 @@
+"""Fixtures for end-to-end tests: the real services as processes against the session broker."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+from streamml import control, pipelines
+from streamml.codec import codec_for
+from streamml.kafka import ensure_topics
+from streamml.settings import Settings
+from streamml.stack import Stack
+from streamml.topics import Catalogue
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class System:
+    """One isolated StreamML deployment (own topic prefix and signing key) on the test broker."""
+
+    settings: Settings
+    stack: Stack
+    key: bytes
+    catalogue: Catalogue = field(init=False)
+    control_producer: Producer | None = None
+
+    def __post_init__(self) -> None:
+        self.catalogue = Catalogue(self.settings)
+
+    def apply(self, name: str, **overrides: Any) -> dict[str, Any]:
+        """Publish an example pipeline (pipelines/<name>.yaml) with some fields overridden."""
+        spec = pipelines.load_file(REPO / "pipelines" / f"{name}.yaml")
+        spec = spec.model_copy(update=overrides)
+        ensure_topics(self.settings, self.catalogue.pipeline_topics(spec.name))
+        definition = pipelines.to_definition(spec, self.catalogue.raw(spec.name).name).to_avro()
+        control.publish(
+            self.settings, self.catalogue.pipelines().name, "PipelineDefinition", spec.name, definition
+        )
+        return definition
+
+    def producer(self) -> Producer:
+        """A plain confluent-kafka producer, as any data engineer would use."""
+        return Producer({"bootstrap.servers": self.settings.bootstrap_servers, "linger.ms": 5})
+
+    def read(
+        self,
+        topic: str,
+        until: Callable[[list[Message]], bool],
+        timeout_s: float = 90.0,
+        read_committed: bool = False,
+    ) -> list[Message]:
+        """All records of a topic from the beginning, polling until `until(records)` holds."""
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "group.id": f"e2e-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+            }
+        )
+        consumer.subscribe([topic])
+        out: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.5):
+                    if msg.error() is None:
+                        out.append(msg)
+                if until(out):
+                    return out
+        finally:
+            consumer.close()
+        raise AssertionError(f"{topic}: condition not met after {timeout_s} s ({len(out)} records)")
+
+    def records(self, msgs: list[Message], schema: str) -> list[dict[str, Any]]:
+        codec = codec_for(schema)
+        return [codec.decode(m.value() or b"") for m in msgs]
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        consumer = Consumer({"bootstrap.servers": self.settings.bootstrap_servers, "group.id": "e2e-offsets"})
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in meta.partitions
+            }
+        finally:
+            consumer.close()
+
+
+SystemFactory = Callable[..., System]
+
+
+@pytest.fixture
+def make_system(
+    kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[SystemFactory]:
+    """Builds isolated deployments; their services are stopped (and logged on failure) at teardown."""
+    made: list[System] = []
+
+    def make(partitions: int = 3, **env_overrides: str) -> System:
+        prefix = f"e{uuid.uuid4().hex[:8]}"
+        key = secrets.token_hex(16)
+        env = {
+            "STREAMML_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "STREAMML_TOPIC_PREFIX": prefix,
+            "STREAMML_SIGNING_KEY": key,
+            "STREAMML_DATA_DIR": str(tmp_path / prefix / "data"),
+            "STREAMML_DEFAULT_PARTITIONS": str(partitions),
+            "STREAMML_LOG_LEVEL": "INFO",
+            **env_overrides,
+        }
+        settings = Settings(
+            bootstrap_servers=kafka_bootstrap,
+            topic_prefix=prefix,
+            signing_key=key,
+            default_partitions=partitions,
+            _env_file=None,
+        )
+        ensure_topics(settings, Catalogue(settings).global_topics())
+        system = System(settings, Stack.create(env, tmp_path / prefix / "logs"), key.encode())
+        made.append(system)
+        return system
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for system in made:
+        system.stack.stop_all()
+        if report is not None and report.failed:
+            for name in system.stack.services:
+                print(f"\n===== {name} log (last 60 lines) =====\n{system.stack.tail(name, 60)}")
+
+
+@pytest.fixture
+def system(make_system: SystemFactory) -> System:
+    return make_system()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report
+
+
+def trained_version(
+    system: System, pipeline: str, version: int, n_events: int, *, key: bytes | None = None
+) -> dict[str, Any]:
+    """A signed ModelVersion of the pipeline's online model trained in-process on n Phishing events."""
+    import itertools
+
+    from river import datasets
+
+    from streams.learner import OnlineLearner
+
+    definitions = control.current_pipelines(system.settings)
+    model = pipelines.online_model(definitions[pipeline])
+    learner = OnlineLearner(
+        pipeline=pipeline,
+        model_name=model["name"],
+        estimator_spec=model["estimator_spec"],
+        params=dict(model["params"]),
+        regression=False,
+        signing_key=key or system.key,
+    )
+    for x, y in itertools.islice(datasets.Phishing(), n_events):
+        learner.learn(x, y)
+    learner.version = version - 1
+    return learner.snapshot(int(time.time() * 1000))
+
+
+def publish_version(system: System, record: dict[str, Any]) -> None:
+    key = f"{record['pipeline']}/{record['model_name']}/{record['version']}"
+    control.publish(system.settings, system.catalogue.model_versions().name, "ModelVersion", key, record)
+
+
+def promote(system: System, pipeline: str, version: int, model_name: str = "online") -> float:
+    """Publish a PROMOTE decision (as `streamml model promote` does); returns when it was produced."""
+    decided = int(time.time() * 1000)
+    record = {
+        "pipeline": pipeline,
+        "model_name": model_name,
+        "action": "PROMOTE",
+        "version": version,
+        "previous_version": None,
+        "actor": "test",
+        "reason": "test promotion",
+        "metrics": {},
+        "decided_at": decided,
+    }
+    if system.control_producer is None:
+        system.control_producer = Producer(
+            {"bootstrap.servers": system.settings.bootstrap_servers, "linger.ms": 0}
+        )
+    system.control_producer.produce(
+        system.catalogue.promotions().name,
+        codec_for("Promotion").encode(record),
+        f"{pipeline}/{model_name}/{decided}".encode(),
+    )
+    assert system.control_producer.flush(10) == 0
+    return decided / 1000
