@@ -70,6 +70,8 @@ class _Gen:
                 default = field["default"]
                 if isinstance(default, dict | list):
                     factory = "dict" if isinstance(default, dict) else "list"
+                    if annotation in self.classes:  # a nested record defaulting to all its field defaults
+                        factory = annotation
                     assert not default, f"{name}.{fname}: only empty container defaults are supported"
                     value = f"Field(default_factory={factory}, description={doc})"
                 else:

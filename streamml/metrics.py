@@ -39,6 +39,12 @@ VERSIONS_PUBLISHED = Counter(
 LEARNER_METRIC = Gauge(
     "streamml_learner_metric", "Prequential metric of the online learner.", ["pipeline", "metric"]
 )
+CONSUMER_LAG = Gauge(
+    "streamml_consumer_lag_records", "Records behind the end of each input topic.", ["service", "topic"]
+)
+PROMOTIONS = Counter(
+    "streamml_promotions_total", "Promotion decisions seen by the predictor.", ["pipeline", "action", "actor"]
+)
 ERRORS = Counter("streamml_errors_total", "Unexpected errors.", ["service", "kind"])
 
 

@@ -58,6 +58,30 @@ class ModelFile(BaseModel):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class MonitoringFile(BaseModel):
+    """`monitoring:` section: drift detectors and windows (see schemas/pipeline_definition.avsc)."""
+
+    model_config = ConfigDict(extra="forbid")
+    concept_detector: Literal["ADWIN", "PageHinkley", "DDM"] = "ADWIN"
+    concept_params: dict[str, Any] = Field(default_factory=dict)
+    data_window: int = Field(1000, ge=50)
+    data_threshold: float = Field(1e-4, gt=0, lt=1)
+    cooldown_events: int = Field(2000, ge=0)
+    metrics_window: int = Field(1000, ge=10)
+
+
+class PolicyFile(BaseModel):
+    """`policy:` section: what the controller does on drift and how it judges challengers."""
+
+    model_config = ConfigDict(extra="forbid")
+    retrain_on_drift: bool = True
+    retrain_window_events: int = Field(3000, ge=10)
+    reset_online_on_drift: bool = False
+    challenger_margin: float = Field(0.01, ge=0)
+    challenger_min_labels: int = Field(500, ge=1)
+    challenger_max_labels: int = Field(5000, ge=1)
+
+
 class PipelineFile(BaseModel):
     """The user-facing pipeline format (what `streamml pipeline apply FILE` reads)."""
 
@@ -76,6 +100,8 @@ class PipelineFile(BaseModel):
     promotion: Literal["auto", "manual"] = "auto"
     snapshot_every_events: int = Field(1000, ge=1)
     snapshot_every_seconds: float = Field(60.0, gt=0)
+    monitoring: MonitoringFile = Field(default_factory=MonitoringFile)
+    policy: PolicyFile = Field(default_factory=PolicyFile)
 
     @field_validator("name")
     @classmethod
@@ -152,6 +178,11 @@ def to_definition(spec: PipelineFile, raw_topic: str, revision: int = 1) -> Pipe
         promotion_mode=spec.promotion.upper(),  # type: ignore[arg-type]
         snapshot_every_events=spec.snapshot_every_events,
         snapshot_every_seconds=spec.snapshot_every_seconds,
+        monitoring={  # type: ignore[arg-type]
+            **spec.monitoring.model_dump(),
+            "concept_params": {k: json.dumps(v) for k, v in spec.monitoring.concept_params.items()},
+        },
+        policy=spec.policy.model_dump(),  # type: ignore[arg-type]
         deleted=False,
         updated_at=int(time.time() * 1000),
     )

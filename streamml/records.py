@@ -17,6 +17,7 @@ LabelSourceKindSymbol = Literal["INLINE", "TOPIC", "NONE"]
 TaskSymbol = Literal["BINARY", "MULTICLASS", "REGRESSION", "UNKNOWN"]
 PromotionModeSymbol = Literal["AUTO", "MANUAL", "UNKNOWN"]
 PromotionActionSymbol = Literal["PROMOTE", "ROLLBACK", "DISCARD", "SHADOW", "UNKNOWN"]
+TrainingStatusSymbol = Literal["SUCCEEDED", "REJECTED", "FAILED", "UNKNOWN"]
 
 
 class _Record(BaseModel):
@@ -73,6 +74,22 @@ class DriftAlert(_Record):
     severity: SeveritySymbol = Field(..., description="How urgent the alert is.")
     message: str = Field("", description="Human-readable description.")
     detected_at: int = Field(..., description="When the detector fired.")
+
+
+class Evaluation(_Record):
+    """The monitor's comparison of a challenger with the champion on the same labelled events."""
+
+    pipeline: str = Field(..., description="Pipeline concerned.")
+    champion_model: str = Field(..., description="Model name of the live (champion) version.")
+    champion_version: int = Field(..., description="Version of the champion.")
+    challenger_model: str = Field(..., description="Model name of the shadow (challenger) version.")
+    challenger_version: int = Field(..., description="Version of the challenger.")
+    metric: str = Field(..., description="Metric compared (e.g. 'accuracy', 'mae').")
+    higher_is_better: bool = Field(True, description="Direction of the metric.")
+    champion_value: float = Field(..., description="Champion's metric over the paired events.")
+    challenger_value: float = Field(..., description="Challenger's metric over the same events.")
+    labels: int = Field(..., description="How many labelled events both models predicted.")
+    evaluated_at: int = Field(..., description="When the comparison was made.")
 
 
 class FeatureVector(_Record):
@@ -213,6 +230,52 @@ class ModelSpec(_Record):
     params: dict[str, str] = Field(default_factory=dict, description="Parameters per step, JSON-encoded.")
 
 
+class MonitoringSpec(_Record):
+    """How the monitor watches the pipeline's predictions."""
+
+    concept_detector: str = Field(
+        "ADWIN", description="Detector on the error stream: ADWIN, PageHinkley or DDM (River's drift module)."
+    )
+    concept_params: dict[str, str] = Field(
+        default_factory=dict, description="Parameters of the concept detector, each value JSON-encoded."
+    )
+    data_window: int = Field(
+        1000, description="Events in the reference and the current window of each feature's data-drift test."
+    )
+    data_threshold: float = Field(
+        0.0001,
+        description="p-value under which a two-sample Kolmogorov-Smirnov test reports data or prediction drift.",
+    )
+    cooldown_events: int = Field(
+        2000,
+        description="Events after an alert during which the same detector stays silent (no alert storms).",
+    )
+    metrics_window: int = Field(1000, description="Events in the rolling window of the online metrics.")
+
+
+class LoopPolicy(_Record):
+    """What the controller does on drift and how it judges challengers."""
+
+    retrain_on_drift: bool = Field(
+        True, description="Request a batch training run when concept drift is detected."
+    )
+    retrain_window_events: int = Field(
+        3000, description="How many of the most recent labelled events the retraining uses."
+    )
+    reset_online_on_drift: bool = Field(
+        False, description="Also restart the online model from scratch on concept drift."
+    )
+    challenger_margin: float = Field(
+        0.01, description="How much better (in the compared metric) a challenger must be to be promoted."
+    )
+    challenger_min_labels: int = Field(
+        500, description="Labelled events both models must have predicted before a decision."
+    )
+    challenger_max_labels: int = Field(
+        5000, description="Labelled events after which a challenger that has not won is discarded."
+    )
+
+
 class PipelineDefinition(_Record):
     """What a pipeline reads, how it derives features, where its labels come from and which models it trains."""
 
@@ -250,6 +313,10 @@ class PipelineDefinition(_Record):
     snapshot_every_seconds: float = Field(
         60.0, description="...or after this many seconds with new events, whichever comes first."
     )
+    monitoring: MonitoringSpec = Field(
+        default_factory=MonitoringSpec, description="Monitoring of the pipeline (drift detectors, windows)."
+    )
+    policy: LoopPolicy = Field(default_factory=LoopPolicy, description="Closed-loop policy of the pipeline.")
     deleted: bool = Field(False, description="True marks the pipeline deleted (a tombstone also follows).")
     updated_at: int = Field(..., description="When this revision was applied.")
 
@@ -353,10 +420,30 @@ class TrainingRequest(_Record):
     requested_at: int = Field(..., description="When the request was made.")
 
 
+class TrainingResult(_Record):
+    """What became of a training request: the candidate version it produced, or why it was rejected."""
+
+    request_id: str = Field(..., description="Id of the training request answered.")
+    pipeline: str = Field(..., description="Pipeline of the request.")
+    model_name: str = Field(..., description="Model name the candidate was published under.")
+    status: TrainingStatusSymbol = Field(
+        ...,
+        description="SUCCEEDED: a candidate version was published; REJECTED: the request was invalid (reason says why); FAILED: training itself failed.",
+    )
+    reason: str = Field("", description="Why the request was rejected or failed; empty on success.")
+    model_version: int | None = Field(None, description="The candidate version published, on success.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Holdout metrics of the candidate.")
+    train_records: int = Field(0, description="Labelled records used for training.")
+    holdout_records: int = Field(0, description="Labelled records held out for evaluation.")
+    duration_ms: int = Field(0, description="How long reading and training took.")
+    finished_at: int = Field(..., description="When the trainer answered.")
+
+
 RECORD_TYPES: dict[str, type[_Record]] = {
     "DeadLetter": DeadLetter,
     "OffsetRange": OffsetRange,
     "DriftAlert": DriftAlert,
+    "Evaluation": Evaluation,
     "FeatureVector": FeatureVector,
     "Label": Label,
     "ModelVersion": ModelVersion,
@@ -364,9 +451,12 @@ RECORD_TYPES: dict[str, type[_Record]] = {
     "LabelSource": LabelSource,
     "FeatureStep": FeatureStep,
     "ModelSpec": ModelSpec,
+    "MonitoringSpec": MonitoringSpec,
+    "LoopPolicy": LoopPolicy,
     "PipelineDefinition": PipelineDefinition,
     "Prediction": Prediction,
     "Promotion": Promotion,
     "RawEvent": RawEvent,
     "TrainingRequest": TrainingRequest,
+    "TrainingResult": TrainingResult,
 }

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.metrics import BATCH_SECONDS, EVENTS_IN
+from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, EVENTS_IN
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class BatchLoop(mode.Service):
         self._subscribed: set[str] = set()
         self._positions: dict[tuple[str, int], int] = {}
         self._last_commit = time.monotonic()
+        self._last_lag = 0.0
         self._in_txn = False
         self._delivery_errors: list[str] = []
         self.processed = 0
@@ -269,10 +270,28 @@ class BatchLoop(mode.Service):
         if err is not None:
             self._delivery_errors.append(f"{msg.topic()}: {err}")
 
+    def _report_lag(self) -> None:
+        """Consumer lag per input topic, from librdkafka's cached high watermarks (no broker round trip)."""
+        assert self._consumer is not None
+        lag: dict[str, int] = {}
+        for tp in self._consumer.assignment():
+            try:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            position = self._positions.get((tp.topic, tp.partition))
+            if high >= 0 and position is not None:
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - position)
+        for topic, value in lag.items():
+            CONSUMER_LAG.labels(self.name, topic).set(value)
+
     def _commit(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_commit < self.settings.commit_interval_s:
             return
         self._last_commit = time.monotonic()
+        if self._last_commit - self._last_lag >= 1.0:
+            self._last_lag = self._last_commit
+            self._report_lag()
         assert self._consumer is not None and self._producer is not None
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
         if self.exactly_once:

@@ -57,8 +57,16 @@ MODEL_MAX_BYTES = 64 * 1024 * 1024
 class Catalogue:
     """Names and declarations of all topics, derived from settings (prefix, partitions, replication)."""
 
-    GLOBAL_ROLES = ("pipelines", "model-versions", "promotions", "training-requests", "drift-alerts")
-    PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "dead-letter")
+    GLOBAL_ROLES = (
+        "pipelines",
+        "model-versions",
+        "promotions",
+        "training-requests",
+        "training-results",
+        "drift-alerts",
+        "evaluations",
+    )
+    PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.topic_prefix
@@ -93,6 +101,20 @@ class Catalogue:
         return TopicSpec(
             f"{self.prefix}.training-requests", "training-requests", "TrainingRequest", "avro", "pipeline",
             "Requests to train a batch model on an exact slice of a topic.",
+            1, self.rf, retention_ms=30 * DAY_MS,
+        )  # fmt: skip
+
+    def training_results(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.training-results", "training-results", "TrainingResult", "avro", "request id",
+            "The outcome of each training request: the candidate version, or why it was rejected.",
+            1, self.rf, retention_ms=30 * DAY_MS,
+        )  # fmt: skip
+
+    def evaluations(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.evaluations", "evaluations", "Evaluation", "avro", "pipeline",
+            "Champion/challenger comparisons on the same labelled events.",
             1, self.rf, retention_ms=30 * DAY_MS,
         )  # fmt: skip
 
@@ -132,6 +154,12 @@ class Catalogue:
             "One prediction per event (plus tagged shadow predictions of challengers).",
         )  # fmt: skip
 
+    def shadow_predictions(self, pipeline: str) -> TopicSpec:
+        return self._data(
+            pipeline, "shadow-predictions", "Prediction", "avro", "event id",
+            "Challengers' predictions (shadow=true): recorded for evaluation, never served.",
+        )  # fmt: skip
+
     def dead_letter(self, pipeline: str) -> TopicSpec:
         spec = self._data(
             pipeline, "dead-letter", "DeadLetter", "avro", "source topic/partition/offset",
@@ -146,7 +174,9 @@ class Catalogue:
             self.model_versions(),
             self.promotions(),
             self.training_requests(),
+            self.training_results(),
             self.drift_alerts(),
+            self.evaluations(),
         ]
 
     def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:
@@ -155,6 +185,7 @@ class Catalogue:
             self.features(pipeline),
             self.labels(pipeline),
             self.predictions(pipeline),
+            self.shadow_predictions(pipeline),
             self.dead_letter(pipeline),
         ]
 

@@ -46,6 +46,7 @@ class ModelRegistry:
     regression: dict[str, bool] = field(default_factory=dict)  # pipeline -> task is regression
     versions: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     live: dict[str, LiveModel] = field(default_factory=dict)
+    shadow: dict[str, LiveModel] = field(default_factory=dict)  # challenger scored beside the champion
     wanted: dict[str, tuple[str, int]] = field(default_factory=dict)  # promoted but not yet received
     rejected: set[tuple[str, str, int]] = field(default_factory=set)
 
@@ -57,9 +58,23 @@ class ModelRegistry:
         return []
 
     def on_promotion(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
+        pipeline, name, version = record["pipeline"], record["model_name"], int(record["version"])
+        challenger = self.shadow.get(pipeline)
+        is_challenger = challenger is not None and (challenger.model_name, challenger.version) == (
+            name,
+            version,
+        )
+        if record["action"] == "SHADOW":
+            return self._shadow(pipeline, name, version)
+        if record["action"] == "DISCARD":
+            if is_challenger:
+                del self.shadow[pipeline]
+                return [RegistryEvent("unshadow", pipeline, name, version)]
+            return []
         if record["action"] not in ("PROMOTE", "ROLLBACK"):
             return []
-        pipeline, name, version = record["pipeline"], record["model_name"], int(record["version"])
+        if is_challenger:
+            del self.shadow[pipeline]  # the challenger becomes the champion
         current = self.live.get(pipeline)
         if current is not None and (current.model_name, current.version) == (name, version):
             self.wanted.pop(pipeline, None)  # a later decision overrides an earlier pending one
@@ -68,6 +83,21 @@ class ModelRegistry:
         if (pipeline, name, version) in self.versions:
             return self._activate(pipeline, name, version)
         return []  # the version record has not arrived yet: activate when it does
+
+    def _shadow(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
+        record = self.versions.get((pipeline, name, version))
+        if record is None:
+            return [RegistryEvent("rejected", pipeline, name, version, None, "shadow version not received")]
+        try:
+            state = load(record, self.signing_key)
+        except ArtifactRejectedError as exc:
+            self.rejected.add((pipeline, name, version))
+            return [RegistryEvent("rejected", pipeline, name, version, None, str(exc))]
+        model = state["model"] if isinstance(state, dict) else state
+        self.shadow[pipeline] = LiveModel(
+            pipeline, name, version, model, self.regression.get(pipeline, False)
+        )
+        return [RegistryEvent("shadow", pipeline, name, version)]
 
     def _activate(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
         record = self.versions[(pipeline, name, version)]

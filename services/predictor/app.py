@@ -75,11 +75,15 @@ class Predictor:
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
+            actor = record["actor"] if record["actor"] in ("auto", "controller") else "user"
+            metrics.PROMOTIONS.labels(record["pipeline"], record["action"], actor).inc()
             self._report(self.registry.on_promotion(record))
 
     def _report(self, events: list[RegistryEvent]) -> None:
         for ev in events:
-            if ev.kind == "swap":
+            if ev.kind in ("shadow", "unshadow"):
+                log.info("%s: %s %s v%s", ev.pipeline, ev.kind, ev.model_name, ev.version)
+            elif ev.kind == "swap":
                 metrics.SWAPS.labels(ev.pipeline, ev.model_name).inc()
                 metrics.LIVE_VERSION.labels(ev.pipeline, ev.model_name).set(ev.version)
                 metrics.LAST_SWAP.labels(ev.pipeline).set(time.time())
@@ -139,6 +143,7 @@ class Predictor:
     def handle(self, msgs: list[Message]) -> list[Output]:
         now = now_ms()
         live_models = self.registry.live
+        shadows = self.registry.shadow
         decode, encode = self._features.decode, self._predictions.encode
         outputs: list[Output] = []
         append = outputs.append
@@ -162,6 +167,15 @@ class Predictor:
                 topic = out_topics[pipeline] = self.catalogue.predictions(pipeline).name
             append(Output(topic, fv["event_id"].encode(), value))
             e2e.labels(pipeline).observe(max(0, now - fv["event_time"]) / 1000)
+            challenger = shadows.get(pipeline)
+            if challenger is not None:  # scored on the same event, recorded, never served
+                try:
+                    shadow_value = encode(prediction_record(challenger, fv, now, shadow=True))
+                except Exception:  # a challenger failing must not affect serving
+                    log.exception("%s: shadow model v%s failed", pipeline, challenger.version)
+                    continue
+                shadow_topic = self.catalogue.shadow_predictions(pipeline).name
+                append(Output(shadow_topic, fv["event_id"].encode(), shadow_value))
         for pipeline, topic in out_topics.items():
             metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(
                 sum(1 for o in outputs if o.topic == topic)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 from river import linear_model, preprocessing
 
 from streamml import artifacts
@@ -182,17 +181,36 @@ def test_repromoting_the_live_version_is_a_no_op() -> None:
     assert registry.live[PIPE] is live
 
 
-@pytest.mark.parametrize("action", ["DISCARD", "SHADOW", "UNKNOWN"])
-def test_discard_and_shadow_do_not_swap(action: str) -> None:
+def test_discard_does_not_swap() -> None:
     registry = ModelRegistry(signing_key=KEY)
     registry.on_version(version(classifier(20), 1))
     registry.on_promotion(decision(1))
     registry.on_version(version(classifier(40), 2))
-    assert registry.on_promotion(decision(2, action)) == []
-    assert registry.on_promotion(decision(3, action)) == []
+    assert registry.on_promotion(decision(2, "DISCARD")) == []
+    assert registry.on_promotion(decision(3, "DISCARD")) == []
     assert registry.live[PIPE].version == 1
     assert registry.wanted == {}
     assert registry.on_version(version(classifier(40), 3)) == []
+
+
+def test_shadow_scores_a_challenger_without_serving_it() -> None:
+    registry = ModelRegistry(signing_key=KEY)
+    registry.on_version(version(classifier(20), 1))
+    registry.on_promotion(decision(1))
+    registry.on_version(version(classifier(40), 2))
+    events = registry.on_promotion(decision(2, "SHADOW"))
+    assert [e.kind for e in events] == ["shadow"]
+    assert registry.live[PIPE].version == 1 and registry.shadow[PIPE].version == 2
+    # promoting the challenger makes it the champion and ends the shadow
+    assert [e.kind for e in registry.on_promotion(decision(2))] == ["swap"]
+    assert registry.live[PIPE].version == 2 and PIPE not in registry.shadow
+    # a discarded challenger stops being scored
+    registry.on_version(version(classifier(60), 3))
+    registry.on_promotion(decision(3, "SHADOW"))
+    assert [e.kind for e in registry.on_promotion(decision(3, "DISCARD"))] == ["unshadow"]
+    assert PIPE not in registry.shadow and registry.live[PIPE].version == 2
+    # shadowing a version never received is reported, not silently ignored
+    assert [e.kind for e in registry.on_promotion(decision(9, "SHADOW"))] == ["rejected"]
 
 
 def test_pipelines_are_independent() -> None:
