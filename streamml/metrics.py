@@ -46,6 +46,12 @@ PROMOTIONS = Counter(
     "streamml_promotions_total", "Promotion decisions seen by the predictor.", ["pipeline", "action", "actor"]
 )
 ERRORS = Counter("streamml_errors_total", "Unexpected errors.", ["service", "kind"])
+DRIFT_ALERTS = Counter(
+    "streamml_drift_alerts_total",
+    "Drift alerts (concept, data, prediction) published on the drift-alerts topic; artifact rejections "
+    "are counted by streamml_rejected_artifacts_total instead.",
+    ["pipeline", "kind", "severity"],
+)
 
 
 def serve(host: str, port: int) -> None:
@@ -53,3 +59,13 @@ def serve(host: str, port: int) -> None:
     if port:
         start_http_server(port, addr=host)
         log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+TRAINING_REQUESTS = Counter(
+    "streamml_training_requests_total", "Training requests issued.", ["pipeline", "requested_by"]
+)
+CONTROLLER_DECISIONS = Counter(
+    "streamml_controller_decisions_total",
+    "Promotion decisions made by the controller.",
+    ["pipeline", "action"],
+)

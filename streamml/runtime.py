@@ -95,6 +95,21 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list
         consumer.close()
 
 
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """High watermark of each partition of a topic."""
+    consumer = make_consumer(settings, f"{settings.topic_prefix}-watermarks")
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return {}
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in meta.partitions
+        }
+    finally:
+        consumer.close()
+
+
 Handler = Callable[[list[Message]], Iterable[Output]]
 
 

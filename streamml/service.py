@@ -15,7 +15,7 @@ from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError
 from streamml.kafka import check_broker, ensure_topics
 from streamml.metrics import DEAD_LETTERED
-from streamml.runtime import Output, read_to_end
+from streamml.runtime import Output, end_offsets, read_to_end
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 
@@ -82,6 +82,11 @@ class ControlFollower:
         for msg in msgs:
             self._apply(topic, schema, msg.partition() or 0, msg.offset() or 0, msg.value(), apply, msg)
         return len(msgs)
+
+    def skip_history(self, topic: str) -> None:
+        """Treat everything already on `topic` as applied: only records produced from now on act."""
+        for msg_partition, high in end_offsets(self.settings, topic).items():
+            self.applied[(topic, msg_partition)] = high
 
     def follow(
         self, app: faust.App, topic: str, schema: str, apply: Callable[[dict[str, Any] | None, Any], None]

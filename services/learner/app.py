@@ -40,6 +40,7 @@ class Learner:
         self.joins: dict[str, LabelJoin] = {}
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}  # last published version per model
         self.topic_roles: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, "features" | "labels")
+        self.live_model: dict[str, str] = {}  # pipeline -> name of the model serving it
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._versions = codec_for("ModelVersion")
@@ -81,6 +82,32 @@ class Learner:
         self.topic_roles[self.catalogue.features(name).name] = (name, "features")
         if record["label"]["source"] == "TOPIC":
             self.topic_roles[self.catalogue.labels(name).name] = (name, "labels")
+
+    def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
+        if record is not None and record["action"] in ("PROMOTE", "ROLLBACK"):
+            self.live_model[record["pipeline"]] = record["model_name"]
+
+    def on_alert(self, record: dict[str, Any] | None, _msg: Any) -> None:
+        """With `policy.reset_online_on_drift`, concept drift restarts the online model from scratch."""
+        if record is None or record["kind"] != "CONCEPT":
+            return
+        definition = self.pipelines.get(record["pipeline"])
+        learner = self.learners.get(record["pipeline"])
+        if definition is None or learner is None or not definition["policy"]["reset_online_on_drift"]:
+            return
+        fresh = OnlineLearner(
+            pipeline=learner.pipeline,
+            model_name=learner.model_name,
+            estimator_spec=learner.estimator_spec,
+            params=learner.params,
+            regression=learner.regression,
+            signing_key=self.key,
+            version=learner.version,  # numbering and resume offsets continue; the model starts over
+            first_offsets=dict(learner.first_offsets),
+            positions=dict(learner.positions),
+        )
+        self.learners[record["pipeline"]] = fresh
+        log.info("%s: online model reset after drift alert %s", record["pipeline"], record["alert_id"])
 
     def _new_learner(self, pipeline: str, model: dict[str, Any], regression: bool) -> OnlineLearner:
         last = self.latest.get((pipeline, model["name"]))
@@ -171,7 +198,10 @@ class Learner:
         metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
         for metric, value in record["metrics"].items():
             metrics.LEARNER_METRIC.labels(name, metric).set(value)
-        if self.pipelines[name]["promotion_mode"] == "AUTO":
+        # AUTO promotes each new online version, unless another model (a retrained challenger the
+        # controller promoted, or a user's choice) serves the pipeline now.
+        live = self.live_model.get(name)
+        if self.pipelines[name]["promotion_mode"] == "AUTO" and live in (None, learner.model_name):
             outputs.append(self._auto_promotion(record))
         return outputs
 
@@ -199,8 +229,12 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
     service = Learner(settings, catalogue, settings.signing_key.get_secret_value().encode())
     service.load_versions()
     service.control.bootstrap(catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
+    service.control.bootstrap(catalogue.promotions().name, "Promotion", service.on_promotion)
+    service.control.skip_history(catalogue.drift_alerts().name)
     app = faust_app(SERVICE, settings)
     service.control.follow(app, catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
+    service.control.follow(app, catalogue.promotions().name, "Promotion", service.on_promotion)
+    service.control.follow(app, catalogue.drift_alerts().name, "DriftAlert", service.on_alert)
     loop = BatchLoop(
         settings,
         name=SERVICE,

@@ -1,0 +1,196 @@
+"""The closed-loop policy: drift alert → retrain on recent data → challenger in shadow → promote or discard.
+
+Pure (no Kafka, no Faust): the controller service feeds it pipeline definitions, drift alerts, training
+results, promotion decisions, evaluations and the progress of each features topic, and publishes the
+TrainingRequest and Promotion records it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+ACTOR = "controller"
+
+Ranges = list[dict[str, Any]]
+
+
+@dataclass
+class LoopState:
+    """Where one pipeline is in the loop."""
+
+    retrain_due_at: int | None = None  # features-topic progress at which to request training
+    alert: dict[str, Any] | None = None  # the drift alert that triggered the pending retrain
+    in_flight: dict[str, dict[str, Any]] = field(default_factory=dict)  # request_id -> alert
+    challenger: tuple[str, int] | None = None
+    champion: tuple[str, int] | None = None
+    decided: set[tuple[str, int]] = field(default_factory=set)
+
+
+class Controller:
+    def __init__(self, now_ms: Callable[[], int]) -> None:
+        self.now_ms = now_ms
+        self.pipelines: dict[str, dict[str, Any]] = {}
+        self.state: dict[str, LoopState] = {}
+
+    def _state(self, pipeline: str) -> LoopState:
+        return self.state.setdefault(pipeline, LoopState())
+
+    def on_pipeline(self, record: Mapping[str, Any]) -> None:
+        if record["deleted"]:
+            self.pipelines.pop(record["name"], None)
+            self.state.pop(record["name"], None)
+        else:
+            self.pipelines[record["name"]] = dict(record)
+
+    def batch_model(self, pipeline: str) -> dict[str, Any] | None:
+        definition = self.pipelines.get(pipeline)
+        if definition is None:
+            return None
+        return next((m for m in definition["models"] if m["kind"] == "BATCH"), None)
+
+    # -- drift → retrain ---------------------------------------------------------------------------
+    def on_alert(self, alert: Mapping[str, Any], progress: int) -> None:
+        """A concept-drift alert schedules one retraining, once `retrain_window_events` new events exist."""
+        pipeline = alert["pipeline"]
+        definition = self.pipelines.get(pipeline)
+        if definition is None or alert["kind"] != "CONCEPT" or not definition["policy"]["retrain_on_drift"]:
+            return
+        st = self._state(pipeline)
+        if st.retrain_due_at is not None or st.in_flight or st.challenger is not None:
+            log.info(
+                "%s: drift alert %s ignored: a retrain/challenger is already under way",
+                pipeline,
+                alert["alert_id"],
+            )
+            return
+        if self.batch_model(pipeline) is None:
+            log.warning(
+                "%s: drift alert %s: the pipeline has no batch model to retrain", pipeline, alert["alert_id"]
+            )
+            return
+        # Wait for a full window of post-drift data: training on the window that straddles the drift
+        # would teach the old concept again.
+        st.retrain_due_at = progress + int(definition["policy"]["retrain_window_events"])
+        st.alert = dict(alert)
+
+    def on_progress(
+        self, pipeline: str, progress: int, recent: Callable[[int], Ranges]
+    ) -> list[dict[str, Any]]:
+        """TrainingRequest records that are due; `recent(n)` gives offset ranges of the last n events."""
+        st = self.state.get(pipeline)
+        definition = self.pipelines.get(pipeline)
+        model = self.batch_model(pipeline)
+        if st is None or st.retrain_due_at is None or progress < st.retrain_due_at or definition is None:
+            return []
+        if model is None:
+            st.retrain_due_at = None
+            return []
+        alert = st.alert or {}
+        request = {
+            "request_id": f"{pipeline}-{uuid.uuid4().hex[:12]}",
+            "pipeline": pipeline,
+            "model_name": model["name"],
+            "estimator_spec": model["estimator_spec"],
+            "params": dict(model["params"]),
+            "param_grid": {},
+            "data_ranges": recent(int(definition["policy"]["retrain_window_events"])),
+            "time_from": None,
+            "time_to": None,
+            "validation_split": 0.2,
+            "seed": 0,
+            "reason": f"{alert.get('kind', '?')} drift alert {alert.get('alert_id', '?')} "
+            f"({alert.get('detector', '?')}) on v{alert.get('model_version', '?')}",
+            "requested_by": ACTOR,
+            "requested_at": self.now_ms(),
+        }
+        st.retrain_due_at = None
+        st.in_flight[request["request_id"]] = alert
+        return [request]
+
+    def on_training_result(self, result: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A candidate trained for one of our requests goes into shadow as the challenger."""
+        st = self.state.get(result["pipeline"])
+        if st is None or result["request_id"] not in st.in_flight:
+            return []
+        alert = st.in_flight.pop(result["request_id"])
+        if result["status"] != "SUCCEEDED" or result["model_version"] is None:
+            log.warning("%s: retraining %s %s: %s", result["pipeline"], result["request_id"],
+                        result["status"], result["reason"])  # fmt: skip
+            return []
+        metrics = dict(result["metrics"])
+        reason = (
+            f"retrained after drift alert {alert.get('alert_id', '?')}; holdout "
+            + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+            + "; scoring in shadow against the champion"
+        )
+        return [self._decision(result["pipeline"], result["model_name"], int(result["model_version"]),
+                               "SHADOW", reason, metrics)]  # fmt: skip
+
+    # -- champion / challenger ---------------------------------------------------------------------
+    def on_promotion(self, record: Mapping[str, Any]) -> None:
+        """Track champion and challenger from every decision on the topic (ours, users', the learner's)."""
+        st = self._state(record["pipeline"])
+        key = (record["model_name"], int(record["version"]))
+        if record["action"] == "SHADOW":
+            st.challenger = key
+        elif record["action"] in ("PROMOTE", "ROLLBACK"):
+            st.champion = key
+            if st.challenger == key:
+                st.challenger = None
+        elif record["action"] == "DISCARD" and st.challenger == key:
+            st.challenger = None
+        if record["action"] in ("PROMOTE", "DISCARD") and record["actor"] == ACTOR:
+            st.decided.add(key)
+
+    def on_evaluation(self, ev: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Promote a challenger that wins by the margin over enough labels; discard one that does not."""
+        pipeline = ev["pipeline"]
+        definition = self.pipelines.get(pipeline)
+        st = self._state(pipeline)
+        key = (ev["challenger_model"], int(ev["challenger_version"]))
+        if definition is None or key in st.decided or st.challenger != key:
+            return []
+        policy = definition["policy"]
+        gain = ev["challenger_value"] - ev["champion_value"]
+        if not ev["higher_is_better"]:
+            gain = -gain
+        numbers = {
+            "champion": ev["champion_value"],
+            "challenger": ev["challenger_value"],
+            "labels": float(ev["labels"]),
+        }
+        versus = (
+            f"{ev['challenger_model']} v{ev['challenger_version']} vs champion {ev['champion_model']} "
+            f"v{ev['champion_version']}: {ev['metric']} {ev['challenger_value']:.4f} "
+            f"vs {ev['champion_value']:.4f} over {ev['labels']} paired labels"
+        )
+        if ev["labels"] >= policy["challenger_min_labels"] and gain >= policy["challenger_margin"]:
+            st.decided.add(key)
+            reason = f"challenger won by {gain:.4f} (margin {policy['challenger_margin']}): {versus}"
+            return [self._decision(pipeline, key[0], key[1], "PROMOTE", reason, numbers)]
+        if ev["labels"] >= policy["challenger_max_labels"]:
+            st.decided.add(key)
+            reason = f"challenger did not win by {policy['challenger_margin']}: {versus}"
+            return [self._decision(pipeline, key[0], key[1], "DISCARD", reason, numbers)]
+        return []
+
+    def _decision(
+        self, pipeline: str, model: str, version: int, action: str, reason: str, metrics: Mapping[str, float]
+    ) -> dict[str, Any]:
+        st = self._state(pipeline)
+        return {
+            "pipeline": pipeline,
+            "model_name": model,
+            "action": action,
+            "version": version,
+            "previous_version": st.champion[1] if st.champion else None,
+            "actor": ACTOR,
+            "reason": reason,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "decided_at": self.now_ms(),
+        }

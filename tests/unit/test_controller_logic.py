@@ -1,0 +1,154 @@
+"""The loop's policy without Kafka: alert → (wait for a window) → request → shadow → promote/discard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.controller import Controller
+
+
+def definition(**policy: Any) -> dict[str, Any]:
+    base = {
+        "retrain_on_drift": True,
+        "retrain_window_events": 3000,
+        "reset_online_on_drift": False,
+        "challenger_margin": 0.01,
+        "challenger_min_labels": 500,
+        "challenger_max_labels": 5000,
+    }
+    return {
+        "name": "agrawal",
+        "deleted": False,
+        "models": [
+            {
+                "name": "online",
+                "kind": "ONLINE",
+                "estimator_spec": "tree.HoeffdingTreeClassifier",
+                "params": {},
+            },
+            {
+                "name": "batch",
+                "kind": "BATCH",
+                "estimator_spec": "sklearn.tree.DecisionTreeClassifier",
+                "params": {},
+            },
+        ],
+        "policy": {**base, **policy},
+    }
+
+
+def alert(kind: str = "CONCEPT", alert_id: str = "a1") -> dict[str, Any]:
+    return {"alert_id": alert_id, "pipeline": "agrawal", "kind": kind, "detector": "river.drift.ADWIN",
+            "model_version": 7}  # fmt: skip
+
+
+def recent(n: int) -> list[dict[str, Any]]:
+    return [{"topic": "f", "partition": 0, "start_offset": 10_000 - n, "end_offset": 10_000}]
+
+
+def evaluation(challenger: float, champion: float, labels: int, version: int = 3) -> dict[str, Any]:
+    return {
+        "pipeline": "agrawal",
+        "champion_model": "online",
+        "champion_version": 7,
+        "challenger_model": "batch",
+        "challenger_version": version,
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "champion_value": champion,
+        "challenger_value": challenger,
+        "labels": labels,
+    }
+
+
+def controller() -> Controller:
+    c = Controller(lambda: 1000)
+    c.on_pipeline(definition())
+    c.on_promotion(
+        {"pipeline": "agrawal", "model_name": "online", "version": 7, "action": "PROMOTE", "actor": "auto"}
+    )
+    return c
+
+
+def test_concept_alert_requests_training_once_a_full_window_of_new_data_exists() -> None:
+    c = controller()
+    c.on_alert(alert(), progress=7000)
+    assert c.on_progress("agrawal", 9999, recent) == []  # still mostly pre-drift data
+    [request] = c.on_progress("agrawal", 10_000, recent)
+    assert request["data_ranges"] == recent(3000)
+    assert (
+        request["estimator_spec"] == "sklearn.tree.DecisionTreeClassifier"
+        and request["model_name"] == "batch"
+    )
+    assert "a1" in request["reason"] and request["requested_by"] == "controller"
+    assert c.on_progress("agrawal", 20_000, recent) == []  # once
+
+
+def test_alerts_while_a_retrain_is_under_way_do_not_pile_up() -> None:
+    c = controller()
+    c.on_alert(alert(alert_id="a1"), progress=0)
+    c.on_alert(alert(alert_id="a2"), progress=100)
+    [request] = c.on_progress("agrawal", 3000, recent)
+    assert "a1" in request["reason"]
+    c.on_alert(alert(alert_id="a3"), progress=3100)  # in flight: ignored
+    assert c.on_progress("agrawal", 10_000, recent) == []
+
+
+def test_data_drift_and_disabled_policy_do_not_retrain() -> None:
+    c = controller()
+    c.on_alert(alert(kind="DATA"), progress=0)
+    assert c.on_progress("agrawal", 10_000, recent) == []
+    c.on_pipeline(definition(retrain_on_drift=False))
+    c.on_alert(alert(), progress=0)
+    assert c.on_progress("agrawal", 10_000, recent) == []
+
+
+def test_successful_training_shadows_the_candidate_and_failures_do_not() -> None:
+    c = controller()
+    c.on_alert(alert(), progress=0)
+    [request] = c.on_progress("agrawal", 3000, recent)
+    failed = {"request_id": request["request_id"], "pipeline": "agrawal", "model_name": "batch",
+              "status": "FAILED", "reason": "boom", "model_version": None, "metrics": {}}  # fmt: skip
+    assert c.on_training_result(failed) == []
+    c.on_alert(alert(alert_id="a2"), progress=3000)
+    [request] = c.on_progress("agrawal", 6000, recent)
+    ok = {**failed, "request_id": request["request_id"], "status": "SUCCEEDED", "model_version": 3,
+          "metrics": {"accuracy": 0.99}}  # fmt: skip
+    [decision] = c.on_training_result(ok)
+    assert (decision["action"], decision["model_name"], decision["version"]) == ("SHADOW", "batch", 3)
+    assert decision["previous_version"] == 7
+    assert c.on_training_result({**ok, "request_id": "someone-else"}) == []
+
+
+def test_challenger_promoted_only_when_it_wins_by_the_margin_over_enough_labels() -> None:
+    c = controller()
+    c.on_promotion({"pipeline": "agrawal", "model_name": "batch", "version": 3, "action": "SHADOW",
+                    "actor": "controller"})  # fmt: skip
+    assert c.on_evaluation(evaluation(0.99, 0.80, labels=400)) == []  # not enough labels yet
+    assert c.on_evaluation(evaluation(0.805, 0.80, labels=600)) == []  # better, but not by the margin
+    [decision] = c.on_evaluation(evaluation(0.99, 0.80, labels=600))
+    assert decision["action"] == "PROMOTE" and "0.19" in decision["reason"]
+    c.on_promotion(decision)
+    assert c.on_evaluation(evaluation(0.99, 0.80, labels=700)) == []  # decided once
+
+
+def test_worse_challenger_is_discarded_never_promoted() -> None:
+    c = controller()
+    c.on_promotion(
+        {"pipeline": "agrawal", "model_name": "batch", "version": 4, "action": "SHADOW", "actor": "u"}
+    )
+    decisions = [
+        d for n in range(100, 5001, 100) for d in c.on_evaluation(evaluation(0.7, 0.9, n, version=4))
+    ]
+    assert [d["action"] for d in decisions] == ["DISCARD"]
+    assert "did not win" in decisions[0]["reason"]
+
+
+def test_lower_is_better_metrics() -> None:
+    c = controller()
+    c.on_promotion(
+        {"pipeline": "agrawal", "model_name": "batch", "version": 3, "action": "SHADOW", "actor": "u"}
+    )
+    ev = {**evaluation(2.0, 3.0, labels=600), "metric": "mae", "higher_is_better": False}
+    [decision] = c.on_evaluation(ev)
+    assert decision["action"] == "PROMOTE"
