@@ -27,7 +27,7 @@ KAFKA_ENV := STREAMML_BOOTSTRAP_SERVERS=$${STREAMML_BOOTSTRAP_SERVERS:-$(BOOTSTR
 
 .DEFAULT_GOAL := help
 .PHONY: help install kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
-        test test-unit test-integration test-e2e demo down ci
+        test test-unit test-integration test-e2e demo down prometheus-check ci
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -83,6 +83,8 @@ demo: kafka-up ## Whole system live: broker, services, a drifting Agrawal stream
 		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
 	$(DEMO_ENV) streamml topics create --pipeline agrawal
 	$(DEMO_ENV) $(PYTHON) -m streamml.stack up
+	@# Debian's `prometheus` scraping the services just started (skipped with a note if not installed).
+	$(PYTHON) -m streamml.promstack up --optional
 	$(DEMO_ENV) streamml pipeline apply pipelines/agrawal.yaml
 	@$(STOP_DEMO_PRODUCER)
 	$(DEMO_ENV) setsid streamml produce "$(DEMO_SOURCE)" --pipeline agrawal --rate $(DEMO_RATE) \
@@ -94,14 +96,25 @@ demo: kafka-up ## Whole system live: broker, services, a drifting Agrawal stream
 	$(PYTHON) -m streamml.localkafka status | head -1 | sed 's/^/  kafka /'; \
 	ps -o pid=,args= -p "$$(grep -o '"pid": [0-9]*' .local/stack.json | grep -o '[0-9]*$$' | paste -sd, -)" \
 		| cut -c1-90 | sed 's/^ */  /'; \
+	if url=$$($(PYTHON) -m streamml.promstack url); then echo "  prometheus $$url (alerts $$url/alerts)"; fi; \
 	if kill -0 $$(cat $(DEMO_PRODUCER_PID)) 2>/dev/null; then \
 		echo "  $$(cat $(DEMO_PRODUCER_PID)) producer (log .local/logs/producer.log)"; \
 	else echo "  (the producer has finished: $$(tail -1 .local/logs/producer.log))"; fi
 
-down: ## Stop everything `make demo` started: producer, services, local Kafka
+down: ## Stop everything `make demo` started: producer, Prometheus, services, local Kafka
 	@$(STOP_DEMO_PRODUCER)
+	$(PYTHON) -m streamml.promstack down
 	$(PYTHON) -m streamml.stack down
 	@$(MAKE) --no-print-directory kafka-down
+
+bench: ## Benchmark the data path on a broker of its own: throughput, e2e and swap latency (~3 min)
+	$(PYTHON) -m bench
+
+prometheus-check: ## Check the Prometheus configs and rules, run the alert unit tests, check the dashboards are generated
+	cd deploy/prometheus && promtool check config prometheus.yml && promtool check config prometheus.local.yml
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
+	$(PYTHON) deploy/grafana/generate.py --check
 
 ci: ## Run exactly what CI runs
 	.ci/run

@@ -35,7 +35,7 @@ from streamml.localkafka import LocalKafka, free_port_block
 
 log = logging.getLogger("bench")
 T = TypeVar("T")
-MEASURES = ("passthrough", "predictor", "e2e", "swap", "learner", "breakdown")
+MEASURES = ("passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=100_000, help="N pre-produced records (default 100000)")
     p.add_argument("--rate", type=float, default=5000, help="e2e: raw events per second (default 5000)")
     p.add_argument("--duration", type=float, default=20, help="e2e: measured seconds (default 20)")
-    p.add_argument("--warmup", type=float, default=3, help="e2e: seconds at full rate before measuring")
+    p.add_argument("--warmup", type=float, default=10, help="e2e: seconds at full rate before measuring")
     p.add_argument("--swaps", type=int, default=12, help="promotions during the swap measurement (>= 10)")
     p.add_argument("--swap-interval", type=float, default=1.0, help="seconds between promotions")
     p.add_argument("--swap-rate", type=float, default=2000, help="feature vectors per second during swaps")
@@ -62,8 +62,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class Bench:
     """Runs the measurements in order; a failed one is reported as n/a and the others still run."""
 
-    def __init__(self, bootstrap: str, workdir: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self, bootstrap: str, workdir: Path, args: argparse.Namespace, broker_pids: Sequence[int] = ()
+    ) -> None:
         self.bootstrap = bootstrap
+        self.broker_pids = list(broker_pids)
         self.workdir = workdir
         self.args = args
         self.only = set(args.only.split(","))
@@ -123,11 +126,16 @@ class Bench:
             dep = self.deployment("predictor")
             return measures.predictor_service(dep, definition_for(dep), records, one, a.profile_dir)
 
+        def features() -> Measured:
+            dep = self.deployment("features")
+            return measures.features_service(dep, definition_for(dep), events[:50_000])
+
         def e2e() -> Measured:
             dep = self.deployment("e2e")
             return measures.e2e_latency(
-                dep, definition_for(dep), events, one, a.rate, a.duration, a.warmup, a.profile_dir
-            )
+                dep, definition_for(dep), events, one, a.rate, a.duration, a.warmup, a.profile_dir,
+                self.broker_pids,
+            )  # fmt: skip
 
         def swap() -> Measured:
             dep = self.deployment("swap")
@@ -143,6 +151,7 @@ class Bench:
 
         self.measure("passthrough", passthrough)
         self.measure("predictor", predictor)
+        self.measure("features", features)
         self.measure("e2e", e2e)
         self.measure("swap", swap)
         self.measure("learner", learner)
@@ -202,25 +211,47 @@ class Bench:
         res = self.result()
         m = self.results
         d: Callable[[str, str], Any] = lambda name, key: m[name].details.get(key) if name in m else None  # noqa: E731
+
+        def cpu_note(name: str) -> str:
+            got = d(name, "cpu_us_per_event")
+            if not got:
+                return ""
+            main, total = got
+            return (
+                f"CPU/event: main thread {main:.1f} µs (= {1e6 / main:,.0f}/s on a free core), "
+                f"process {total:.1f} µs"
+            )
+
+        def cpu_ratio(base: str, service: str) -> float | None:
+            """Throughput ratio service/base from CPU per event: robust to other load on the machine."""
+            a_cpu, b_cpu = d(base, "cpu_us_per_event"), d(service, "cpu_us_per_event")
+            return a_cpu[0] / b_cpu[0] if a_cpu and b_cpu else None
+
         rows = [
             ["pass-through: consume→decode→encode→produce (1 process)", n(res["passthrough_eps"]), "events/s",
-             f"{n(d('passthrough', 'wall_eps'))} incl. last batch + final flush"],
+             f"{n(d('passthrough', 'wall_eps'))} incl. last batch + final flush; {cpu_note('passthrough')}"],
             ["predictor service (1 worker, prediction_time stamps)", n(res["predictor_eps"]), "events/s",
-             f"{n(d('predictor', 'create_time_eps'))} by Kafka CreateTime of outputs"],
-            ["predictor / pass-through", n(res["predictor_ratio"], 2), "", ""],
+             f"{n(d('predictor', 'create_time_eps'))} by output CreateTime; {cpu_note('predictor')}"],
+            ["predictor / pass-through", n(res["predictor_ratio"], 2), "",
+             f"by main-thread CPU per event: {n(cpu_ratio('passthrough', 'predictor'), 2)}"],
             ["e2e raw event → prediction at consumer, p50", n(res["e2e_p50_ms"], 1), "ms",
              f"p90 {n(d('e2e', 'p90'), 1)}, max {n(d('e2e', 'max'), 1)}, "
              f"{n(d('e2e', 'received'))}/{n(d('e2e', 'sent'))} received, "
              f"{n(d('e2e', 'achieved_rate'))} events/s sent"],
-            ["e2e p99", n(res["e2e_p99_ms"], 1), "ms", ""],
+            ["e2e p99", n(res["e2e_p99_ms"], 1), "ms",
+             f"last half: p50 {n(d('e2e', 'late_p50'), 1)}, p99 {n(d('e2e', 'late_p99'), 1)} ms; "
+             f"p50 per 2 s of sending: {d('e2e', 'p50_by_2s')}"],
+            ["features service (1 worker, feature_time stamps)", n(self.value("features")),
+             "events/s", f"raw JSON drain, context for e2e; {cpu_note('features')}"],
             ["swap: promotion produced → first prediction, p50", n(res["swap_p50_ms"], 1), "ms",
              f"{d('swap', 'swapped')}/{d('swap', 'promotions')} promotions, max {n(d('swap', 'max'), 1)} ms"],
             ["swap p99", n(res["swap_p99_ms"], 1), "ms", ""],
             ["learner service (snapshot created_at stamps)", n(res["learner_eps"]), "events/s",
-             f"accuracy {n(d('learner', 'accuracy'), 3)}"],
+             f"accuracy {n(d('learner', 'accuracy'), 3)}; {cpu_note('learner')}"],
             ["in-process River (same pipeline, no Kafka)", n(self.value("river")), "events/s",
-             f"accuracy {n(d('river', 'accuracy'), 3)}"],
-            ["learner / in-process River", n(res["learner_ratio"], 2), "", ""],
+             f"accuracy {n(d('river', 'accuracy'), 3)}; {cpu_note('river')}"],
+            ["learner / in-process River", n(res["learner_ratio"], 2), "",
+             f"by main-thread CPU per event: {n(cpu_ratio('river', 'learner'), 2)}"],
         ]  # fmt: skip
         load = os.getloadavg()
         title = (
@@ -229,6 +260,28 @@ class Bench:
             f"load average now {load[0]:.2f} on {os.cpu_count()} cores"
         )
         parts = [report.table(["measure", "value", "unit", "notes"], rows, title), report.targets_table(res)]
+        stages = d("e2e", "stages")
+        if stages:
+            parts.append(report.table(
+                ["stage (from the services' batch stamps)", "p50 ms", "p99 ms"],
+                [[name, n(p50, 0), n(p99, 0)] for name, (p50, p99) in stages.items()],
+                "e2e latency by stage",
+            ))  # fmt: skip
+        cpu = d("e2e", "cpu_cores")
+        if cpu:
+            sent = max(int(d("e2e", "sent") or 0), 1)
+            seconds = a.duration
+            cpu_rows = [
+                [name, n(100 * cores, 0), n(cores * seconds * 1e6 / sent, 1)] for name, cores in cpu.items()
+            ]
+            total = sum(cpu.values())
+            cpu_rows.append(["all of the above", n(100 * total, 0), n(total * seconds * 1e6 / sent, 1)])
+            cpu_rows.append(["whole machine (other work included), % of all cores",
+                             n(100 * d("e2e", "machine_busy"), 0), ""])  # fmt: skip
+            parts.append(report.table(
+                ["process", "CPU % of one core", "CPU µs per event"], cpu_rows,
+                f"e2e at {a.rate:,.0f} events/s: CPU used while measuring ({os.cpu_count()} cores)",
+            ))  # fmt: skip
         swaps = d("swap", "latencies_ms")
         if swaps:
             parts.append("swap latencies (ms) by version: " + ", ".join(
@@ -241,17 +294,18 @@ class Bench:
         return "\n\n".join(parts)
 
     def breakdown_text(self, name: str) -> list[str]:
-        """In-process phases and the py-spy profile of the service, both in µs per event."""
+        """In-process phases and the py-spy profile of the service, in main-thread CPU µs per event."""
         parts = []
         columns: dict[str, dict[str, float]] = {}
-        total = profile.us_per_event(self.value(name))
+        measured = self.results.get(name)
+        cpu = measured.details.get("cpu_us_per_event") if measured else None
+        total = cpu[0] if cpu else None
         if name in self.breakdowns:
             bd = dict(self.breakdowns[name])
-            rest = profile.loop_rest(bd, self.value(name))
+            rest = profile.loop_rest(bd, total)
             if rest is not None:
-                bd["rest of the service loop (derived)"] = rest
+                bd["rest: event loop, commit, Faust (derived)"] = rest
             columns["in-process"] = bd
-        measured = self.results.get(name)
         for path in measured.profiles if measured else []:
             sampled = profile.read_speedscope(path)
             if total is not None:
@@ -260,7 +314,8 @@ class Bench:
                 )
             parts.append(hottest(name, path, sampled))
         if columns:
-            parts.insert(0, report.breakdown_table(f"{name}: where the time goes", columns, total))
+            title = f"{name}: where the time goes (main-thread CPU µs per event)"
+            parts.insert(0, report.breakdown_table(title, columns, total))
         return parts
 
     def e2e_profile_text(self) -> list[str]:
@@ -278,7 +333,10 @@ class Bench:
             col["main thread busy, % of one core"] = 100 * busy / max(sampled.seconds, 1e-9)
             columns[service] = col
             parts.append(hottest(f"e2e {service}", path, sampled))
-        title = f"e2e at {self.args.rate:,.0f} events/s: busy main-thread µs per event (py-spy)"
+        title = (
+            f"e2e at {self.args.rate:,.0f} events/s: main-thread wall µs per event by phase "
+            "(py-spy; includes waiting for a CPU)"
+        )
         return [report.breakdown_table(title, columns, None), *parts]
 
 
@@ -300,12 +358,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = args.keep.resolve() if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         kafka = LocalKafka(workdir / "kafka", brokers=1, base_port=free_port_block(2), die_with_parent=True)
+        bench: Bench | None = None
         try:
             bootstrap = kafka.start(timeout_s=120)
             log.info("Kafka at %s (work folder %s)", bootstrap, workdir)
-            bench = Bench(bootstrap, workdir, args)
+            bench = Bench(bootstrap, workdir, args, list(kafka.node_pids().values()))
             bench.run()
         finally:
+            if bench is not None:
+                for dep in bench.deployments.values():
+                    dep.close()
             kafka.stop()
     print(bench.text(time.monotonic() - started))
     print(json.dumps(bench.result()))

@@ -30,8 +30,15 @@ def sent_ns_of(key: bytes) -> int | None:
         return None
 
 
+Sample = tuple[int, int, int, int, int]  # sent ns, latency µs, then ms spent in each of the 3 stages
+
+
 def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
-    """(produce time ns, latency µs) of `expected` measured predictions, or until the parent says "stop"."""
+    """Samples of `expected` measured predictions (or until the parent says "stop"), sent as a list.
+
+    The stages come from the stamps the services write (feature_time, prediction_time: the start of
+    the batch that handled the event), decoded only after the measurement so the probe stays light.
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -44,9 +51,9 @@ def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     consumer.poll(0.5)  # connects and fetches before the parent starts measuring
     conn.send("ready")
-    latencies: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, bytes]] = []
     try:
-        while len(latencies) < expected:
+        while len(seen) < expected:
             if conn.poll():
                 conn.recv()
                 break
@@ -56,10 +63,31 @@ def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
             received = time.time_ns()
             if msg.error() is not None:
                 continue
-            key = msg.key()
+            key, value = msg.key(), msg.value()
             sent = sent_ns_of(key) if isinstance(key, bytes) else None
-            if sent is not None:
-                latencies.append((sent, (received - sent) // 1000))
+            if sent is not None and value is not None:
+                seen.append((sent, received, value))
     finally:
         consumer.close()
-    conn.send(latencies)
+    conn.send(stages(seen))
+
+
+def stages(seen: list[tuple[int, int, bytes]]) -> list[Sample]:
+    from streamml.codec import codec_for  # after measuring: keeps the probe's start-up light
+
+    decode = codec_for("Prediction").decode
+    out: list[Sample] = []
+    for sent, received, value in seen:
+        p = decode(value)
+        sent_ms, received_ms = sent // 1_000_000, received // 1_000_000
+        featured, predicted = p["feature_time"], p["prediction_time"]
+        out.append(
+            (
+                sent,
+                (received - sent) // 1000,
+                featured - sent_ms,
+                predicted - featured,
+                received_ms - predicted,
+            )
+        )
+    return out

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,8 +28,10 @@ from bench.workload import (
     MODEL,
     PIPELINE,
     TIME_FIELD,
+    CpuMeter,
     DeliveryFailed,
     Deployment,
+    DrainMeter,
     produce_all,
 )
 from streamml import estimators
@@ -82,10 +85,17 @@ def passthrough(
     produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
     n = len(records)
     _copy(dep, out.name, "warmup", min(n, 20_000), max_batch, commit_interval_s)
+    cpu_main, cpu_all = time.thread_time(), time.process_time()
     batches, finished = _copy(dep, out.name, "timed", n, max_batch, commit_interval_s)
+    cpu = ((time.thread_time() - cpu_main) * 1e6 / n, (time.process_time() - cpu_all) * 1e6 / n)
     return Measured(
         stats.rate_from_batches(batches),
-        {"events": n, "batches": len(batches), "wall_eps": n / (finished - batches[0][0])},
+        {
+            "events": n,
+            "batches": len(batches),
+            "wall_eps": n / (finished - batches[0][0]),
+            "cpu_us_per_event": cpu,
+        },
     )
 
 
@@ -176,7 +186,8 @@ def predictor_service(
         svc = stack.services["predictor"]
         with maybe_spy(profile_dir, "predictor", svc.pid) as spy:
             promoted = dep.promote(int(version["version"]), None)
-            dep.wait_count(dep.predictions_topic, n, 240, stack)
+            meter = DrainMeter(svc.pid or 0)
+            dep.wait_count(dep.predictions_topic, n, 240, stack, meter.poll)
         profiles = [spy.path] if spy and spy.path else []
     rows = _predictions(dep)
     stamps = [r["prediction_time"] for r, _ in rows]
@@ -189,10 +200,33 @@ def predictor_service(
             "batches": len(set(stamps)),
             "create_time_eps": (len(created) - 1) / ((created[-1] - created[0]) / 1000),
             "promotion_to_first_prediction_ms": min(stamps) - promoted,
+            "cpu_us_per_event": meter.per_event_us(),
             "versions": sorted({r["model_version"] for r, _ in rows}),
         },
         profiles,
     )
+
+
+# -- features: the real service draining pre-produced raw events (context for the e2e latency) ---------
+def features_service(
+    dep: Deployment, definition: dict[str, Any], events: Sequence[dict[str, Any]]
+) -> Measured:
+    """The features service drains N raw JSON events; rate from the feature_time stamps it writes."""
+    dep.create_topics()
+    dep.publish_pipeline(definition)
+    stamp = int(time.time() * 1000)
+    raw = [(str(e["zipcode"]).encode(), json.dumps({**e, TIME_FIELD: stamp}).encode()) for e in events]
+    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.raw_topic, raw)
+    with dep.services("features") as stack:
+        meter = DrainMeter(stack.services["features"].pid or 0)
+        dep.wait_count(dep.features_topic, len(raw), 240, stack, meter.poll)
+    codec = codec_for("FeatureVector")
+    stamps = [
+        codec.decode(m.value() or b"")["feature_time"]
+        for m in read_to_end(dep.settings, dep.features_topic, 120)
+    ]
+    eps = stats.rate_from_batches([(t / 1000, c) for t, c in stats.group_stamps(stamps)])
+    return Measured(eps, {"events": len(stamps), "cpu_us_per_event": meter.per_event_us()})
 
 
 # -- end-to-end latency: raw JSON → features → predictor → consumer -------------------------------------
@@ -229,7 +263,7 @@ class Pacer:
                 self.sent += 1
                 sent += 1
             self.producer.poll(0)
-            time.sleep(0.0005)
+            time.sleep(0.001)
         return sent / max(time.monotonic() - start, 1e-9)
 
 
@@ -242,8 +276,12 @@ def e2e_latency(
     duration_s: float,
     warmup_s: float,
     profile_dir: Path | None,
+    broker_pids: Sequence[int] = (),
 ) -> Measured:
-    """Raw events at `rate`/s for `duration_s` through the features and predictor services."""
+    """Raw events at `rate`/s for `duration_s` through the features and predictor services.
+
+    Also meters the CPU each process uses meanwhile: the 2-core machine must fit all of them.
+    """
     dep.create_topics()
     dep.publish_pipeline(definition)
     dep.publish_version(version)
@@ -254,18 +292,23 @@ def e2e_latency(
     probe = ctx.Process(
         target=latency_consumer.run, args=(dep.bootstrap, dep.predictions_topic, expected, child), daemon=True
     )
-    producer = make_producer(dep.settings, **{"linger.ms": 0})
+    # linger.ms=1: the latency includes the client's batching wait, as an application's would.
+    producer = make_producer(dep.settings, **{"linger.ms": 1})
     raw_topic = dep.raw_topic
-    cycle = itertools.cycle(events)
+    # Each event is serialised once up front, without its id and time, so the load generator spends
+    # little CPU per event (it shares the 2 cores with the services it measures).
+    bodies = [
+        (str(e["zipcode"]).encode(), json.dumps({k: v for k, v in e.items() if k != "event_id"})[1:].encode())
+        for e in events
+    ]
+    cycle = itertools.cycle(bodies)
 
     def send(event_id: str | None) -> None:
         """One raw JSON event; event time = produce time; measured events carry it in their id too."""
-        event = dict(next(cycle))
+        key, body = next(cycle)
         sent_ns = time.time_ns()
-        event["event_id"] = event_id or latency_consumer.event_id(pacer.sent, sent_ns)
-        event[TIME_FIELD] = sent_ns // 1_000_000
-        value = json.dumps(event).encode()
-        key = str(event["zipcode"]).encode()
+        eid = event_id or latency_consumer.event_id(pacer.sent, sent_ns)
+        value = f'{{"event_id": "{eid}", "{TIME_FIELD}": {sent_ns // 1_000_000}, '.encode() + body
         try:
             producer.produce(raw_topic, value, key)
         except BufferError:
@@ -286,27 +329,44 @@ def e2e_latency(
             pacer.run(warmup_s, lambda i: send(f"w-s{i}"))
             pacer.sent = 0
             features, predictor = stack.services["features"], stack.services["predictor"]
+            pids = {"features": features.pid, "predictor": predictor.pid, "load generator": os.getpid(),
+                    "latency probe": probe.pid}  # fmt: skip
+            pids.update({f"broker {i + 1}": pid for i, pid in enumerate(broker_pids)})
+            meter = CpuMeter({k: v for k, v in pids.items() if v is not None})
+            meter.start()
             with (
                 maybe_spy(profile_dir, "e2e-features", features.pid) as spy_f,
                 maybe_spy(profile_dir, "e2e-predictor", predictor.pid) as spy_p,
             ):
                 achieved = pacer.run(duration_s, lambda _i: send(None))
+                meter.stop()
                 producer.flush(30)
             profiles = [p.path for p in (spy_f, spy_p) if p is not None and p.path is not None]
             if not parent.poll(15):
                 parent.send("stop")
                 if not parent.poll(15):
                     raise TimeoutError("latency probe did not report")
-            pairs: list[tuple[int, int]] = parent.recv()
+            samples: list[latency_consumer.Sample] = parent.recv()
         finally:
             probe.join(5)
             if probe.is_alive():
                 probe.terminate()
                 probe.join(5)
-    if not pairs:
+    if not samples:
         raise StreamMLError("no measured prediction arrived")
-    s = stats.summarize([lat / 1000 for _, lat in pairs])
-    trend = stats.windowed_p50([(sent / 1e9, lat / 1000) for sent, lat in pairs], 2.0)
+    s = stats.summarize([sample[1] / 1000 for sample in samples])
+    trend = stats.windowed_p50([(sample[0] / 1e9, sample[1] / 1000) for sample in samples], 2.0)
+    half = min(sample[0] for sample in samples) + duration_s * 1e9 / 2
+    late = stats.summarize([sample[1] / 1000 for sample in samples if sample[0] >= half] or [float("nan")])
+    stage_names = (
+        "produce → features batch",
+        "features batch → predictor batch",
+        "predictor batch → consumer",
+    )
+    by_stage = {
+        name: stats.summarize([float(sample[2 + i]) for sample in samples])
+        for i, name in enumerate(stage_names)
+    }
     return Measured(
         s.p50,
         {
@@ -317,7 +377,12 @@ def e2e_latency(
             "sent": pacer.sent,
             "received": s.count,
             "achieved_rate": achieved,
-            "p50_by_2s": [round(v, 1) for _, v in trend],
+            "p50_by_2s": [round(v) for _, v in trend],
+            "late_p50": late.p50,
+            "late_p99": late.p99,
+            "stages": {name: (st.p50, st.p99) for name, st in by_stage.items()},
+            "cpu_cores": meter.used,
+            "machine_busy": meter.machine,
         },
         profiles,
     )
@@ -403,7 +468,8 @@ def learner_service(
     with dep.services("learner") as stack:
         svc = stack.services["learner"]
         with maybe_spy(profile_dir, "learner", svc.pid) as spy:
-            dep.wait_count(dep.versions_topic, snapshots, 240, stack)
+            meter = DrainMeter(svc.pid or 0, scale=every)
+            dep.wait_count(dep.versions_topic, snapshots, 240, stack, meter.poll)
         profiles = [spy.path] if spy and spy.path else []
     codec = codec_for("ModelVersion")
     versions = [codec.decode(m.value() or b"") for m in read_to_end(dep.settings, dep.versions_topic)]
@@ -416,6 +482,7 @@ def learner_service(
             "versions": len(versions),
             "events_seen": int(last["events_seen"]),
             "accuracy": last["metrics"].get("accuracy"),
+            "cpu_us_per_event": meter.per_event_us(),
         },
         profiles,
     )
@@ -425,7 +492,7 @@ def river_inprocess(vectors: Sequence[dict[str, Any]], estimator: str) -> Measur
     """The same pipeline in one Python loop, no Kafka: predict_proba_one, Accuracy.update, learn_one."""
     model = estimators.build(estimator)
     accuracy = river_metrics.Accuracy()  # type: ignore[no-untyped-call]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     for fv in vectors:
         x, y = fv["features"], fv["label"]
         proba = model.predict_proba_one(x)
@@ -433,5 +500,6 @@ def river_inprocess(vectors: Sequence[dict[str, Any]], estimator: str) -> Measur
         accuracy.update(y, y_pred)
         model.learn_one(x, y)
     elapsed = time.perf_counter() - started
+    cpu_us = (time.thread_time() - cpu) * 1e6 / len(vectors)
     value = float(accuracy.get())  # type: ignore[no-untyped-call]
-    return Measured(len(vectors) / elapsed, {"accuracy": value})
+    return Measured(len(vectors) / elapsed, {"accuracy": value, "cpu_us_per_event": (cpu_us, cpu_us)})

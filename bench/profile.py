@@ -118,14 +118,13 @@ def classify(stack: Sequence[Frame]) -> str:
         if name == "handle" and "/services/" in f:
             return "handler (other)"
         if f.endswith("streamml/runtime.py"):
-            src = _source(frame)
-            if ".consume(" in src:
-                return "consume (librdkafka)"
-            if "produce(" in src or ".poll(" in src or name == "_on_delivery":
-                return "produce (librdkafka)"
-            if ".flush(" in src or ".commit(" in src or "transaction" in src:
+            if name in ("_commit", "_report_lag"):
                 return "commit (flush + offsets)"
-            if name in ("_run", "process", "_produce_all", "_commit"):
+            if name in ("_produce_all", "_on_delivery"):
+                return "produce (librdkafka)"
+            if name == "_run" and ".consume(" in _source(frame):
+                return "consume (librdkafka)"
+            if name in ("_run", "process", "_resubscribe", "_begin"):
                 return "BatchLoop (other)"
         if "/faust/" in f or "/mode/" in f or "/aiokafka/" in f:
             return "faust (control topics, timers)"
@@ -196,32 +195,37 @@ def per_event_absolute(profile: Profile, events: int) -> dict[str, float]:
 
 
 # -- in-process phase timings -------------------------------------------------------------------------------
-REPEATS = 3  # best of 3: the machine is shared and noisy, the minimum is the least disturbed run
+ROUNDS = 3  # each phase timed once per round, rounds interleaved; the fastest round is the least disturbed
+SAMPLE = 20_000  # records fed to the handlers: enough for stable per-event numbers, quick to repeat
 
 
-def per_item(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
-    """µs per item of fn(item); results are dropped at once, as a handler's intermediates are."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        started = time.perf_counter()
+def interleaved(phases: dict[str, Callable[[], object]], n: int) -> dict[str, float]:
+    """CPU µs per event of each phase (each call processes n events), min over interleaved rounds.
+
+    Thread CPU time, not wall time: on a shared 2-core machine waiting for a CPU would swamp the phases;
+    interleaving spreads what is left (caches, frequency) over all phases instead of skewing one.
+    """
+    best = dict.fromkeys(phases, float("inf"))
+    for _ in range(ROUNDS):
+        for name, fn in phases.items():
+            started = time.thread_time()
+            fn()
+            best[name] = min(best[name], time.thread_time() - started)
+    return {name: seconds / max(n, 1) * 1e6 for name, seconds in best.items()}
+
+
+def each(fn: Callable[[Any], object], items: Sequence[Any]) -> Callable[[], None]:
+    """A phase that applies fn to every item and drops the results, as a handler's loop does."""
+
+    def run() -> None:
         for item in items:
             fn(item)
-        best = min(best, time.perf_counter() - started)
-    return best / max(len(items), 1) * 1e6
 
-
-def per_run(fn: Callable[[], object], n: int) -> float:
-    """µs per event of fn(), which processes n events from a fresh state each time."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best / max(n, 1) * 1e6
+    return run
 
 
 def consume_timed(settings: Settings, topic: str, n: int, max_batch: int) -> tuple[list[Message], float]:
-    """The first n records of topic, consumed like `BatchLoop`; µs/event from the first batch on."""
+    """The first n records of topic, consumed like `BatchLoop`; calling thread's CPU µs/event."""
     consumer = make_consumer(
         settings, f"{settings.topic_prefix}-breakdown-{time.monotonic_ns()}",
         **{"enable.auto.offset.store": False, "isolation.level": "read_committed"},
@@ -237,9 +241,9 @@ def consume_timed(settings: Settings, topic: str, n: int, max_batch: int) -> tup
                 time.sleep(0.002)
                 continue
             if not msgs:
-                started = time.perf_counter()
+                started = time.thread_time()
             msgs.extend(m for m in batch if m.error() is None)
-        elapsed = time.perf_counter() - started
+        elapsed = time.thread_time() - started
     finally:
         consumer.close()
     if len(msgs) < n:
@@ -249,7 +253,7 @@ def consume_timed(settings: Settings, topic: str, n: int, max_batch: int) -> tup
 
 def produce_timed(settings: Settings, topic: str, records: Sequence[tuple[bytes | None, bytes]],
                   max_batch: int) -> float:  # fmt: skip
-    """µs/event to hand records to a `BatchLoop`-configured producer (callbacks, poll per batch, flush)."""
+    """Calling thread's CPU µs/event to produce like `BatchLoop` (callbacks, poll per batch, flush)."""
     producer = make_producer(settings, **{"linger.ms": 2})
     errors: list[KafkaError] = []
 
@@ -257,7 +261,7 @@ def produce_timed(settings: Settings, topic: str, records: Sequence[tuple[bytes 
         if err is not None:
             errors.append(err)
 
-    started = time.perf_counter()
+    started = time.thread_time()
     produce = producer.produce
     for i, (key, value) in enumerate(records):
         try:
@@ -268,7 +272,7 @@ def produce_timed(settings: Settings, topic: str, records: Sequence[tuple[bytes 
         if i % max_batch == 0:
             producer.poll(0)
     producer.flush(30)
-    return (time.perf_counter() - started) / len(records) * 1e6
+    return (time.thread_time() - started) / len(records) * 1e6
 
 
 def batches(msgs: Sequence[Message], size: int) -> list[list[Message]]:
@@ -282,7 +286,7 @@ def predictor_breakdown(
     from services.predictor.app import Predictor  # imports Faust; only needed here
     from streams.predictor import predict_one, prediction_record
 
-    n = dep.topic_count(dep.features_topic)
+    n = min(SAMPLE, dep.topic_count(dep.features_topic))
     msgs, consume_us = consume_timed(dep.settings, dep.features_topic, n, max_batch)
     predictor = Predictor(dep.settings, dep.catalogue)
     predictor.on_pipeline(definition, None)
@@ -295,22 +299,32 @@ def predictor_breakdown(
     fvs = [fdecode(v) for v in values]
     records = [prediction_record(live, fv, 0) for fv in fvs]
     chunks = batches(msgs, max_batch)
-    out: dict[str, float] = {"consume": consume_us}
-    out["decode"] = per_item(fdecode, values)
-    out["predict (predict_proba_one)"] = per_item(lambda fv: predict_one(live, fv["features"]), fvs)
-    record_us = per_item(lambda fv: prediction_record(live, fv, 0), fvs)
-    out["prediction record (dict, rest)"] = record_us - out["predict (predict_proba_one)"]
-    out["encode"] = per_item(pencode, records)
-    handler_us = per_item(predictor.handle, chunks) * len(chunks) / n
-    out["handler other (metrics, Output, dead-letter try)"] = (
-        handler_us - out["decode"] - record_us - out["encode"]
+    t = interleaved(
+        {
+            "decode": each(fdecode, values),
+            "predict": each(lambda fv: predict_one(live, fv["features"]), fvs),
+            "record": each(lambda fv: prediction_record(live, fv, 0), fvs),
+            "encode": each(pencode, records),
+            "handler": each(predictor.handle, chunks),
+        },
+        n,
     )
     outputs = [(o.key, o.value or b"") for o in predictor.handle(chunks[0])]
     sample = (outputs * (n // max(len(outputs), 1) + 1))[:n]
-    out["produce"] = produce_timed(dep.settings, dep.predictions_topic, sample, max_batch)
-    out["_handler_total"] = handler_us
     predictor.alerts.flush(1)
-    return out
+    return {
+        "consume": consume_us,
+        "decode": t["decode"],
+        "predict (predict_proba_one)": t["predict"],
+        "prediction record (dict, rest)": t["record"] - t["predict"],
+        "encode": t["encode"],
+        "handler other (metrics, Output, dead-letter try)": t["handler"]
+        - t["decode"]
+        - t["record"]
+        - t["encode"],
+        "produce": produce_timed(dep.settings, dep.predictions_topic, sample, max_batch),
+        "_handler_total": t["handler"],
+    }
 
 
 def learner_breakdown(dep: Deployment, definition: dict[str, Any], max_batch: int) -> dict[str, float]:
@@ -321,14 +335,13 @@ def learner_breakdown(dep: Deployment, definition: dict[str, Any], max_batch: in
     from streamml import estimators
     from streams.learner import OnlineLearner
 
-    n = dep.topic_count(dep.features_topic)
+    n = min(SAMPLE, dep.topic_count(dep.features_topic))
     msgs, consume_us = consume_timed(dep.settings, dep.features_topic, n, max_batch)
     values = [m.value() or b"" for m in msgs]
     fdecode = codec_for("FeatureVector").decode
     fvs = [fdecode(v) for v in values]
     model_spec = definition["models"][0]["estimator_spec"]
-    out: dict[str, float] = {"consume": consume_us}
-    out["decode"] = per_item(fdecode, values)
+    chunks = batches(msgs, max_batch)
 
     def river_loop() -> None:
         model = estimators.build(model_spec)
@@ -347,37 +360,42 @@ def learner_breakdown(dep: Deployment, definition: dict[str, Any], max_batch: in
         for fv in fvs:
             ol.learn(fv["features"], fv["label"])
 
-    baseline = "River predict+Accuracy+learn (baseline)"
-    out[baseline] = per_run(river_loop, n)
-    learn_us = per_run(learn_loop, n)
-    out["OnlineLearner.learn extra (LogLoss, counters)"] = learn_us - out[baseline]
-    ol = learner()
-    for fv in fvs[:1000]:
-        ol.learn(fv["features"], fv["label"])
-    every = int(definition["snapshot_every_events"])
-    out["snapshot (amortised)"] = per_run(lambda: ol.snapshot(0), 1) / every
-    chunks = batches(msgs, max_batch)
-
-    def handle_all() -> None:
+    fresh = []
+    for _ in range(ROUNDS):  # built up front: on_pipeline checks topics with the broker
         service = Learner(dep.settings, dep.catalogue, dep.key)
         service.on_pipeline(definition, None)
+        fresh.append(service)
+
+    def handle_all() -> None:
+        service = fresh.pop()
         for c in chunks:
             service.handle(c)
 
-    handler_us = per_run(handle_all, n)
-    out["handler other (offsets, lookups, join)"] = (
-        handler_us - out["decode"] - learn_us - out["snapshot (amortised)"]
+    t = interleaved(
+        {"decode": each(fdecode, values), "river": river_loop, "learn": learn_loop, "handler": handle_all}, n
     )
-    out["_handler_total"] = handler_us
-    return out
+    trained = learner()
+    for fv in fvs[:1000]:
+        trained.learn(fv["features"], fv["label"])
+    every = int(definition["snapshot_every_events"])
+    snapshot_us = interleaved({"snapshot": lambda: trained.snapshot(0)}, 1)["snapshot"] / every
+    return {
+        "consume": consume_us,
+        "decode": t["decode"],
+        "River predict+Accuracy+learn (baseline)": t["river"],
+        "OnlineLearner.learn extra (LogLoss, counters)": t["learn"] - t["river"],
+        "snapshot (amortised)": snapshot_us,
+        "handler other (offsets, lookups, join)": t["handler"] - t["decode"] - t["learn"] - snapshot_us,
+        "_handler_total": t["handler"],
+    }
 
 
-def loop_rest(breakdown: dict[str, float], service_eps: float | None) -> float | None:
-    """µs/event of the service not explained by consume + handler + produce (event loop, commit, Faust)."""
-    if not service_eps:
+def loop_rest(breakdown: dict[str, float], service_cpu_us: float | None) -> float | None:
+    """CPU µs/event of the service's main thread not explained by consume + handler + produce."""
+    if service_cpu_us is None:
         return None
     explained = breakdown["consume"] + breakdown["_handler_total"] + breakdown.get("produce", 0.0)
-    return 1e6 / service_eps - explained
+    return service_cpu_us - explained
 
 
 def us_per_event(eps: float | None) -> float | None:

@@ -46,5 +46,5 @@ def breakdown_table(title: str, columns: dict[str, dict[str, float]], total: flo
         phases += [p for p in col if p not in phases and not p.startswith("_")]
     rows = [[p, *[num(col.get(p), 1) if p in col else "" for col in columns.values()]] for p in phases]
     if total is not None:
-        rows.append(["service total = 1e6 / measured events/s", *[num(total, 1) for _ in columns]])
+        rows.append(["service main thread, measured during the drain", *[num(total, 1) for _ in columns]])
     return table(["phase (µs per event)", *columns], rows, title)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from river.datasets import synth
 
 from streamml.codec import codec_for
@@ -56,6 +57,77 @@ TIME_FIELD = "ts"  # raw events carry their produce time here; the pipeline take
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """CPU time (user + system) of a process (all threads), or of one thread; None if it is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
+
+
+@dataclass
+class DrainMeter:
+    """CPU per event of a service while it drains a backlog, robust to other load on the machine.
+
+    Wall-clock events/s fall when other processes take the CPU; CPU seconds per event do not. The main
+    thread (tid = pid) runs the event loop, so its CPU per event bounds one worker's throughput.
+    """
+
+    pid: int
+    scale: int = 1  # events per counted record (e.g. one model version per N learned events)
+    samples: list[tuple[int, float, float]] = field(default_factory=list)  # (events, main cpu, all cpu)
+
+    def poll(self, count: int) -> None:
+        main, total = cpu_seconds(self.pid, self.pid), cpu_seconds(self.pid)
+        if main is not None and total is not None:
+            self.samples.append((count * self.scale, main, total))
+
+    def per_event_us(self) -> tuple[float, float] | None:
+        """(main-thread, whole-process) CPU µs per event between the first and last progress seen."""
+        moving = [s for s in self.samples if s[0] > 0]
+        if len(moving) < 2 or moving[-1][0] <= moving[0][0]:
+            return None
+        (n0, m0, t0), (n1, m1, t1) = moving[0], moving[-1]
+        return (m1 - m0) * 1e6 / (n1 - n0), (t1 - t0) * 1e6 / (n1 - n0)
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine in ticks, from /proc/stat: busy/total is its load."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
+@dataclass
+class CpuMeter:
+    """CPU used by named processes (and the whole machine) between `start` and `stop`."""
+
+    pids: dict[str, int]
+    wall: float = 0.0
+    before: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)  # name -> cores (CPU seconds per second)
+    machine: float = 0.0  # fraction of all cores busy, everything on the machine included
+
+    def start(self) -> None:
+        self.before = {n: c for n, pid in self.pids.items() if (c := cpu_seconds(pid)) is not None}
+        self._machine = machine_busy()
+        self.wall = time.monotonic()
+
+    def stop(self) -> None:
+        elapsed = max(time.monotonic() - self.wall, 1e-9)
+        for name, pid in self.pids.items():
+            now = cpu_seconds(pid)
+            if now is not None and name in self.before:
+                self.used[name] = (now - self.before[name]) / elapsed
+        busy, total = machine_busy()
+        self.machine = (busy - self._machine[0]) / max(total - self._machine[1], 1.0)
 
 
 def pipeline_definition(
@@ -185,6 +257,7 @@ class Deployment:
         self.catalogue = Catalogue(self.settings)
         self.key = self.signing_key.encode()
         self._control = make_producer(self.settings, **{"linger.ms": 0})
+        self._counter: Consumer | None = None
 
     # -- topics and control records ---------------------------------------------------------------
     @property
@@ -238,23 +311,30 @@ class Deployment:
     # -- reading back -------------------------------------------------------------------------------
     def topic_count(self, topic: str) -> int:
         """Records in a topic (sum of high - low watermarks): cheap, so it does not load the services."""
-        consumer = make_consumer(self.settings, f"{self.prefix}-bench-count")
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            total = 0
-            for p in meta.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                total += high - low
-            return total
-        finally:
-            consumer.close()
+        if self._counter is None:  # one client for all polls: a new one per poll costs real CPU
+            self._counter = make_consumer(self.settings, f"{self.prefix}-bench-count")
+        meta = self._counter.list_topics(topic, timeout=10).topics[topic]
+        total = 0
+        for p in meta.partitions:
+            low, high = self._counter.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high - low
+        return total
 
-    def wait_count(self, topic: str, n: int, timeout_s: float, stack: Stack | None = None) -> float:
+    def wait_count(
+        self,
+        topic: str,
+        n: int,
+        timeout_s: float,
+        stack: Stack | None = None,
+        on_poll: Callable[[int], None] | None = None,
+    ) -> float:
         """Until `topic` holds n records (monotonic time returned); fails fast if a service died."""
         deadline = time.monotonic() + timeout_s
         have = 0
         while time.monotonic() < deadline:
             have = self.topic_count(topic)
+            if on_poll is not None:
+                on_poll(have)
             if have >= n:
                 return time.monotonic()
             if stack is not None:
@@ -290,3 +370,6 @@ class Deployment:
 
     def close(self) -> None:
         self._control.flush(10)
+        if self._counter is not None:
+            self._counter.close()
+            self._counter = None

@@ -400,6 +400,27 @@ def top(
     dashboard.run(state or dashboard.DEFAULT_STATE, duration=duration, console=console)
 
 
+@app.command()
+def status(
+    state: Annotated[
+        Path | None, typer.Option(help="State file of the running stack (default: .local/stack.json).")
+    ] = None,
+    recent: Annotated[int, typer.Option(min=1, help="How many promotions and drift alerts to list.")] = 5,
+    sample: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between the two metrics scrapes rates come from.")
+    ] = 1.0,
+) -> None:
+    """The whole system at once: pipelines, live versions, rates, lag, recent promotions and drift alerts."""
+    from streamml import dashboard
+    from streamml import status as status_view  # imported here: other commands need not load it
+
+    settings = _settings()
+    check_broker(settings)
+    view = status_view.collect(settings, state or dashboard.DEFAULT_STATE, recent=recent, sample_s=sample)
+    now_ms = int(time.time() * 1000)
+    console.print(status_view.render(view, now_ms=now_ms, title=status_view.title(settings)))
+
+
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -46,12 +46,6 @@ PROMOTIONS = Counter(
     "streamml_promotions_total", "Promotion decisions seen by the predictor.", ["pipeline", "action", "actor"]
 )
 ERRORS = Counter("streamml_errors_total", "Unexpected errors.", ["service", "kind"])
-DRIFT_ALERTS = Counter(
-    "streamml_drift_alerts_total",
-    "Drift alerts (concept, data, prediction) published on the drift-alerts topic; artifact rejections "
-    "are counted by streamml_rejected_artifacts_total instead.",
-    ["pipeline", "kind", "severity"],
-)
 
 
 def serve(host: str, port: int) -> None:
@@ -68,4 +62,51 @@ CONTROLLER_DECISIONS = Counter(
     "streamml_controller_decisions_total",
     "Promotion decisions made by the controller.",
     ["pipeline", "action"],
+)
+
+# -- trainer --------------------------------------------------------------------------------------------
+TRAINING_RUNS = Counter(
+    "streamml_training_runs_total",
+    "Training requests answered by the trainer, by outcome (SUCCEEDED, REJECTED, FAILED); "
+    "pipeline is empty for unknown pipelines.",
+    ["pipeline", "status"],
+)
+TRAINING_SECONDS = Histogram(
+    "streamml_training_duration_seconds",
+    "Time to answer one training request: reading its slice, training the grid, publishing.",
+    ["pipeline"],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+
+# -- monitor ----------------------------------------------------------------------------------------------
+MODEL_METRIC = Gauge(
+    "streamml_model_metric",
+    "Online metric of what a model version served, on joined labels (window: all = since start, rolling).",
+    ["pipeline", "model", "version", "metric", "window"],
+)
+MONITOR_LABELLED = Counter(
+    "streamml_monitor_labelled_events_total", "Served predictions joined with their label.", ["pipeline"]
+)
+MONITOR_UNLABELLED = Gauge(
+    "streamml_monitor_unlabelled_events", "Served predictions waiting for their label now.", ["pipeline"]
+)
+MONITOR_EXPIRED = Counter(
+    "streamml_monitor_expired_events_total",
+    "Events dropped from the label join at the TTL (kind unlabelled: the label never came; "
+    "unpredicted: the prediction never came).",
+    ["pipeline", "kind"],
+)
+MONITOR_PENDING = Gauge(
+    "streamml_monitor_join_pending_events", "Events held in the label join.", ["pipeline"]
+)
+DRIFT_ALERTS = Counter(
+    "streamml_drift_alerts_total", "Drift alerts raised by the monitor.", ["pipeline", "kind", "detector"]
+)
+DRIFT_SUPPRESSED = Counter(
+    "streamml_drift_alerts_suppressed_total",
+    "Drift detections silenced by the cool-down.",
+    ["pipeline", "kind", "detector"],
+)
+EVALUATIONS = Counter(
+    "streamml_evaluations_total", "Champion/challenger evaluations published.", ["pipeline"]
 )

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, EVENTS_IN
+from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, ERRORS, EVENTS_IN
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ class BatchLoop(mode.Service):
             if err is None:
                 good.append(msg)
             elif err.code() != KafkaError._PARTITION_EOF:
+                ERRORS.labels(self.name, "consume").inc()
                 log.warning("%s: consume error %s", self.name, err)
         if not good:
             return
@@ -283,6 +284,7 @@ class BatchLoop(mode.Service):
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
+            ERRORS.labels(self.name, "delivery").inc()
             self._delivery_errors.append(f"{msg.topic()}: {err}")
 
     def _report_lag(self) -> None:

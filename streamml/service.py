@@ -14,7 +14,7 @@ from confluent_kafka import Message
 from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError
 from streamml.kafka import check_broker, ensure_topics
-from streamml.metrics import DEAD_LETTERED
+from streamml.metrics import DEAD_LETTERED, ERRORS
 from streamml.runtime import Output, end_offsets, read_to_end
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -122,11 +122,13 @@ class ControlFollower:
         try:
             record = codec_for(schema).decode(value)
         except DecodeError as exc:
+            ERRORS.labels(self.settings.client_id, "control_decode").inc()
             log.error("skipping undecodable record %s[%d]@%d: %s", topic, partition, offset, exc)
             return
         try:
             apply(record, msg)
         except StreamMLError:
+            ERRORS.labels(self.settings.client_id, "control_apply").inc()
             log.exception("control record %s[%d]@%d could not be applied", topic, partition, offset)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("features", "learner", "predictor")
+SERVICES = ("features", "learner", "predictor", "monitor", "trainer", "controller")
 HEALTH_PATHS = {"predictor": "/healthz"}  # services with an HTTP API are ready when it answers
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

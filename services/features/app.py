@@ -101,11 +101,20 @@ class Features:
         return outputs
 
     def _persist_windows(self) -> None:
+        """Write the windows changed by this batch to the Faust table (its changelog makes them durable)."""
         if self.table is None:
             return
         for engine in self.engines.values():
-            for (output, entity), values in engine.windows.take_dirty().items():
-                self.table[f"{engine.pipeline}|{output}|{entity}"] = values
+            changed = engine.windows.take_dirty()
+            for i, ((output, entity), values) in enumerate(changed.items()):
+                try:
+                    self.table[f"{engine.pipeline}|{output}|{entity}"] = values
+                except (TypeError, KeyError, AssertionError) as exc:
+                    # Right after start Faust may not know the changelog topic's partitions yet: keep
+                    # the rest dirty and write them with the next batch (the in-memory windows are exact).
+                    log.debug("windows table not writable yet (%s); retrying next batch", exc)
+                    engine.windows.dirty.update(list(changed)[i:])
+                    return
 
 
 def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:

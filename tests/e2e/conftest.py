@@ -39,7 +39,14 @@ class System:
     def apply(self, name: str, **overrides: Any) -> dict[str, Any]:
         """Publish an example pipeline (pipelines/<name>.yaml) with some fields overridden."""
         spec = pipelines.load_file(REPO / "pipelines" / f"{name}.yaml")
-        spec = spec.model_copy(update=overrides)
+        data = spec.model_dump()
+        for key, value in overrides.items():  # nested sections are merged, so overrides stay small
+            data[key] = (
+                {**data[key], **value}
+                if isinstance(value, dict) and isinstance(data.get(key), dict)
+                else value
+            )
+        spec = pipelines.PipelineFile.model_validate(data)
         ensure_topics(self.settings, self.catalogue.pipeline_topics(spec.name))
         definition = pipelines.to_definition(spec, self.catalogue.raw(spec.name).name).to_avro()
         control.publish(

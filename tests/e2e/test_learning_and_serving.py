@@ -55,7 +55,7 @@ def _metric_total(text: str, name: str, **labels: str) -> float:
 
 def test_phishing_json_events_with_malformed_ones(system: System) -> None:
     system.apply("phishing", snapshot_every_events=250)
-    system.stack.start_all()
+    system.stack.start_all(["features", "learner", "predictor"])
     events = _events()
     bad = _malformed()
     producer = system.producer()  # a plain confluent-kafka producer, not our CLI

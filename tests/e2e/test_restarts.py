@@ -21,7 +21,7 @@ PHISHING = list(datasets.Phishing())
 def test_restart_predictor_and_learner_mid_stream(make_system: SystemFactory, guarantee: str) -> None:
     system = make_system(STREAMML_PROCESSING_GUARANTEE=guarantee)
     system.apply("phishing", snapshot_every_events=200, snapshot_every_seconds=3600.0)
-    system.stack.start_all()
+    system.stack.start_all(["features", "learner", "predictor"])
     n = 6000
     topic = system.catalogue.raw("phishing").name
 

@@ -1,0 +1,1 @@
+"""The trainer microservice: scikit-learn batch training on exact slices of a pipeline's topics."""
