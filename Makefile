@@ -27,7 +27,7 @@ KAFKA_ENV := STREAMML_BOOTSTRAP_SERVERS=$${STREAMML_BOOTSTRAP_SERVERS:-$(BOOTSTR
 
 .DEFAULT_GOAL := help
 .PHONY: help install kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
-        test test-unit test-integration test-e2e demo down prometheus-check ci
+        test test-unit test-integration test-e2e demo down prometheus-check ci bench
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'

@@ -165,6 +165,7 @@ class BatchLoop(mode.Service):
                 "isolation.level": "read_committed",
                 "session.timeout.ms": 10_000,  # a crashed instance's partitions move on within seconds
                 "heartbeat.interval.ms": 1_000,
+                "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
             },
         )
         overrides: dict[str, Any] = {"linger.ms": 2}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import faust
@@ -35,6 +36,8 @@ class Features:
         self.engines: dict[str, FeatureEngine] = {}
         self.by_topic: dict[str, FeatureEngine] = {}
         self.table: Any = None  # the Faust table of windows, set by `build`
+        self._last_persist = 0.0
+        self._out_topic: dict[str, str] = {}
         self._features = codec_for("FeatureVector")
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
@@ -101,9 +104,14 @@ class Features:
         return outputs
 
     def _persist_windows(self) -> None:
-        """Write the windows changed by this batch to the Faust table (its changelog makes them durable)."""
-        if self.table is None:
+        """Write the windows changed since the last write to the Faust table (its changelog: durable).
+
+        At most once a second: Faust's changelog producer is pure Python, and a hot key changes every event.
+        """
+        now = time.monotonic()
+        if self.table is None or now - self._last_persist < 1.0:
             return
+        self._last_persist = now
         for engine in self.engines.values():
             changed = engine.windows.take_dirty()
             for i, ((output, entity), values) in enumerate(changed.items()):
