@@ -59,6 +59,8 @@ class ModelHistory:
         stack: list[dict[str, Any]] = []
         for d in self.decisions:
             if d["action"] == "PROMOTE":
+                if d["actor"] == "auto" and stack and stack[-1]["model_name"] != d["model_name"]:
+                    continue  # as the predictor does: AUTO never overrides another model put live
                 if not stack or (stack[-1]["model_name"], stack[-1]["version"]) != (
                     d["model_name"],
                     d["version"],

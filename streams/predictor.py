@@ -8,7 +8,7 @@ checksum and signature verify; a rejected artifact leaves the current model serv
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ class ModelRegistry:
     live: dict[str, LiveModel] = field(default_factory=dict)
     shadow: dict[str, LiveModel] = field(default_factory=dict)  # challenger scored beside the champion
     wanted: dict[str, tuple[str, int]] = field(default_factory=dict)  # promoted but not yet received
+    wanted_shadow: dict[str, tuple[str, int]] = field(default_factory=dict)  # shadowed, not yet received
     rejected: set[tuple[str, str, int]] = field(default_factory=set)
 
     def on_version(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
@@ -55,6 +56,8 @@ class ModelRegistry:
         self.versions[key] = dict(record)
         if self.wanted.get(key[0]) == (key[1], key[2]):
             return self._activate(*key)
+        if self.wanted_shadow.get(key[0]) == (key[1], key[2]):
+            return self._shadow(*key)
         return []
 
     def on_promotion(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
@@ -67,11 +70,18 @@ class ModelRegistry:
         if record["action"] == "SHADOW":
             return self._shadow(pipeline, name, version)
         if record["action"] == "DISCARD":
+            if self.wanted_shadow.get(pipeline) == (name, version):
+                del self.wanted_shadow[pipeline]
             if is_challenger:
                 del self.shadow[pipeline]
                 return [RegistryEvent("unshadow", pipeline, name, version)]
             return []
         if record["action"] not in ("PROMOTE", "ROLLBACK"):
+            return []
+        current = self.live.get(pipeline)
+        if record["actor"] == "auto" and current is not None and current.model_name != name:
+            # AUTO promotes each new online version only while the online model serves: it never
+            # overrides a model the controller or a user put live (decided in topic order, so no races).
             return []
         if is_challenger:
             del self.shadow[pipeline]  # the challenger becomes the champion
@@ -86,8 +96,10 @@ class ModelRegistry:
 
     def _shadow(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
         record = self.versions.get((pipeline, name, version))
-        if record is None:
-            return [RegistryEvent("rejected", pipeline, name, version, None, "shadow version not received")]
+        if record is None:  # the decision overtook the version record: shadow it when it arrives
+            self.wanted_shadow[pipeline] = (name, version)
+            return []
+        self.wanted_shadow.pop(pipeline, None)
         try:
             state = load(record, self.signing_key)
         except ArtifactRejectedError as exc:
@@ -130,10 +142,48 @@ def predict_one(live: LiveModel, features: Mapping[str, Any]) -> tuple[Any, floa
     return label, float(proba[label]), {str(k): float(v) for k, v in proba.items()}
 
 
+def predict_batch(
+    live: LiveModel, batch: list[Mapping[str, Any]]
+) -> list[tuple[Any, float | None, dict[str, float]]]:
+    """(prediction, score, probabilities) per feature dict, in one call when the model has a batch API
+    (scikit-learn models from the trainer); River models predict one event at a time."""
+    model = live.model
+    if live.regression and hasattr(model, "predict_many"):
+        return [(None if y is None else float(y), None, {}) for y in model.predict_many(batch)]
+    if not live.regression and hasattr(model, "predict_proba_many"):
+        out: list[tuple[Any, float | None, dict[str, float]]] = []
+        for proba in model.predict_proba_many(batch):
+            if not proba:
+                out.append((None, None, {}))
+                continue
+            label = max(proba, key=proba.__getitem__)
+            out.append((label, float(proba[label]), {str(k): float(v) for k, v in proba.items()}))
+        return out
+    return [predict_one(live, x) for x in batch]
+
+
+def prediction_records(
+    live: LiveModel, fvs: Sequence[Mapping[str, Any]], now_ms: int, *, shadow: bool = False
+) -> list[dict[str, Any]]:
+    """Prediction records of a batch of feature vectors by one model."""
+    answers = predict_batch(live, [fv["features"] for fv in fvs])
+    return [_record(live, fv, answer, now_ms, shadow) for fv, answer in zip(fvs, answers, strict=True)]
+
+
 def prediction_record(
     live: LiveModel, fv: Mapping[str, Any], now_ms: int, *, shadow: bool = False
 ) -> dict[str, Any]:
-    label, score, proba = predict_one(live, fv["features"])
+    return _record(live, fv, predict_one(live, fv["features"]), now_ms, shadow)
+
+
+def _record(
+    live: LiveModel,
+    fv: Mapping[str, Any],
+    answer: tuple[Any, float | None, dict[str, float]],
+    now_ms: int,
+    shadow: bool,
+) -> dict[str, Any]:
+    label, score, proba = answer
     if isinstance(label, bool | int | float | str) or label is None:
         value = label
     else:  # numpy scalars and the like

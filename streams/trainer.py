@@ -501,6 +501,17 @@ class BatchModel:
         _one_openmp_thread()
         return self._predict(self.transform([x]))[0]
 
+    def predict_proba_many(self, xs: Sequence[Mapping[str, Any]]) -> list[dict[Any, float]]:
+        """A whole batch in one vectorized call: scikit-learn's per-call overhead dominates one-row calls."""
+        if self.classes is None:
+            return [{} for _ in xs]
+        _one_openmp_thread()
+        return self._proba(self.transform(xs))
+
+    def predict_many(self, xs: Sequence[Mapping[str, Any]]) -> list[Any]:
+        _one_openmp_thread()
+        return self._predict(self.transform(xs))
+
     def _proba(self, matrix: Any) -> list[dict[Any, float]]:
         assert self.classes is not None
         classes = self.classes

@@ -25,7 +25,7 @@ from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_
 from streamml.settings import Settings, get_settings
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
-from streams.predictor import ModelRegistry, RegistryEvent, prediction_record
+from streams.predictor import ModelRegistry, RegistryEvent, prediction_record, prediction_records
 
 log = logging.getLogger(__name__)
 SERVICE = "predictor"
@@ -141,46 +141,65 @@ class Predictor:
         return {self.catalogue.features(p).name for p in self.pipelines if p in self.registry.live}
 
     def handle(self, msgs: list[Message]) -> list[Output]:
+        """Predictions for a batch: grouped per pipeline so batch-capable models score it in one call."""
         now = now_ms()
-        live_models = self.registry.live
-        shadows = self.registry.shadow
-        decode, encode = self._features.decode, self._predictions.encode
+        decode = self._features.decode
         outputs: list[Output] = []
-        append = outputs.append
-        out_topics: dict[str, str] = {}
-        latency: dict[str, Any] = {}  # one histogram child per pipeline and batch: labels() costs ~1 µs
+        groups: dict[str, list[tuple[Message, dict[str, Any]]]] = {}
         for msg in msgs:
-            pipeline = None
             try:
                 fv = decode(msg.value() or b"")
-                pipeline = fv["pipeline"]
-                live = live_models.get(pipeline)
-                if live is None:
-                    raise StreamMLError(f"pipeline {pipeline!r} has no live model")
-                record = prediction_record(live, fv, now)
-                value = encode(record)
-            except Exception as exc:  # a bad record or a model that cannot score it: dead-letter, keep going
-                append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
+            except Exception as exc:  # not a feature vector: dead-letter it, keep going
+                outputs.append(dead_letter(self.catalogue, SERVICE, None, msg, exc))
                 continue
-            topic = out_topics.get(pipeline)
-            if topic is None:
-                topic = out_topics[pipeline] = self.catalogue.predictions(pipeline).name
-                latency[pipeline] = metrics.E2E_SECONDS.labels(pipeline)
-            append(Output(topic, fv["event_id"].encode(), value))
-            latency[pipeline].observe(max(0, now - fv["event_time"]) / 1000)
-            challenger = shadows.get(pipeline)
-            if challenger is not None:  # scored on the same event, recorded, never served
+            groups.setdefault(fv["pipeline"], []).append((msg, fv))
+        for pipeline, items in groups.items():
+            outputs += self._predict_pipeline(pipeline, items, now)
+        return outputs
+
+    def _predict_pipeline(
+        self, pipeline: str, items: list[tuple[Message, dict[str, Any]]], now: int
+    ) -> list[Output]:
+        encode = self._predictions.encode
+        outputs: list[Output] = []
+        live = self.registry.live.get(pipeline)
+        if live is None:
+            exc = StreamMLError(f"pipeline {pipeline!r} has no live model")
+            return [dead_letter(self.catalogue, SERVICE, pipeline, msg, exc) for msg, _ in items]
+        topic = self.catalogue.predictions(pipeline).name
+        latency = metrics.E2E_SECONDS.labels(pipeline)
+        fvs = [fv for _, fv in items]
+        try:
+            records: list[dict[str, Any] | Exception] = list(prediction_records(live, fvs, now))
+        except Exception:  # one bad event fails a batch call: score one by one to isolate it
+            records = []
+            for fv in fvs:
                 try:
-                    shadow_value = encode(prediction_record(challenger, fv, now, shadow=True))
-                except Exception:  # a challenger failing must not affect serving
-                    log.exception("%s: shadow model v%s failed", pipeline, challenger.version)
-                    continue
-                shadow_topic = self.catalogue.shadow_predictions(pipeline).name
-                append(Output(shadow_topic, fv["event_id"].encode(), shadow_value))
-        for pipeline, topic in out_topics.items():
-            metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(
-                sum(1 for o in outputs if o.topic == topic)
-            )
+                    records.append(prediction_record(live, fv, now))
+                except Exception as exc:
+                    records.append(exc)
+        served = []
+        for (msg, fv), record in zip(items, records, strict=True):
+            try:
+                if isinstance(record, Exception):
+                    raise record
+                value = encode(record)
+            except Exception as exc:  # a model that cannot score it, or an unencodable answer
+                outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
+                continue
+            outputs.append(Output(topic, fv["event_id"].encode(), value))
+            latency.observe(max(0, now - fv["event_time"]) / 1000)
+            served.append(fv)
+        metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(len(served))
+        challenger = self.registry.shadow.get(pipeline)
+        if challenger is not None and served:
+            try:
+                shadow_records = prediction_records(challenger, served, now, shadow=True)
+            except Exception:  # a challenger failing must never affect serving
+                log.exception("%s: shadow model v%s failed", pipeline, challenger.version)
+                return outputs
+            shadow_topic = self.catalogue.shadow_predictions(pipeline).name
+            outputs.extend(Output(shadow_topic, r["event_id"].encode(), encode(r)) for r in shadow_records)
         return outputs
 
     # -- HTTP -----------------------------------------------------------------------------------------

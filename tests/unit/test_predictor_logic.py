@@ -209,8 +209,10 @@ def test_shadow_scores_a_challenger_without_serving_it() -> None:
     registry.on_promotion(decision(3, "SHADOW"))
     assert [e.kind for e in registry.on_promotion(decision(3, "DISCARD"))] == ["unshadow"]
     assert PIPE not in registry.shadow and registry.live[PIPE].version == 2
-    # shadowing a version never received is reported, not silently ignored
-    assert [e.kind for e in registry.on_promotion(decision(9, "SHADOW"))] == ["rejected"]
+    # a SHADOW decision that overtakes its version record takes effect when the version arrives
+    assert registry.on_promotion(decision(9, "SHADOW")) == []
+    assert [e.kind for e in registry.on_version(version(classifier(60), 9))] == ["shadow"]
+    assert registry.shadow[PIPE].version == 9 and registry.live[PIPE].version == 2
 
 
 def test_pipelines_are_independent() -> None:
@@ -313,3 +315,16 @@ def test_numpy_labels_become_plain_python_values() -> None:
     assert record["prediction"] == 1 and type(record["prediction"]) is int
     assert record["score"] == 0.75 and record["probabilities"] == {"0": 0.25, "1": 0.75}
     assert codec_for("Prediction").encode(record)
+
+
+def test_auto_promotions_never_override_another_model_put_live() -> None:
+    registry = ModelRegistry(signing_key=KEY)
+    registry.on_version(version(classifier(20), 1))
+    registry.on_promotion(decision(1))
+    registry.on_version({**version(classifier(40), 1), "model_name": "batch"})
+    registry.on_promotion({**decision(1, name="batch"), "actor": "controller"})
+    assert (registry.live[PIPE].model_name, registry.live[PIPE].version) == ("batch", 1)
+    registry.on_version(version(classifier(60), 2))
+    assert registry.on_promotion(decision(2)) == []  # the learner's AUTO promotion arrives late: ignored
+    assert registry.live[PIPE].model_name == "batch"
+    assert [e.kind for e in registry.on_promotion({**decision(2), "actor": "alice"})] == ["swap"]  # a user can
