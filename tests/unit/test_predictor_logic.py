@@ -327,4 +327,4 @@ def test_auto_promotions_never_override_another_model_put_live() -> None:
     registry.on_version(version(classifier(60), 2))
     assert registry.on_promotion(decision(2)) == []  # the learner's AUTO promotion arrives late: ignored
     assert registry.live[PIPE].model_name == "batch"
-    assert [e.kind for e in registry.on_promotion({**decision(2), "actor": "alice"})] == ["swap"]  # a user can
+    assert [e.kind for e in registry.on_promotion({**decision(2), "actor": "alice"})] == ["swap"]
