@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import measures, profile, report, stats
+from bench import closed_loop, measures, profile, report, stats
 from bench.measures import Measured
 from bench.workload import (
     ESTIMATOR,
+    PIPELINE,
     Deployment,
     agrawal_events,
     feature_vectors,
@@ -35,7 +36,11 @@ from streamml.localkafka import LocalKafka, free_port_block
 
 log = logging.getLogger("bench")
 T = TypeVar("T")
-MEASURES = ("passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown")
+MEASURES = (
+    "passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown", "loop", "stationary",
+    "monitor",
+)  # fmt: skip
+MONITOR_WARMUP = 5000  # events handled untimed before the monitor's throughput is measured
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,6 +54,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--swap-rate", type=float, default=2000, help="feature vectors per second during swaps")
     p.add_argument("--snapshot-every", type=int, default=10_000, help="learner: events per version")
     p.add_argument("--estimator", default=ESTIMATOR, help=f"online model spec (default {ESTIMATOR})")
+    p.add_argument(
+        "--stationary-events",
+        type=int,
+        default=100_000,
+        help="stationary: Agrawal events watched for false alarms (default 100000)",
+    )
+    p.add_argument(
+        "--monitor-events",
+        type=int,
+        default=50_000,
+        help="monitor: events timed through the monitor's handler (default 50000)",
+    )
     p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {MEASURES}")
     p.add_argument("--profile-dir", type=Path, help="record the predictor and learner with py-spy here")
     p.add_argument("--keep", type=Path, help="work folder to keep (broker data, service logs)")
@@ -77,8 +94,10 @@ class Bench:
         self.deployments: dict[str, Deployment] = {}
         self.breakdowns: dict[str, dict[str, float]] = {}
 
-    def deployment(self, name: str) -> Deployment:
-        dep = Deployment(self.bootstrap, f"bench{self.run_id}-{name}", self.key, self.workdir / name)
+    def deployment(self, name: str, pipeline: str = PIPELINE) -> Deployment:
+        dep = Deployment(
+            self.bootstrap, f"bench{self.run_id}-{name}", self.key, self.workdir / name, pipeline=pipeline
+        )
         self.deployments[name] = dep
         return dep
 
@@ -161,6 +180,33 @@ class Bench:
                 self.results["river"] = river
         if "breakdown" in self.only:
             self.attempt("breakdown", lambda: self.breakdown(one))
+        self.closed_loop()
+
+    def closed_loop(self) -> None:
+        """Issue 4: the loop on the six services, false alarms on a stationary stream, monitor throughput."""
+        a = self.args
+
+        def loop() -> Measured:
+            dep = self.deployment("loop", closed_loop.PIPELINE)
+            return closed_loop.closed_loop(dep, closed_loop.agrawal_definition(dep.raw_topic))
+
+        self.measure("loop", loop)
+        if not self.only & {"stationary", "monitor"}:
+            return
+        dep = self.deployment("monitor", closed_loop.PIPELINE)
+        definition = closed_loop.agrawal_definition(dep.raw_topic)
+        n = a.monitor_events + MONITOR_WARMUP
+        if "stationary" in self.only:
+            n = max(n, a.stationary_events)
+        log.info("serving %d stationary Agrawal events in-process (features, learner, predictor logic)", n)
+        served = self.attempt(
+            "serving", lambda: closed_loop.serve_stream(definition, closed_loop.STATIONARY_SOURCE, n, dep.key)
+        )
+        if served is None:
+            return
+        self.measure("stationary", lambda: closed_loop.stationary(served, dep.settings.max_batch))
+        self.measure("monitor", lambda: closed_loop.monitor_service(
+            dep, served, a.monitor_events, MONITOR_WARMUP, dep.settings.max_batch))  # fmt: skip
 
     def breakdown(self, version: dict[str, Any]) -> None:
         """In-process phase timings, on the topics the service measurements filled (skipped if not run)."""
@@ -190,6 +236,9 @@ class Bench:
         def r(v: float | None, digits: int) -> float | None:
             return None if v is None else round(v, digits)
 
+        def count(v: float | None) -> int | None:
+            return None if v is None else round(v)
+
         passthrough_eps = self.value("passthrough")
         predictor_eps = self.value("predictor")
         learner_eps = self.value("learner")
@@ -203,6 +252,11 @@ class Bench:
             "swap_p99_ms": r(self.value("swap", "p99"), 1),
             "learner_eps": r(learner_eps, 1),
             "learner_ratio": r(stats.ratio(learner_eps, self.value("river")), 3),
+            "drift_delay_events": count(self.value("loop")),
+            "false_alarms_stationary": count(self.value("stationary")),
+            "recovery_gap_pts": r(self.value("loop", "gap_pts"), 2),
+            "recovery_events": count(self.value("loop", "recovery_events")),
+            "monitor_eps": r(self.value("monitor"), 1),
         }
 
     def text(self, elapsed_s: float) -> str:
@@ -259,7 +313,10 @@ class Bench:
             f"{a.rate:,.0f}/s for {a.duration:.0f} s, {a.swaps} swaps; took {elapsed_s:.0f} s; "
             f"load average now {load[0]:.2f} on {os.cpu_count()} cores"
         )
-        parts = [report.table(["measure", "value", "unit", "notes"], rows, title), report.targets_table(res)]
+        parts = [report.table(["measure", "value", "unit", "notes"], rows, title)]
+        if self.only & {"loop", "stationary", "monitor"}:
+            parts.append(self.closed_loop_text(res))
+        parts.append(report.targets_table(res))
         stages = d("e2e", "stages")
         if stages:
             parts.append(report.table(
@@ -292,6 +349,63 @@ class Bench:
         if self.failures:
             parts.append("FAILED:\n" + "\n".join(f"  {k}: {v}" for k, v in self.failures.items()))
         return "\n\n".join(parts)
+
+    def closed_loop_text(self, res: dict[str, float | None]) -> str:
+        n = report.num
+        m = self.results
+        d: Callable[[str, str], Any] = lambda name, key: m[name].details.get(key) if name in m else None  # noqa: E731
+
+        def pct(v: float | None) -> str:
+            return "n/a" if v is None else f"{100 * v:.2f} %"
+
+        def kinds(counts: dict[str, int] | None) -> str:
+            return ", ".join(f"{k} {v}" for k, v in counts.items()) if counts else "none"
+
+        promoted = d("loop", "promoted")
+        after = d("loop", "promotion_s_after_drift")
+        cpu = d("monitor", "cpu_us_per_event")
+        rows = [
+            ["drift → first concept-drift alert", n(res["drift_delay_events"]), "events",
+             f"{d('loop', 'concept_detector')} on the error stream; alerts in the run: "
+             f"{kinds(d('loop', 'alerts'))}"],
+            ["drift → first event served by the promoted challenger", n(res["recovery_events"]), "events",
+             ("no challenger promoted" if promoted is None else f"{promoted[0]} v{promoted[1]} promoted "
+              f"{n(after, 1)} s after the drift event was produced")
+             + f"; decisions: {kinds(d('loop', 'decisions'))}"],
+            ["recovery gap: pre-drift minus challenger accuracy", n(res["recovery_gap_pts"], 2), "pts",
+             f"served accuracy {pct(d('loop', 'accuracy_before'))} over events "
+             f"{closed_loop.DRIFT_AT - closed_loop.WINDOW}-{closed_loop.DRIFT_AT - 1}, "
+             f"{pct(d('loop', 'accuracy_after'))} over the challenger's first "
+             f"{n(d('loop', 'after_events'))} served events"],
+            ["false alarms: drift alerts on a stationary stream", n(res["false_alarms_stationary"]), "alerts",
+             f"{n(d('stationary', 'events'))} events; by kind: {kinds(d('stationary', 'by_kind'))}; "
+             f"silenced by cool-down: {kinds(d('stationary', 'silenced'))}; "
+             f"served accuracy {pct(d('stationary', 'served_accuracy'))}"],
+            ["monitor service handler (in-process, pre-built records)", n(res["monitor_eps"]), "events/s",
+             f"MonitorService.handle on {n(d('monitor', 'events'))} events = {n(d('monitor', 'messages'))} "
+             f"Avro messages (1 FeatureVector + 1 Prediction each) in batches of {n(d('monitor', 'batch'))}; "
+             "decode, join, metrics, drift detectors; no broker I/O"
+             + (f"; main-thread CPU {cpu[0]:.1f} µs/event" if cpu else "")],
+        ]  # fmt: skip
+        first = d("stationary", "first")
+        title = (
+            f"Closed loop (issue 4). Loop: the six services on {closed_loop.DRIFT_SOURCE}, "
+            f"{closed_loop.LOOP_EVENTS:,} raw JSON events at {closed_loop.LOOP_RATE:,.0f}/s "
+            f"(achieved {n(d('loop', 'achieved_rate'))}/s), 1 partition. Stationary: "
+            f"{closed_loop.STATIONARY_SOURCE} served in-process by the learner's snapshots (every "
+            f"{closed_loop.OVERRIDES['snapshot_every_events']:,} events, AUTO-promoted), watched by "
+            "streams.monitor"
+        )
+        lines = [report.table(["closed loop", "value", "unit", "notes"], rows, title)]
+        if "loop" in m:
+            lines.append(
+                f"loop: services ready in {n(d('loop', 'services_ready_s'), 1)} s; "
+                f"{n(d('loop', 'predictions'))} served predictions, the last "
+                f"{n(d('loop', 'caught_up_s'), 1)} s after the last event was due"
+            )
+        if first:
+            lines.append(f"first stationary alerts: {'; '.join(first)}")
+        return "\n".join(lines)
 
     def breakdown_text(self, name: str) -> list[str]:
         """In-process phases and the py-spy profile of the service, in main-thread CPU µs per event."""

@@ -1,4 +1,5 @@
-"""Pure statistics of the benchmark: percentiles, rates from service-side stamps, swap latencies, targets.
+"""Pure statistics of the benchmark: percentiles, rates from service-side stamps, swap latencies, the
+closed loop's drift delay and recovery, targets.
 
 Kept free of Kafka and processes so the arithmetic that turns raw stamps into the reported numbers is
 unit-tested on its own (tests/unit/test_bench_stats.py).
@@ -7,8 +8,10 @@ unit-tested on its own (tests/unit/test_bench_stats.py).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -126,6 +129,88 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+# -- the closed loop (issue 4) ------------------------------------------------------------------------------
+def controller_promotion(decisions: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first PROMOTE decided by the controller (automatic, not a person's or the learner's AUTO)."""
+    return next((d for d in decisions if d["action"] == "PROMOTE" and d["actor"] == "controller"), None)
+
+
+def count_kinds(alerts: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Drift alerts per kind (CONCEPT, DATA, PREDICTION, ...), most frequent first."""
+    return dict(Counter(a["kind"] for a in alerts).most_common())
+
+
+def drift_delay(
+    alerts: Sequence[Mapping[str, Any]], features_topic: str, position_of: Mapping[int, int], drift_at: int
+) -> int | None:
+    """Events from the drift to the first concept-drift alert (None: no such alert).
+
+    The alert's window ends at the labelled event that made the detector fire; `position_of` maps
+    a features-topic offset to the event's position in the produced stream.
+    """
+    concept = [a for a in alerts if a["kind"] == "CONCEPT"]
+    if not concept:
+        return None
+    first = min(concept, key=lambda a: int(a["detected_at"]))
+    ends = [int(r["end_offset"]) for r in first["window"] if r["topic"] == features_topic]
+    if not ends:
+        return None
+    return position_of[max(ends) - 1] - drift_at
+
+
+def accuracy(pairs: Iterable[tuple[Any, Any]]) -> float | None:
+    """Share of (prediction, label) pairs that agree; None for no pairs."""
+    n = right = 0
+    for predicted, label in pairs:
+        n += 1
+        right += predicted == label
+    return right / n if n else None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Served accuracy before the drift against the promoted challenger's first predictions."""
+
+    events: int | None  # first event served by the promoted model, counted from the drift position
+    before: float | None  # served accuracy over the `window` events before the drift
+    after: float | None  # accuracy of the promoted model's first `window` served predictions
+    after_events: int  # predictions `after` covers (fewer than `window` if the stream ended first)
+
+    @property
+    def gap_pts(self) -> float | None:
+        """Accuracy lost, in points (accuracy x 100): positive when the challenger serves worse."""
+        if self.before is None or self.after is None:
+            return None
+        return 100 * (self.before - self.after)
+
+
+def recovery(
+    predictions: Iterable[Mapping[str, Any]],
+    position: Mapping[str, int],
+    labels: Mapping[str, Any],
+    promoted: tuple[str, int] | None,
+    drift_at: int,
+    window: int,
+) -> Recovery:
+    """Recovery of served accuracy after the drift; a redelivered duplicate prediction counts once."""
+    first: dict[str, Mapping[str, Any]] = {}
+    for p in predictions:
+        first.setdefault(p["event_id"], p)
+    ordered = sorted(first.values(), key=lambda p: position[p["event_id"]])
+    before = accuracy(
+        (p["prediction"], labels[p["event_id"]])
+        for p in ordered
+        if drift_at - window <= position[p["event_id"]] < drift_at
+    )
+    if promoted is None:
+        return Recovery(None, before, None, 0)
+    served = [p for p in ordered if (p["model_name"], int(p["model_version"])) == promoted][:window]
+    if not served:
+        return Recovery(None, before, None, 0)
+    after = accuracy((p["prediction"], labels[p["event_id"]]) for p in served)
+    return Recovery(position[served[0]["event_id"]] - drift_at, before, after, len(served))
+
+
 @dataclass(frozen=True)
 class Target:
     """One goal of the issue, checked against a measured value."""
@@ -144,6 +229,10 @@ def at_most(name: str, text: str, value: float | None, bound: float) -> Target:
     return Target(name, text, value, None if value is None else value <= bound)
 
 
+def between(name: str, text: str, value: float | None, low: float, high: float) -> Target:
+    return Target(name, text, value, None if value is None else low <= value <= high)
+
+
 def targets(result: Mapping[str, float | None]) -> list[Target]:
     """The issue's targets for a result dict with the JSON keys of `python -m bench`."""
     return [
@@ -152,4 +241,24 @@ def targets(result: Mapping[str, float | None]) -> list[Target]:
         at_most("e2e_p99_ms", "e2e p99 <= 100 ms at 5k events/s", result.get("e2e_p99_ms"), 100.0),
         at_most("swap_p99_ms", "swap p99 <= 1 s", result.get("swap_p99_ms"), 1000.0),
         at_least("learner_ratio", "learner >= 0.7 x in-process River", result.get("learner_ratio"), 0.7),
+        # An alert before the drift is a false alarm, not a fast detection: the delay must be >= 0.
+        between(
+            "drift_delay_events",
+            "concept-drift alert <= 500 events after the drift",
+            result.get("drift_delay_events"),
+            0,
+            500,
+        ),
+        at_most(
+            "recovery_gap_pts",
+            "challenger's 5k-event accuracy within 2 pts of pre-drift",
+            result.get("recovery_gap_pts"),
+            2.0,
+        ),
+        at_most(
+            "false_alarms_stationary",
+            "no drift alert in 100k stationary events",
+            result.get("false_alarms_stationary"),
+            0,
+        ),
     ]

@@ -245,6 +245,7 @@ class Deployment:
     prefix: str
     signing_key: str
     workdir: Path
+    pipeline: str = PIPELINE  # the pipeline whose data topics it creates and reads
 
     def __post_init__(self) -> None:
         self.settings = Settings(
@@ -262,15 +263,15 @@ class Deployment:
     # -- topics and control records ---------------------------------------------------------------
     @property
     def raw_topic(self) -> str:
-        return self.catalogue.raw(PIPELINE).name
+        return self.catalogue.raw(self.pipeline).name
 
     @property
     def features_topic(self) -> str:
-        return self.catalogue.features(PIPELINE).name
+        return self.catalogue.features(self.pipeline).name
 
     @property
     def predictions_topic(self) -> str:
-        return self.catalogue.predictions(PIPELINE).name
+        return self.catalogue.predictions(self.pipeline).name
 
     @property
     def versions_topic(self) -> str:
@@ -278,7 +279,7 @@ class Deployment:
 
     def create_topics(self) -> None:
         ensure_topics(
-            self.settings, self.catalogue.global_topics() + self.catalogue.pipeline_topics(PIPELINE)
+            self.settings, self.catalogue.global_topics() + self.catalogue.pipeline_topics(self.pipeline)
         )
 
     def publish(self, topic: str, schema: str, key: str, record: dict[str, Any]) -> int:
@@ -294,7 +295,7 @@ class Deployment:
         return stamp
 
     def publish_pipeline(self, definition: dict[str, Any]) -> None:
-        self.publish(self.catalogue.pipelines().name, "PipelineDefinition", PIPELINE, definition)
+        self.publish(self.catalogue.pipelines().name, "PipelineDefinition", definition["name"], definition)
 
     def publish_version(self, record: dict[str, Any]) -> None:
         key = f"{PIPELINE}/{MODEL}/{record['version']}"

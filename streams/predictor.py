@@ -142,17 +142,18 @@ def predict_one(live: LiveModel, features: Mapping[str, Any]) -> tuple[Any, floa
     return label, float(proba[label]), {str(k): float(v) for k, v in proba.items()}
 
 
-def predict_batch(
+def answers_for(
     live: LiveModel, batch: list[Mapping[str, Any]]
 ) -> list[tuple[Any, float | None, dict[str, float]]]:
     """(prediction, score, probabilities) per feature dict, in one call when the model has a batch API
-    (scikit-learn models from the trainer); River models predict one event at a time."""
+    (scikit-learn models from the trainer: `predict_batch` / `predict_proba_batch`); River models predict
+    one event at a time (their `*_many` methods want DataFrames and cost more than they save here)."""
     model = live.model
-    if live.regression and hasattr(model, "predict_many"):
-        return [(None if y is None else float(y), None, {}) for y in model.predict_many(batch)]
-    if not live.regression and hasattr(model, "predict_proba_many"):
+    if live.regression and hasattr(model, "predict_batch"):
+        return [(None if y is None else float(y), None, {}) for y in model.predict_batch(batch)]
+    if not live.regression and hasattr(model, "predict_proba_batch"):
         out: list[tuple[Any, float | None, dict[str, float]]] = []
-        for proba in model.predict_proba_many(batch):
+        for proba in model.predict_proba_batch(batch):
             if not proba:
                 out.append((None, None, {}))
                 continue
@@ -166,7 +167,7 @@ def prediction_records(
     live: LiveModel, fvs: Sequence[Mapping[str, Any]], now_ms: int, *, shadow: bool = False
 ) -> list[dict[str, Any]]:
     """Prediction records of a batch of feature vectors by one model."""
-    answers = predict_batch(live, [fv["features"] for fv in fvs])
+    answers = answers_for(live, [fv["features"] for fv in fvs])
     return [_record(live, fv, answer, now_ms, shadow) for fv, answer in zip(fvs, answers, strict=True)]
 
 

@@ -501,14 +501,14 @@ class BatchModel:
         _one_openmp_thread()
         return self._predict(self.transform([x]))[0]
 
-    def predict_proba_many(self, xs: Sequence[Mapping[str, Any]]) -> list[dict[Any, float]]:
+    def predict_proba_batch(self, xs: Sequence[Mapping[str, Any]]) -> list[dict[Any, float]]:
         """A whole batch in one vectorized call: scikit-learn's per-call overhead dominates one-row calls."""
         if self.classes is None:
             return [{} for _ in xs]
         _one_openmp_thread()
         return self._proba(self.transform(xs))
 
-    def predict_many(self, xs: Sequence[Mapping[str, Any]]) -> list[Any]:
+    def predict_batch(self, xs: Sequence[Mapping[str, Any]]) -> list[Any]:
         _one_openmp_thread()
         return self._predict(self.transform(xs))
 

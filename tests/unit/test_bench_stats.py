@@ -1,10 +1,14 @@
-"""The arithmetic behind `make bench`'s numbers: percentiles, rates from stamps, swap latencies, targets."""
+"""The arithmetic behind `make bench`'s numbers: percentiles, rates from stamps, swap latencies, the closed
+loop's drift delay and recovery, targets; and the in-process serving the monitor measurements replay."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from bench import stats
+from bench import closed_loop, stats
+from streamml.codec import codec_for
 
 
 def test_percentile_interpolates_between_ranks_like_numpy() -> None:
@@ -84,6 +88,9 @@ def test_targets_are_checked_against_the_issue_bounds() -> None:
         "e2e_p99_ms": 100.0,
         "swap_p99_ms": 1000.1,
         "learner_ratio": None,
+        "drift_delay_events": 500,
+        "recovery_gap_pts": 2.01,
+        "false_alarms_stationary": 0,
     }
     met = {t.name: t.met for t in stats.targets(result)}
     assert met == {
@@ -92,4 +99,128 @@ def test_targets_are_checked_against_the_issue_bounds() -> None:
         "e2e_p99_ms": True,  # the bound itself meets "<= 100 ms"
         "swap_p99_ms": False,
         "learner_ratio": None,  # not measured is neither met nor failed
+        "drift_delay_events": True,
+        "recovery_gap_pts": False,
+        "false_alarms_stationary": True,
     }
+
+
+def test_an_alert_before_the_drift_does_not_meet_the_delay_target() -> None:
+    early = {t.name: t.met for t in stats.targets({"drift_delay_events": -3, "false_alarms_stationary": 1})}
+    assert early["drift_delay_events"] is False
+    assert early["false_alarms_stationary"] is False
+
+
+# -- the closed loop -------------------------------------------------------------------------------------
+def _alert(kind: str, detected_at: int, window: list[tuple[str, int, int]]) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "detected_at": detected_at,
+        "window": [
+            {"topic": t, "partition": 0, "start_offset": lo, "end_offset": hi} for t, lo, hi in window
+        ],
+    }
+
+
+def test_drift_delay_counts_events_to_the_end_of_the_first_concept_alerts_window() -> None:
+    alerts = [
+        _alert("DATA", 100, [("f", 9000, 10_001)]),  # data drift does not count
+        _alert("CONCEPT", 300, [("f", 9500, 10_300)]),  # a later concept alert
+        _alert("CONCEPT", 200, [("p", 0, 99_999), ("f", 9000, 10_016)]),  # the first; other topics ignored
+    ]
+    position_of = {offset: offset for offset in range(20_000)}
+    assert stats.drift_delay(alerts, "f", position_of, 10_000) == 15
+    # Offsets map to stream positions: a dropped (malformed) event shifts them.
+    shifted = {offset: offset + 1 for offset in range(20_000)}
+    assert stats.drift_delay(alerts, "f", shifted, 10_000) == 16
+    # An alert before the drift is reported as a negative delay, not hidden.
+    assert stats.drift_delay([_alert("CONCEPT", 1, [("f", 0, 9000)])], "f", position_of, 10_000) == -1001
+    assert stats.drift_delay(alerts[:1], "f", position_of, 10_000) is None
+
+
+def test_controller_promotion_ignores_the_learners_auto_promotions_and_shadowing() -> None:
+    decisions = [
+        {"action": "PROMOTE", "actor": "auto", "version": 5},
+        {"action": "SHADOW", "actor": "controller", "version": 2},
+        {"action": "PROMOTE", "actor": "controller", "version": 2},
+        {"action": "PROMOTE", "actor": "controller", "version": 3},
+    ]
+    promotion = stats.controller_promotion(decisions)
+    assert promotion is not None and promotion["version"] == 2
+    assert stats.controller_promotion(decisions[:2]) is None
+
+
+def test_count_kinds_and_accuracy() -> None:
+    kinds = stats.count_kinds([{"kind": "DATA"}, {"kind": "CONCEPT"}, {"kind": "DATA"}])
+    assert kinds == {"DATA": 2, "CONCEPT": 1}
+    assert list(kinds) == ["DATA", "CONCEPT"]  # most frequent first
+    assert stats.accuracy([(1, 1), (0, 1), (True, 1), (0, 0)]) == 0.75
+    assert stats.accuracy([]) is None
+
+
+def _prediction(i: int, prediction: int, model: str = "online", version: int = 1) -> dict[str, Any]:
+    return {"event_id": f"e{i}", "prediction": prediction, "model_name": model, "model_version": version}
+
+
+def test_recovery_compares_pre_drift_accuracy_with_the_promoted_models_first_predictions() -> None:
+    labels = {f"e{i}": 1 for i in range(40)}
+    position = {f"e{i}": i for i in range(40)}
+    preds = [_prediction(i, 1 if i != 12 else 0) for i in range(10, 20)]  # before the drift at 20: 90 %
+    preds += [_prediction(i, 0) for i in range(20, 25)]  # the online model after the drift
+    preds += [_prediction(i, 0 if i in (25, 26) else 1, "batch", 3) for i in range(25, 40)]
+    preds.append(_prediction(12, 1))  # a redelivered duplicate: the first prediction counts
+    rec = stats.recovery(preds, position, labels, ("batch", 3), drift_at=20, window=10)
+    assert rec.events == 5
+    assert rec.before == pytest.approx(0.9)
+    assert (rec.after, rec.after_events) == (pytest.approx(0.8), 10)  # its first 10 predictions only
+    assert rec.gap_pts == pytest.approx(10.0)
+
+
+def test_recovery_without_a_promotion_or_its_predictions() -> None:
+    labels, position = {"e0": 1, "e1": 1}, {"e0": 0, "e1": 1}
+    preds = [_prediction(0, 1), _prediction(1, 0)]
+    none = stats.recovery(preds, position, labels, None, drift_at=1, window=5)
+    assert (none.events, none.before, none.after, none.gap_pts) == (None, 1.0, None, None)
+    unseen = stats.recovery(preds, position, labels, ("batch", 9), drift_at=1, window=5)
+    assert (unseen.events, unseen.after_events, unseen.gap_pts) == (None, 0, None)
+
+
+def test_the_loops_pipeline_is_agrawal_with_the_e2e_overrides_merged() -> None:
+    assert closed_loop.merged({"a": 1, "p": {"x": 1, "y": 2}}, {"p": {"y": 3}, "b": 4}) == {
+        "a": 1,
+        "p": {"x": 1, "y": 3},
+        "b": 4,
+    }
+    definition = closed_loop.agrawal_definition("b.agrawal.raw")
+    assert (definition["name"], definition["raw_topic"]) == ("agrawal", "b.agrawal.raw")
+    assert definition["snapshot_every_events"] == 2000
+    policy = definition["policy"]
+    assert (policy["retrain_window_events"], policy["challenger_min_labels"]) == (3000, 500)
+    assert policy["challenger_max_labels"] == 5000  # not overridden: the file's (default) value stays
+
+
+def test_serve_stream_serves_each_event_once_with_a_version_that_never_learned_it() -> None:
+    definition = {**closed_loop.agrawal_definition("b.agrawal.raw"), "snapshot_every_events": 100}
+    served = closed_loop.serve_stream(definition, closed_loop.STATIONARY_SOURCE, 350, b"k" * 16)
+    assert (served.events, served.served, len(served.promotions)) == (350, 350, 3)
+    assert [p["version"] for _, p in served.promotions] == [1, 2, 3]
+    assert {p["actor"] for _, p in served.promotions} == {"auto"}
+    decode = codec_for("Prediction").decode
+    predictions = [decode(value) for role, _, value in served.items if role == "predictions"]
+    ids = [p["event_id"] for p in predictions]
+    assert len(set(ids)) == 350
+    version_of = {p["event_id"]: p["model_version"] for p in predictions}
+    # Events 0-99 wait for v1 (learned on them: the service would serve them so too); from then on
+    # event i is served by the version snapshotted before it arrived.
+    assert {version_of[f"synth.Agrawal-{i}"] for i in range(100)} == {1}
+    assert all(version_of[f"synth.Agrawal-{i}"] == i // 100 for i in range(100, 350))
+    # Each promotion sits between the last prediction of the versions before it and the first of its own.
+    served_by = [
+        (k, decode(v)["model_version"]) for k, (role, _, v) in enumerate(served.items) if role != "features"
+    ]
+    for at, promotion in served.promotions:
+        assert all((version >= promotion["version"]) == (k >= at) for k, version in served_by)
+    assert served.index_of_event(200) == next(
+        k for k, (role, offset, _) in enumerate(served.items) if role == "features" and offset == 200
+    )
+    assert served.index_of_event(10_000) == len(served.items)

@@ -328,3 +328,22 @@ def test_auto_promotions_never_override_another_model_put_live() -> None:
     assert registry.on_promotion(decision(2)) == []  # the learner's AUTO promotion arrives late: ignored
     assert registry.live[PIPE].model_name == "batch"
     assert [e.kind for e in registry.on_promotion({**decision(2), "actor": "alice"})] == ["swap"]
+
+
+def test_batch_scoring_equals_one_by_one_for_river_and_scikit_learn_models() -> None:
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.tree import DecisionTreeClassifier
+
+    from streams.predictor import LiveModel, prediction_record, prediction_records
+    from streams.trainer import BatchModel
+
+    xs = [{"a": float(i % 7), "b": float(i % 3)} for i in range(60)]
+    ys = [x["a"] > 3 for x in xs]
+    vectorizer = DictVectorizer(sort=True)
+    tree = DecisionTreeClassifier(random_state=0).fit(vectorizer.fit_transform(xs), [int(y) for y in ys])
+    river_model = classifier(20)
+    base = {"key": None, "pipeline": PIPE, "event_time": 1, "feature_time": 2}
+    fvs = [{**base, "event_id": f"e{i}", "features": x} for i, x in enumerate(xs)]
+    for model in (BatchModel(vectorizer, tree, [False, True]), river_model):
+        live = LiveModel(PIPE, "m", 1, model, regression=False)
+        assert prediction_records(live, fvs, 5) == [prediction_record(live, fv, 5) for fv in fvs]
