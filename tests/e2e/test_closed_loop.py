@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from confluent_kafka import Message
 
 from streamml.sources import open_source
 from tests.e2e.conftest import System, SystemFactory
 
 DRIFT_AT = 10_000
 WIDTH = 100  # 4·position/width = 400 stays under River's math.exp limit (709)
-TOTAL = 32_000
+TOTAL = 60_000  # produced until the promoted challenger has served 5k events (usually ~25k in all)
 
 
 def _stream() -> list[dict[str, Any]]:
@@ -21,11 +24,13 @@ def _stream() -> list[dict[str, Any]]:
     return [e.value for e in open_source(spec, limit=TOTAL)]
 
 
-def _produce(system: System, events: list[dict[str, Any]], rate: float) -> None:
+def _produce(system: System, events: list[dict[str, Any]], rate: float, stop: threading.Event) -> None:
     producer = system.producer()
     topic = system.catalogue.raw("agrawal").name
     start = time.monotonic()
     for i, event in enumerate(events):
+        if stop.is_set():
+            break
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -47,17 +52,21 @@ def test_drift_is_detected_retrained_and_the_challenger_promoted(make_system: Sy
     events = _stream()
     index = {e["event_id"]: i for i, e in enumerate(events)}
     labels = {e["event_id"]: e["label"] for e in events}
-    _produce(system, events, rate=1000.0)
-
-    def promoted(msgs: list) -> bool:
-        return any(
-            d["action"] == "PROMOTE" and d["actor"] == "controller" for d in system.records(msgs, "Promotion")
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(system, events, 1000.0, stop))
+    producer.start()
+    try:
+        decisions = system.records(
+            system.read(system.catalogue.promotions().name, _controller_promoted(system), timeout_s=90),
+            "Promotion",
         )
-
-    decisions = system.records(
-        system.read(system.catalogue.promotions().name, promoted, timeout_s=120), "Promotion"
-    )
-    promotion = next(d for d in decisions if d["action"] == "PROMOTE" and d["actor"] == "controller")
+        promotion = next(d for d in decisions if d["action"] == "PROMOTE" and d["actor"] == "controller")
+        promoted = (promotion["model_name"], promotion["version"])
+        predictions_topic = system.catalogue.predictions("agrawal").name
+        msgs = system.read(predictions_topic, _served_by(system, promoted, 5000), timeout_s=90)
+    finally:  # events flow until the promoted challenger has served 5k of them
+        stop.set()
+        producer.join()
     assert any(d["action"] == "SHADOW" and d["version"] == promotion["version"] for d in decisions)
     alerts = system.records(
         system.read(system.catalogue.drift_alerts().name, lambda m: len(m) > 0), "DriftAlert"
@@ -65,27 +74,47 @@ def test_drift_is_detected_retrained_and_the_challenger_promoted(make_system: Sy
     concept = [a for a in alerts if a["kind"] == "CONCEPT"]
     assert concept, f"no concept drift alert: {alerts}"
 
-    preds = system.records(
-        system.read(system.catalogue.predictions("agrawal").name, lambda m: len(m) >= TOTAL, timeout_s=120),
-        "Prediction",
-    )
-    by_index = sorted(preds, key=lambda p: index[p["event_id"]])
     # Detection delay in events: the alert's window ends at the labelled event that made the detector fire.
     # One partition and no malformed events, so a features-topic offset is the event's position in the stream.
     features_topic = system.catalogue.features("agrawal").name
     first = min(concept, key=lambda a: a["detected_at"])
     detected_at_event = max(r["end_offset"] for r in first["window"] if r["topic"] == features_topic) - 1
     delay = detected_at_event - DRIFT_AT
-    print(f"drift alert after {delay} events; promoted {promotion['model_name']} v{promotion['version']}")
+    by_index = sorted(system.records(msgs, "Prediction"), key=lambda p: index[p["event_id"]])
+    served_by_challenger = [p for p in by_index if (p["model_name"], p["model_version"]) == promoted][:5000]
+    recovery = index[served_by_challenger[0]["event_id"]] - DRIFT_AT
+    print(
+        f"drift alert after {delay} events; {promoted} promoted and serving {recovery} events after the drift"
+    )
     assert 0 <= delay <= 500
 
     def accuracy(rows: list[dict[str, Any]]) -> float:
         return sum(1 for p in rows if p["prediction"] == labels[p["event_id"]]) / len(rows)
 
     before = accuracy([p for p in by_index if DRIFT_AT - 5000 <= index[p["event_id"]] < DRIFT_AT])
-    served_by_challenger = [p for p in by_index if p["model_name"] == promotion["model_name"]
-                            and p["model_version"] == promotion["version"]][:5000]  # fmt: skip
     assert len(served_by_challenger) == 5000
     after = accuracy(served_by_challenger)
     print(f"served accuracy: {before:.4f} before the drift, {after:.4f} over 5k events after the promotion")
     assert after >= before - 0.02
+
+
+def _controller_promoted(system: System) -> Callable[[list[Message]], bool]:
+    def check(msgs: list[Message]) -> bool:
+        return any(
+            d["action"] == "PROMOTE" and d["actor"] == "controller" for d in system.records(msgs, "Promotion")
+        )
+
+    return check
+
+
+def _served_by(system: System, model: tuple[str, int], n: int) -> Callable[[list[Message]], bool]:
+    """Counts incrementally: the predictions topic grows to tens of thousands of records."""
+    seen = {"decoded": 0, "matching": 0}
+
+    def check(msgs: list[Message]) -> bool:
+        new = system.records(msgs[seen["decoded"] :], "Prediction")
+        seen["decoded"] = len(msgs)
+        seen["matching"] += sum(1 for p in new if (p["model_name"], p["model_version"]) == model)
+        return seen["matching"] >= n
+
+    return check
