@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
+from streamml import control
 from streamml.sources import open_source
-from tests.e2e.conftest import System, SystemFactory
+from tests.e2e.conftest import System, SystemFactory, promote, publish_version
 
 DRIFT_AT = 10_000
 WIDTH = 100  # 4·position/width = 400 stays under River's math.exp limit (709)
@@ -118,3 +119,50 @@ def _served_by(system: System, model: tuple[str, int], n: int) -> Callable[[list
         return seen["matching"] >= n
 
     return check
+
+
+def test_a_worse_challenger_is_discarded_never_promoted(make_system: SystemFactory) -> None:
+    """A challenger trained on another concept (function 4) shadows a champion that fits the stream (0)."""
+    from tests.e2e.test_monitor import _agrawal_version
+
+    system = make_system(partitions=1)
+    definition = system.apply(
+        "agrawal",
+        promotion="manual",
+        snapshot_every_events=1_000_000,
+        snapshot_every_seconds=3600.0,
+        policy={"challenger_min_labels": 300, "challenger_max_labels": 1500, "challenger_margin": 0.0},
+    )
+    publish_version(system, _agrawal_version(system, definition, 1, function=0))
+    publish_version(system, _agrawal_version(system, definition, 2, function=4))
+    promote(system, "agrawal", 1)
+    shadow = {"pipeline": "agrawal", "model_name": "online", "action": "SHADOW", "version": 2,
+              "previous_version": 1, "actor": "test", "reason": "a worse challenger", "metrics": {},
+              "decided_at": int(time.time() * 1000)}  # fmt: skip
+    control.publish(
+        system.settings, system.catalogue.promotions().name, "Promotion", "agrawal/online/w", shadow
+    )
+    system.stack.start_all(["features", "predictor", "monitor", "controller"])
+    events = [
+        e.value for e in open_source("river:synth.Agrawal?classification_function=0&seed=5", limit=3000)
+    ]
+    stop = threading.Event()
+    _produce(system, events, 2000.0, stop)
+
+    def decided(msgs: list[Message]) -> bool:
+        return any(d["actor"] == "controller" for d in system.records(msgs, "Promotion"))
+
+    decisions = system.records(
+        system.read(system.catalogue.promotions().name, decided, timeout_s=60), "Promotion"
+    )
+    by_controller = [d for d in decisions if d["actor"] == "controller"]
+    assert [(d["action"], d["version"]) for d in by_controller] == [("DISCARD", 2)]
+    assert "did not win" in by_controller[0]["reason"]
+    evaluations = system.records(
+        system.read(system.catalogue.evaluations().name, lambda m: len(m) > 0), "Evaluation"
+    )
+    assert all(e["challenger_value"] < e["champion_value"] for e in evaluations)
+    preds = system.records(
+        system.read(system.catalogue.predictions("agrawal").name, lambda m: len(m) >= 3000), "Prediction"
+    )
+    assert {(p["model_name"], p["model_version"]) for p in preds} == {("online", 1)}, "never served"
