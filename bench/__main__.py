@@ -382,16 +382,15 @@ class Bench:
              f"silenced by cool-down: {kinds(d('stationary', 'silenced'))}; "
              f"served accuracy {pct(d('stationary', 'served_accuracy'))}"],
             ["monitor service handler (in-process, pre-built records)", n(res["monitor_eps"]), "events/s",
-             f"MonitorService.handle on {n(d('monitor', 'events'))} events = {n(d('monitor', 'messages'))} "
-             f"Avro messages (1 FeatureVector + 1 Prediction each) in batches of {n(d('monitor', 'batch'))}; "
-             "decode, join, metrics, drift detectors; no broker I/O"
-             + (f"; main-thread CPU {cpu[0]:.1f} µs/event" if cpu else "")],
+             f"MonitorService.handle, {n(d('monitor', 'events'))} events = {n(d('monitor', 'messages'))} "
+             f"pre-built Avro msgs (FeatureVector + Prediction), batches of {n(d('monitor', 'batch'))}, "
+             "no broker I/O" + (f"; CPU {cpu[0]:.1f} µs/event" if cpu else "")],
         ]  # fmt: skip
         first = d("stationary", "first")
         title = (
             f"Closed loop (issue 4). Loop: the six services on {closed_loop.DRIFT_SOURCE}, "
             f"{closed_loop.LOOP_EVENTS:,} raw JSON events at {closed_loop.LOOP_RATE:,.0f}/s "
-            f"(achieved {n(d('loop', 'achieved_rate'))}/s), 1 partition. Stationary: "
+            f"(achieved {n(d('loop', 'achieved_rate'))}/s), 1 partition.\nStationary: "
             f"{closed_loop.STATIONARY_SOURCE} served in-process by the learner's snapshots (every "
             f"{closed_loop.OVERRIDES['snapshot_every_events']:,} events, AUTO-promoted), watched by "
             "streams.monitor"

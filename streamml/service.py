@@ -132,6 +132,25 @@ class ControlFollower:
             log.exception("control record %s[%d]@%d could not be applied", topic, partition, offset)
 
 
+def run_service(compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> None:
+    """Entry point of every service: settings, logging, composition, metrics endpoint, then the worker.
+
+    A configuration or broker problem found while composing exits with status 2 and one clear line.
+    """
+    from streamml import metrics
+    from streamml.settings import get_settings
+
+    settings = get_settings()
+    setup_logging(settings)
+    try:
+        app, services = compose(settings)
+    except StreamMLError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
+    metrics.serve(settings.metrics_host, settings.metrics_port)
+    run_worker(app, *services, loglevel=settings.log_level)
+
+
 def run_worker(app: faust.App, *services: Any, loglevel: str = "INFO") -> None:
     """Run the Faust worker (handles SIGTERM/SIGINT: services stop and commit)."""
     worker = faust.Worker(app, *services, loglevel=loglevel.lower(), quiet=True, redirect_stdouts=False)

@@ -15,11 +15,10 @@ from confluent_kafka import TopicPartition
 
 from streamml import metrics
 from streamml.codec import codec_for
-from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import faust_app
-from streamml.service import ControlFollower, now_ms, prepare, run_worker, setup_logging
-from streamml.settings import Settings, get_settings
+from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.controller import Controller
 
@@ -142,12 +141,8 @@ def build(settings: Settings) -> tuple[faust.App, ControllerService]:
 
 
 def main() -> None:
-    settings = get_settings()
-    setup_logging(settings)
-    try:
+    def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
         app, _service = build(settings)
-    except StreamMLError as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    run_worker(app, loglevel=settings.log_level)
+        return app, []
+
+    run_service(compose)

@@ -16,12 +16,12 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from streamml import metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
-from streamml.errors import ConfigError, DecodeError, StreamMLError
+from streamml.errors import ConfigError, DecodeError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
 from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
-from streamml.service import ControlFollower, now_ms, prepare, run_worker, setup_logging
-from streamml.settings import Settings, get_settings
+from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.learner import LabelJoin, OnlineLearner
 
@@ -248,12 +248,8 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
 
 
 def main() -> None:
-    settings = get_settings()
-    setup_logging(settings)
-    try:
+    def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
         app, _service, loop = build(settings)
-    except StreamMLError as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    run_worker(app, loop, loglevel=settings.log_level)
+        return app, [loop]
+
+    run_service(compose)

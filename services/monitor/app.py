@@ -18,11 +18,16 @@ from confluent_kafka import Message
 
 from streamml import metrics
 from streamml.codec import codec_for
-from streamml.errors import StreamMLError
 from streamml.kafka import ensure_topics
 from streamml.runtime import BatchLoop, Output, faust_app
-from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_worker, setup_logging
-from streamml.settings import Settings, get_settings
+from streamml.service import (
+    ControlFollower,
+    dead_letter,
+    now_ms,
+    prepare,
+    run_service,
+)
+from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.monitor import ModelKey, Monitor, MonitorOutput, PipelineMonitor
 
@@ -195,12 +200,8 @@ def build(settings: Settings) -> tuple[faust.App, MonitorService, BatchLoop]:
 
 
 def main() -> None:
-    settings = get_settings()
-    setup_logging(settings)
-    try:
+    def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
         app, _service, loop = build(settings)
-    except StreamMLError as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    run_worker(app, loop, loglevel=settings.log_level)
+        return app, [loop]
+
+    run_service(compose)

@@ -21,8 +21,14 @@ from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_producer
 from streamml.runtime import BatchLoop, Output, faust_app
-from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_worker, setup_logging
-from streamml.settings import Settings, get_settings
+from streamml.service import (
+    ControlFollower,
+    dead_letter,
+    now_ms,
+    prepare,
+    run_service,
+)
+from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
 from streams.predictor import ModelRegistry, RegistryEvent, prediction_record, prediction_records
@@ -269,12 +275,8 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
 
 
 def main() -> None:
-    settings = get_settings()
-    setup_logging(settings)
-    try:
+    def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
         app, _predictor, loop = build(settings)
-    except StreamMLError as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    run_worker(app, loop, loglevel=settings.log_level)
+        return app, [loop]
+
+    run_service(compose)

@@ -27,8 +27,8 @@ from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import faust_app, read_to_end
-from streamml.service import ControlFollower, now_ms, prepare, run_worker, setup_logging
-from streamml.settings import Settings, get_settings
+from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
 from streams.trainer import (
     Dataset,
@@ -365,12 +365,8 @@ def build(settings: Settings) -> tuple[faust.App, Trainer]:
 
 
 def main() -> None:
-    settings = get_settings()
-    setup_logging(settings)
-    try:
+    def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
         app, _trainer = build(settings)
-    except StreamMLError as exc:
-        log.error("%s", exc)
-        raise SystemExit(2) from exc
-    metrics.serve(settings.metrics_host, settings.metrics_port)
-    run_worker(app, loglevel=settings.log_level)
+        return app, []
+
+    run_service(compose)
