@@ -107,7 +107,7 @@ down: ## Stop everything `make demo` started: producer, Prometheus, services, lo
 	$(PYTHON) -m streamml.stack down
 	@$(MAKE) --no-print-directory kafka-down
 
-bench: ## Benchmark the data path on a broker of its own: throughput, e2e and swap latency (~3 min)
+bench: ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min)
 	$(PYTHON) -m bench
 
 prometheus-check: ## Check the Prometheus configs and rules, run the alert unit tests, check the dashboards are generated
