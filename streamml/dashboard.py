@@ -65,6 +65,9 @@ LIVE_VERSION = "streamml_live_model_version"
 SWAPS = "streamml_model_swaps_total"
 LEARNER_METRIC = "streamml_learner_metric"
 VERSIONS_PUBLISHED = "streamml_model_versions_published_total"
+DRIFT_ALERTS = "streamml_drift_alerts_total"
+TRAINING_REQUESTS = "streamml_training_requests_total"
+DECISIONS = "streamml_controller_decisions_total"
 LATENCY_SUM = "streamml_end_to_end_latency_seconds_sum"
 LATENCY_COUNT = "streamml_end_to_end_latency_seconds_count"
 
@@ -154,6 +157,12 @@ class PipelineRow:
     accuracy: float | None  # prequential, over everything the learner has seen
     recent_accuracy: float | None  # prequential, over the events between its last two snapshots
     latency_s: float | None  # mean event-to-prediction latency over the last interval
+    # the closed loop: monitor alerts, controller retrains and decisions (None when not running)
+    drift_alerts: float | None = None
+    retrains: float | None = None
+    shadowed: float | None = None
+    promoted: float | None = None
+    discarded: float | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +344,17 @@ def build_view(
                 accuracy=_gauge(learner, LEARNER_METRIC, pipeline=pipeline, metric="accuracy"),
                 recent_accuracy=(recent_accuracy or {}).get(pipeline),
                 latency_s=_interval_latency(previous, current, pipeline),
+                drift_alerts=_counter(current.samples_of("monitor"), DRIFT_ALERTS, pipeline=pipeline),
+                retrains=_counter(current.samples_of("controller"), TRAINING_REQUESTS, pipeline=pipeline),
+                shadowed=_counter(
+                    current.samples_of("controller"), DECISIONS, pipeline=pipeline, action="SHADOW"
+                ),
+                promoted=_counter(
+                    current.samples_of("controller"), DECISIONS, pipeline=pipeline, action="PROMOTE"
+                ),
+                discarded=_counter(
+                    current.samples_of("controller"), DECISIONS, pipeline=pipeline, action="DISCARD"
+                ),
             )
         )
     return View(current.services, tuple(rows), seconds)
@@ -403,7 +423,8 @@ def render(view: View, *, title: str = "", ascii_only: bool = False) -> Renderab
         "latency",
         box=style,
     )
-    for column in (*flow.columns[2:], *models.columns[2:]):
+    loop = Table("pipeline", "drift alerts", "retrains", "in shadow", "promoted", "discarded", box=style)
+    for column in (*flow.columns[2:], *models.columns[2:], *loop.columns[1:]):
         column.justify = "right"
     for row in view.rows:
         dead = row.dead_lettered
@@ -427,10 +448,18 @@ def render(view: View, *, title: str = "", ascii_only: bool = False) -> Renderab
             _percent(row.recent_accuracy),
             _latency(row.latency_s),
         )
+        loop.add_row(
+            row.pipeline,
+            _count(row.drift_alerts),
+            _count(row.retrains),
+            _count(row.shadowed),
+            _count(row.promoted),
+            _count(row.discarded),
+        )
     header = Text(title, style="bold")
     if not view.rows:
         return Group(header, services, Text("no pipeline has reported yet (apply one and produce events)"))
-    return Group(header, services, flow, models)
+    return Group(header, services, flow, models, loop)
 
 
 # --- I/O -------------------------------------------------------------------------------------------------

@@ -439,3 +439,35 @@ def test_streamml_top_without_a_stack_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "no stack state file" in done.stderr
+
+
+def test_closed_loop_columns_from_monitor_and_controller() -> None:
+    monitor = Target("monitor", 104, 9104, None)
+    controller = Target("controller", 106, 9106, None)
+    monitor_page = (
+        "# TYPE streamml_drift_alerts_total counter\n"
+        'streamml_drift_alerts_total{detector="river.drift.ADWIN",kind="CONCEPT",pipeline="agrawal"} 2.0\n'
+        'streamml_drift_alerts_total{detector="ks",kind="DATA",pipeline="agrawal"} 1.0\n'
+    )
+    controller_page = (
+        "# TYPE streamml_training_requests_total counter\n"
+        'streamml_training_requests_total{pipeline="agrawal",requested_by="controller"} 1.0\n'
+        "# TYPE streamml_controller_decisions_total counter\n"
+        'streamml_controller_decisions_total{action="SHADOW",pipeline="agrawal"} 1.0\n'
+        'streamml_controller_decisions_total{action="PROMOTE",pipeline="agrawal"} 1.0\n'
+    )
+    scrape = Scrape(
+        SECOND.at,
+        (
+            *SECOND.services,
+            ServiceScrape(monitor, parse_metrics(monitor_page)),
+            ServiceScrape(controller, parse_metrics(controller_page)),
+        ),
+    )
+    [row] = [r for r in build_view(FIRST, scrape).rows if r.pipeline == "agrawal"]
+    assert (row.drift_alerts, row.retrains, row.shadowed, row.promoted) == (3.0, 1.0, 1.0, 1.0)
+    assert row.discarded == 0  # the controller runs but has discarded nothing yet
+    assert "drift alerts" in plain(render(build_view(FIRST, scrape)))
+    # without the loop services the columns show as unknown, not zero
+    [without] = [r for r in build_view(FIRST, SECOND).rows if r.pipeline == "agrawal"]
+    assert without.drift_alerts is None and without.promoted is None
