@@ -142,6 +142,11 @@ def predict_one(live: LiveModel, features: Mapping[str, Any]) -> tuple[Any, floa
     return label, float(proba[label]), {str(k): float(v) for k, v in proba.items()}
 
 
+def is_batch_model(live: LiveModel) -> bool:
+    """Whether the model scores a batch in one call (scikit-learn models from the trainer)."""
+    return hasattr(live.model, "predict_proba_batch" if not live.regression else "predict_batch")
+
+
 def answers_for(
     live: LiveModel, batch: list[Mapping[str, Any]]
 ) -> list[tuple[Any, float | None, dict[str, float]]]:

@@ -31,7 +31,14 @@ from streamml.service import (
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
-from streams.predictor import ModelRegistry, RegistryEvent, prediction_record, prediction_records
+from streams.predictor import (
+    LiveModel,
+    ModelRegistry,
+    RegistryEvent,
+    is_batch_model,
+    prediction_record,
+    prediction_records,
+)
 
 log = logging.getLogger(__name__)
 SERVICE = "predictor"
@@ -174,28 +181,36 @@ class Predictor:
             return [dead_letter(self.catalogue, SERVICE, pipeline, msg, exc) for msg, _ in items]
         topic = self.catalogue.predictions(pipeline).name
         latency = metrics.E2E_SECONDS.labels(pipeline)
-        fvs = [fv for _, fv in items]
-        try:
-            records: list[dict[str, Any] | Exception] = list(prediction_records(live, fvs, now))
-        except Exception:  # one bad event fails a batch call: score one by one to isolate it
-            records = []
-            for fv in fvs:
+        served: list[dict[str, Any]] = []
+        append, observe = outputs.append, latency.observe
+        if not is_batch_model(live):  # River, one event at a time: the hot path, kept flat
+            for msg, fv in items:
                 try:
-                    records.append(prediction_record(live, fv, now))
-                except Exception as exc:
-                    records.append(exc)
-        served = []
-        for (msg, fv), record in zip(items, records, strict=True):
+                    value = encode(prediction_record(live, fv, now))
+                except Exception as exc:  # a model that cannot score it, or an unencodable answer
+                    append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
+                    continue
+                append(Output(topic, fv["event_id"].encode(), value))
+                observe(max(0, now - fv["event_time"]) / 1000)
+                served.append(fv)
+        else:  # scikit-learn: one vectorized call for the batch
             try:
-                if isinstance(record, Exception):
-                    raise record
-                value = encode(record)
-            except Exception as exc:  # a model that cannot score it, or an unencodable answer
-                outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
-                continue
-            outputs.append(Output(topic, fv["event_id"].encode(), value))
-            latency.observe(max(0, now - fv["event_time"]) / 1000)
-            served.append(fv)
+                records: list[dict[str, Any] | Exception] = list(
+                    prediction_records(live, [fv for _, fv in items], now)
+                )
+            except Exception:  # one bad event fails a batch call: score one by one to isolate it
+                records = [_attempt(live, fv, now) for _, fv in items]
+            for (msg, fv), record in zip(items, records, strict=True):
+                try:
+                    if isinstance(record, Exception):
+                        raise record
+                    value = encode(record)
+                except Exception as exc:
+                    append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
+                    continue
+                append(Output(topic, fv["event_id"].encode(), value))
+                observe(max(0, now - fv["event_time"]) / 1000)
+                served.append(fv)
         metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(len(served))
         challenger = self.registry.shadow.get(pipeline)
         if challenger is not None and served:
@@ -239,6 +254,14 @@ class Predictor:
         record = prediction_record(live, fake, now)
         return 200, {k: record[k] for k in ("event_id", "pipeline", "model_name", "model_version",
                                             "prediction", "score", "probabilities")}  # fmt: skip
+
+
+def _attempt(live: LiveModel, fv: dict[str, Any], now: int) -> dict[str, Any] | Exception:
+    """The prediction record, or the exception that prevented it (the event is then dead-lettered)."""
+    try:
+        return prediction_record(live, fv, now)
+    except Exception as exc:
+        return exc
 
 
 def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
