@@ -27,7 +27,7 @@ from streamml.runtime import read_to_end
 from streamml.sources import open_source
 from streamml.stack import SERVICES
 from streams.features import FeatureEngine
-from streams.learner import OnlineLearner
+from streams.learner import OnlineLearner, auto_promotion
 from streams.monitor import Monitor
 from streams.predictor import ModelRegistry, prediction_record
 
@@ -196,21 +196,6 @@ class ServedLog:
         return len(self.items)
 
 
-def _auto_promotion(version: Mapping[str, Any], decided_at: int) -> dict[str, Any]:
-    """The Promotion record the learner publishes for each new version in promotion mode AUTO."""
-    return {
-        "pipeline": version["pipeline"],
-        "model_name": version["model_name"],
-        "action": "PROMOTE",
-        "version": version["version"],
-        "previous_version": version["parent_version"],
-        "actor": "auto",
-        "reason": "promotion mode AUTO: each new online version goes live",
-        "metrics": version["metrics"],
-        "decided_at": decided_at,
-    }
-
-
 def serve_stream(definition: dict[str, Any], source: str, n: int, signing_key: bytes) -> ServedLog:
     """The features engine, the online learner and the predictor's registry over `source`, in one loop.
 
@@ -255,7 +240,7 @@ def serve_stream(definition: dict[str, Any], source: str, n: int, signing_key: b
         learner.learn(fv["features"], fv["label"])
         if learner.due(every, math.inf):
             version = learner.snapshot(stamp)
-            promotion = _auto_promotion(version, stamp)
+            promotion = auto_promotion(version, stamp)
             registry.on_version(version)
             registry.on_promotion(promotion)
             out.promotions.append((len(out.items), promotion))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -42,9 +41,6 @@ class AvroCodec:
         except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
             raise SchemaError(f"record does not fit schema {self.schema.name}: {exc}") from exc
         return buf.getvalue()
-
-    def encode_many(self, records: Iterable[Record]) -> list[bytes]:
-        return [self.encode(r) for r in records]
 
     def decode(self, data: bytes) -> Record:
         if data[:2] != MAGIC:

@@ -60,20 +60,27 @@ def faust_app(service: str, settings: Settings, *, app_id: str | None = None, we
     )
 
 
+def watermarks(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, int]] | None:
+    """(low, high) offsets per partition: what is still stored and where it ends. None if no such topic."""
+    meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if meta is None or meta.error is not None:
+        return None
+    marks: dict[int, tuple[int, int]] = {}
+    for p in meta.partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        marks[p] = (int(low), int(high))
+    return marks
+
+
 def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[Message]:
     """Every record currently in a topic (all partitions, oldest first per partition)."""
     consumer = make_consumer(settings, f"{settings.topic_prefix}-reader-{time.monotonic_ns()}")
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
+        marks = watermarks(consumer, topic)
+        if marks is None:
             raise StreamMLError(f"topic {topic} does not exist: run `streamml topics create`")
-        ends: dict[int, int] = {}
-        parts = []
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                parts.append(TopicPartition(topic, p, low))
+        ends = {p: high for p, (low, high) in marks.items() if high > low}
+        parts = [TopicPartition(topic, p, marks[p][0]) for p in ends]
         out: list[Message] = []
         if not parts:
             return out
@@ -96,16 +103,10 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list
 
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    """High watermark of each partition of a topic."""
+    """High watermark of each partition of a topic (empty if the topic does not exist)."""
     consumer = make_consumer(settings, f"{settings.topic_prefix}-watermarks")
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return {}
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in meta.partitions
-        }
+        return {p: high for p, (_low, high) in (watermarks(consumer, topic) or {}).items()}
     finally:
         consumer.close()
 
@@ -127,7 +128,6 @@ class BatchLoop(mode.Service):
         settings: Settings,
         *,
         name: str,
-        group_id: str,
         handler: Handler,
         topics: Callable[[], set[str]],
         on_assign: Callable[[list[TopicPartition]], list[TopicPartition]] | None = None,
@@ -137,7 +137,8 @@ class BatchLoop(mode.Service):
     ) -> None:
         self.settings = settings
         self.name = name
-        self.group_id = group_id
+        # Apart from the Faust app's own group (control agents): two protocols cannot share a group.
+        self.group_id = f"{settings.topic_prefix}-{name}-data"
         self.handler = handler
         self.topics = topics
         self._on_assign_hook = on_assign

@@ -166,3 +166,18 @@ class OnlineLearner:
             "parent_version": parent,
             "created_at": now_ms,
         }
+
+
+def auto_promotion(version: Mapping[str, Any], decided_at: int) -> dict[str, Any]:
+    """The Promotion record the learner publishes for each new version in promotion mode AUTO."""
+    return {
+        "pipeline": version["pipeline"],
+        "model_name": version["model_name"],
+        "action": "PROMOTE",
+        "version": version["version"],
+        "previous_version": version["parent_version"],
+        "actor": "auto",
+        "reason": "promotion mode AUTO: each new online version goes live",
+        "metrics": version["metrics"],
+        "decided_at": decided_at,
+    }

@@ -11,12 +11,11 @@ import math
 from typing import Any
 
 import faust
-from confluent_kafka import TopicPartition
 
 from streamml import metrics
 from streamml.codec import codec_for
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import faust_app
+from streamml.runtime import faust_app, watermarks
 from streamml.service import ControlFollower, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -59,14 +58,7 @@ class ControllerService:
     # -- features-topic progress ----------------------------------------------------------------------
     def progress(self, pipeline: str) -> tuple[int, dict[int, tuple[int, int]]]:
         """Total records in the pipeline's features topic, and (low, high) per partition."""
-        topic = self.catalogue.features(pipeline).name
-        meta = self.watermarks.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return 0, {}
-        marks = {
-            p: self.watermarks.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            for p in meta.partitions
-        }
+        marks = watermarks(self.watermarks, self.catalogue.features(pipeline).name) or {}
         return sum(high for _low, high in marks.values()), marks
 
     def tick(self) -> None:

@@ -142,7 +142,6 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
     loop = BatchLoop(
         settings,
         name=SERVICE,
-        group_id=f"{settings.topic_prefix}-{SERVICE}-data",
         handler=service.handle,
         topics=service.topics,
         ready=ready,

@@ -23,7 +23,7 @@ from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
 from streamml.service import ControlFollower, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import Catalogue
-from streams.learner import LabelJoin, OnlineLearner
+from streams.learner import LabelJoin, OnlineLearner, auto_promotion
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
@@ -206,19 +206,8 @@ class Learner:
         return outputs
 
     def _auto_promotion(self, version: dict[str, Any]) -> Output:
-        decided = now_ms()
-        record = {
-            "pipeline": version["pipeline"],
-            "model_name": version["model_name"],
-            "action": "PROMOTE",
-            "version": version["version"],
-            "previous_version": version["parent_version"],
-            "actor": "auto",
-            "reason": "promotion mode AUTO: each new online version goes live",
-            "metrics": version["metrics"],
-            "decided_at": decided,
-        }
-        key = f"{version['pipeline']}/{version['model_name']}/{decided}".encode()
+        record = auto_promotion(version, now_ms())
+        key = f"{version['pipeline']}/{version['model_name']}/{record['decided_at']}".encode()
         return Output(self.catalogue.promotions().name, key, self._promotions.encode(record))
 
 
@@ -238,7 +227,6 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
     loop = BatchLoop(
         settings,
         name=SERVICE,
-        group_id=f"{settings.topic_prefix}-{SERVICE}-data",
         handler=service.handle,
         topics=service.topics,
         on_assign=service.on_assign,

@@ -191,7 +191,6 @@ def build(settings: Settings) -> tuple[faust.App, MonitorService, BatchLoop]:
     loop = BatchLoop(
         settings,
         name=SERVICE,
-        group_id=f"{settings.topic_prefix}-{SERVICE}-data",
         handler=service.handle,
         topics=service.topics,
         on_idle=service.housekeeping,

@@ -290,7 +290,6 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
     loop = BatchLoop(
         settings,
         name=SERVICE,
-        group_id=f"{settings.topic_prefix}-{SERVICE}-data",
         handler=predictor.handle,
         topics=predictor.topics,
     )

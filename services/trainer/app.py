@@ -27,6 +27,7 @@ from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import faust_app, read_to_end
+from streamml.runtime import watermarks as runtime_watermarks
 from streamml.service import ControlFollower, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
@@ -70,14 +71,10 @@ def watermarks(consumer: Consumer, topics: Sequence[str]) -> dict[tuple[str, int
     """(low, high) of every partition of the topics: what is still stored and where each ends."""
     out: dict[tuple[str, int], tuple[int, int]] = {}
     for topic in topics:
-        meta = consumer.list_topics(topic, timeout=KAFKA_TIMEOUT_S).topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise TrainingFailedError(
-                f"topic {topic} does not exist (is the pipeline's features service up?)"
-            )
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=KAFKA_TIMEOUT_S)
-            out[(topic, p)] = (int(low), int(high))
+        marks = runtime_watermarks(consumer, topic, KAFKA_TIMEOUT_S)
+        if marks is None:
+            raise TrainingFailedError(f"topic {topic} does not exist (is the features service up?)")
+        out.update({(topic, p): mark for p, mark in marks.items()})
     return out
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer
 
 from streamml import control, pipelines
 from streamml.codec import codec_for
 from streamml.kafka import ensure_topics
+from streamml.runtime import end_offsets
 from streamml.settings import Settings
 from streamml.stack import Stack
 from streamml.topics import Catalogue
@@ -94,15 +95,7 @@ class System:
         return [codec.decode(m.value() or b"") for m in msgs]
 
     def end_offsets(self, topic: str) -> dict[int, int]:
-        consumer = Consumer({"bootstrap.servers": self.settings.bootstrap_servers, "group.id": "e2e-offsets"})
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            return {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in meta.partitions
-            }
-        finally:
-            consumer.close()
+        return end_offsets(self.settings, topic)
 
 
 SystemFactory = Callable[..., System]
