@@ -13,6 +13,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
+from streamml import limits
 from streamml.errors import DecodeError, SchemaError
 from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint
 
@@ -79,32 +80,61 @@ def decode_any(data: bytes) -> tuple[str, Record]:
 
 
 def _check_scalar(name: str, value: Any) -> None:
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not -limits.MAX_INT - 1 <= value <= limits.MAX_INT:
+            raise DecodeError(f"field {limits.clip(name, 100)!r}: integer out of the 64-bit range")
+        return
+    if isinstance(value, str):
+        if len(value) > limits.MAX_STRING_CHARS:
+            raise DecodeError(
+                f"field {limits.clip(name, 100)!r}: string of {len(value)} characters "
+                f"(at most {limits.MAX_STRING_CHARS})"
+            )
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise DecodeError(f"field {name!r} is not a finite number")
+            raise DecodeError(f"field {limits.clip(name, 100)!r} is not a finite number")
         return
     kind = (
         "an object" if isinstance(value, dict) else "an array" if isinstance(value, list) else "not a scalar"
     )
-    raise DecodeError(f"field {name!r} is {kind}; raw events hold scalar values only")
+    raise DecodeError(f"field {limits.clip(name, 100)!r} is {kind}; raw events hold scalar values only")
+
+
+def _check_fields(fields: dict[str, Any]) -> None:
+    if len(fields) > limits.MAX_RAW_FIELDS:
+        raise DecodeError(f"{len(fields)} fields in one event (at most {limits.MAX_RAW_FIELDS})")
+    for key, value in fields.items():
+        if not isinstance(key, str) or len(key) > limits.MAX_FIELD_NAME_CHARS:
+            raise DecodeError(f"field name longer than {limits.MAX_FIELD_NAME_CHARS} characters")
+        _check_scalar(key, value)
 
 
 def decode_raw(data: bytes | None) -> Record:
-    """Read a raw event (a flat JSON object of scalars, or an Avro RawEvent) into the RawEvent shape."""
+    """Read a raw event (a flat JSON object of scalars, or an Avro RawEvent) into the RawEvent shape.
+
+    Sizes are bounded before parsing, and anything the parsers raise (deep nesting, huge integers) is a
+    DecodeError: a raw event is data from anyone, so no input may escape as another exception.
+    """
     if data is None:
         raise DecodeError("empty record (null value)")
+    if len(data) > limits.MAX_RAW_BYTES:
+        raise DecodeError(f"raw event of {len(data)} bytes (at most {limits.MAX_RAW_BYTES})")
     if is_avro(data):
-        return codec_for("RawEvent").decode(data)
+        record = codec_for("RawEvent").decode(data)
+        _check_fields(record["fields"])
+        return record
     try:
         obj = json.loads(data)
     except UnicodeDecodeError as exc:
         raise DecodeError("neither Avro (no 0xC3 0x01 header) nor UTF-8 JSON") from exc
     except json.JSONDecodeError as exc:
         raise DecodeError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except (ValueError, RecursionError) as exc:  # integers over 4300 digits, nesting deeper than the stack
+        raise DecodeError(f"JSON the parser refused: {limits.clip(str(exc), 200)}") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"a raw event must be a JSON object, got {type(obj).__name__}")
-    for key, value in obj.items():
-        _check_scalar(key, value)
+    _check_fields(obj)
     return {"fields": obj, "event_time": None}

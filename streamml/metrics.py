@@ -46,6 +46,16 @@ PROMOTIONS = Counter(
     "streamml_promotions_total", "Promotion decisions seen by the predictor.", ["pipeline", "action", "actor"]
 )
 ERRORS = Counter("streamml_errors_total", "Unexpected errors.", ["service", "kind"])
+SKIPPED = Counter(
+    "streamml_records_skipped_total",
+    "Data records deliberately not processed (e.g. their pipeline was deleted), by reason.",
+    ["service", "reason"],
+)
+CONTROL_SKIPPED = Counter(
+    "streamml_control_records_skipped_total",
+    "Control-topic records skipped as invalid (each also logged and alerted as kind CONTROL).",
+    ["service", "topic", "reason"],
+)
 
 
 def serve(host: str, port: int) -> None:

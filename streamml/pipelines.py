@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -10,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from streamml import estimators
+from streamml import estimators, limits
 from streamml.errors import ValidationError
 from streamml.records import PipelineDefinition
-from streamml.topics import PIPELINE_NAME
+from streamml.topics import PIPELINE_NAME, Catalogue
 
 FieldTypeName = Literal["float", "int", "bool", "string"]
 
@@ -205,6 +207,84 @@ def load_file(path: Path) -> PipelineFile:
         return PipelineFile.model_validate(data)
     except Exception as exc:  # pydantic's ValidationError lists every problem with its location
         raise ValidationError(f"{path}: invalid pipeline definition:\n{exc}") from exc
+
+
+_TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+_FIELD_TYPES = {"FLOAT", "INT", "BOOL", "STRING"}
+
+
+def _finite_everywhere(value: Any, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(f"{where} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_everywhere(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_everywhere(v, f"{where}[{i}]")
+
+
+def validate_definition(record: dict[str, Any], catalogue: Catalogue | None = None) -> None:
+    """Raise ValidationError unless a decoded PipelineDefinition can be applied by every service.
+
+    The CLI validates the file it applies, but anyone who can write to the pipelines topic can publish a
+    record: services and the CLI run this on every record they read, so an invalid one is skipped (the
+    previous revision stays in effect) instead of stopping whoever applies it.
+    """
+    from streams.features import FeatureEngine, coerce_value  # the engine knows the step ops and types
+
+    name = record["name"]
+    if not isinstance(name, str) or not PIPELINE_NAME.match(name):
+        raise ValidationError(f"invalid pipeline name {name!r}: use 1-63 lower-case letters, digits, dashes")
+    if record["deleted"]:
+        return
+    _finite_everywhere(record, "definition")
+    raw_topic = record["raw_topic"]
+    if not _TOPIC_NAME.match(raw_topic) or raw_topic.startswith("__"):
+        raise ValidationError(f"raw_topic {raw_topic[:100]!r} is not a usable Kafka topic name")
+    if catalogue is not None:
+        spec = catalogue.resolve(raw_topic)
+        if spec is not None and (spec.role != "raw" or spec.name != catalogue.raw(name).name):
+            raise ValidationError(f"raw_topic {raw_topic!r} is StreamML's {spec.role} topic, not a raw topic")
+    names = [f["name"] for f in record["fields"]]
+    if not names or len(names) != len(set(names)) or len(names) > limits.MAX_RAW_FIELDS:
+        raise ValidationError("fields must be 1..1000 unique names")
+    for f in record["fields"]:
+        if not f["name"] or len(f["name"]) > limits.MAX_FIELD_NAME_CHARS or f["type"] not in _FIELD_TYPES:
+            raise ValidationError(f"invalid field {f['name'][:100]!r} of type {f['type']}")
+    if not record["event_id_field"]:
+        raise ValidationError("event_id_field must not be empty")
+    if not record["label"]["ttl_seconds"] > 0:
+        raise ValidationError("label.ttl_seconds must be > 0")
+    if record["label"]["source"] == "INLINE" and not record["label"]["field"]:
+        raise ValidationError("label source INLINE needs a label field")
+    if record["task"] not in ("BINARY", "MULTICLASS", "REGRESSION"):
+        raise ValidationError(f"unknown task {record['task']!r}")
+    if record["snapshot_every_events"] < 1 or not record["snapshot_every_seconds"] > 0:
+        raise ValidationError("snapshot_every_events must be >= 1 and snapshot_every_seconds > 0")
+    FeatureEngine(record)  # unknown ops, missing inputs, bad or non-JSON step parameters
+    for f in record["fields"]:
+        if f["default"] is not None:
+            coerce_value(f["name"], f["type"], f["default"])
+    models = record["models"]
+    if not any(m["kind"] == "ONLINE" for m in models):
+        raise ValidationError("a pipeline needs at least one online (River) model")
+    if len({m["name"] for m in models}) != len(models):
+        raise ValidationError("model names must be unique")
+    for m in models:
+        library = estimators.library_of(m["estimator_spec"])
+        if library != ("river" if m["kind"] == "ONLINE" else "sklearn"):
+            raise ValidationError(
+                f"model {m['name']!r}: {m['kind'].lower()} model with a {library} estimator"
+            )
+        estimators.build(m["estimator_spec"], estimators.decode_params(m["params"]))
+    monitoring = dict(record["monitoring"])
+    try:
+        monitoring["concept_params"] = {k: json.loads(v) for k, v in monitoring["concept_params"].items()}
+        MonitoringFile.model_validate(monitoring)
+        PolicyFile.model_validate(record["policy"])
+    except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
+        raise ValidationError(f"invalid monitoring or policy section: {exc}") from exc
 
 
 def online_model(definition: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DriftKindSymbol = Literal["CONCEPT", "DATA", "PREDICTION", "ARTIFACT", "UNKNOWN"]
+DriftKindSymbol = Literal["CONCEPT", "DATA", "PREDICTION", "ARTIFACT", "CONTROL", "UNKNOWN"]
 SeveritySymbol = Literal["INFO", "WARNING", "CRITICAL"]
 ModelKindSymbol = Literal["ONLINE", "BATCH", "UNKNOWN"]
 FieldTypeSymbol = Literal["FLOAT", "INT", "BOOL", "STRING", "UNKNOWN"]
@@ -62,7 +62,7 @@ class DriftAlert(_Record):
     model_version: int = Field(..., description="Model version live when the drift was detected.")
     kind: DriftKindSymbol = Field(
         ...,
-        description="CONCEPT: the error stream changed; DATA: a feature's distribution changed; PREDICTION: the score distribution changed; ARTIFACT: a model artifact was rejected.",
+        description="CONCEPT: the error stream changed; DATA: a feature's distribution changed; PREDICTION: the score distribution changed; ARTIFACT: a model artifact was rejected; CONTROL: a control-topic record (definition, version, decision, request) was skipped as invalid.",
     )
     detector: str = Field(..., description="Detector that fired (e.g. 'river.drift.ADWIN', 'ks').")
     feature: str | None = Field(None, description="Feature concerned, for data drift.")
@@ -348,6 +348,10 @@ class Prediction(_Record):
     event_time: int = Field(..., description="When the raw event happened.")
     feature_time: int = Field(..., description="When its features were computed.")
     prediction_time: int = Field(..., description="When the prediction was made.")
+    source: OffsetRange | None = Field(
+        None,
+        description="Where the raw event was read (topic, partition, offset): tells apart predictions of events that share an event id.",
+    )
 
 
 class Promotion(_Record):

@@ -11,13 +11,15 @@ from typing import Any
 import faust
 from confluent_kafka import Message
 
+from streamml import limits
 from streamml.codec import codec_for
-from streamml.errors import DecodeError, StreamMLError
-from streamml.kafka import check_broker, ensure_topics
-from streamml.metrics import DEAD_LETTERED, ERRORS
+from streamml.errors import DecodeError, StreamMLError, ValidationError
+from streamml.kafka import check_broker, ensure_topics, make_producer
+from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
+from streamml.pipelines import validate_definition
 from streamml.runtime import Output, end_offsets, read_to_end
 from streamml.settings import Settings
-from streamml.topics import Catalogue
+from streamml.topics import PIPELINE_NAME, Catalogue
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +43,61 @@ def prepare(settings: Settings) -> Catalogue:
 
 
 def dead_letter(
-    catalogue: Catalogue, service: str, pipeline: str | None, msg: Message, exc: Exception
+    catalogue: Catalogue, service: str, pipeline: str | None, msg: Message, exc: BaseException
 ) -> Output:
-    """A DeadLetter record for the pipeline's dead-letter topic, with the original bytes and the reason."""
+    """A DeadLetter record with the original bytes and the reason, on the dead-letter topic of the
+    pipeline whose topic the record came from (never one named by the record's content, which may not
+    exist), or on the global dead-letter topic. What it echoes is capped so it always fits a message.
+    """
     reason = type(exc).__name__
-    DEAD_LETTERED.labels(service, pipeline or "", reason).inc()
+    source = catalogue.resolve(msg.topic() or "")
+    owner = source_pipeline(catalogue, msg.topic() or "") if source is not None else None
+    if owner is None and pipeline is not None and PIPELINE_NAME.match(pipeline) and source is None:
+        owner = pipeline  # a topic outside the catalogue (a user-named raw topic) of a known pipeline
+    DEAD_LETTERED.labels(service, owner or "", reason).inc()
+    key = msg.key() if isinstance(msg.key(), bytes) else None
+    value = msg.value() if isinstance(msg.value(), bytes) else None
+    key, _ = limits.clip_bytes(key, limits.DEAD_LETTER_KEY_BYTES)
+    value, cut = limits.clip_bytes(value, limits.DEAD_LETTER_VALUE_BYTES)
+    error = limits.clip(str(exc) or reason)
+    if cut:
+        error += (
+            f" (original value truncated: {cut} of {cut + limits.DEAD_LETTER_VALUE_BYTES} bytes left out)"
+        )
     record = {
-        "source_topic": msg.topic() or "",
+        "source_topic": limits.clip(msg.topic() or "", 300),
         "source_partition": msg.partition() or 0,
         "source_offset": msg.offset() or 0,
-        "original_key": msg.key() if isinstance(msg.key(), bytes) else None,
-        "original_value": msg.value() if isinstance(msg.value(), bytes) else None,
+        "original_key": key,
+        "original_value": value,
         "error_type": reason,
-        "error": str(exc),
+        "error": error,
         "service": service,
-        "pipeline": pipeline,
+        "pipeline": owner,
         "failed_at": now_ms(),
     }
-    topic = catalogue.dead_letter(pipeline).name if pipeline else f"{catalogue.prefix}.dead-letter"
-    key = f"{record['source_topic']}/{record['source_partition']}/{record['source_offset']}".encode()
-    return Output(topic, key, codec_for("DeadLetter").encode(record))
+    topic = catalogue.dead_letter(owner).name if owner else catalogue.dead_letters().name
+    out_key = f"{record['source_topic']}/{record['source_partition']}/{record['source_offset']}".encode()
+    return Output(topic, out_key, codec_for("DeadLetter").encode(record))
+
+
+def source_pipeline(catalogue: Catalogue, topic: str) -> str | None:
+    """The pipeline a per-pipeline topic of the catalogue belongs to (None for other topics)."""
+    spec = catalogue.resolve(topic)
+    if spec is None or spec.role not in Catalogue.PIPELINE_ROLES:
+        return None
+    return topic[len(catalogue.prefix) + 1 : -(len(spec.role) + 1)]
+
+
+Apply = Callable[[dict[str, Any] | None, Any], None]
+Validate = Callable[[dict[str, Any]], None]
+
+
+def check_record_pipeline(record: dict[str, Any]) -> None:
+    """Control records name a pipeline: it must be a valid name (it becomes part of topic names)."""
+    name = record.get("pipeline", record.get("name"))
+    if not isinstance(name, str) or not PIPELINE_NAME.match(name):
+        raise ValidationError(f"invalid pipeline name {limits.clip(repr(name), 80)}")
 
 
 @dataclass
@@ -70,14 +107,25 @@ class ControlFollower:
     The bootstrap reads each topic to its end before the data path starts ("load the live state before
     consuming"); a Faust agent then follows the topic, and records it already applied are skipped by
     offset, so replays after a restart or rebalance change nothing.
+
+    Every record has one fate: applied, or skipped with a logged reason, the `streamml_control_skipped_total`
+    metric and a DriftAlert of kind CONTROL. A record is validated in full before it is applied (so a bad
+    revision never replaces a good one), and nothing it raises escapes: a poison record on a compacted
+    topic would otherwise stop the service at every start.
     """
 
     settings: Settings
+    service: str = ""
     applied: dict[tuple[str, int], int] = field(default_factory=dict)
+    validators: dict[str, Validate] = field(default_factory=dict)
+    skipped: int = 0
+    _alerts: Any = None
 
-    def bootstrap(
-        self, topic: str, schema: str, apply: Callable[[dict[str, Any] | None, Message], None]
-    ) -> int:
+    def __post_init__(self) -> None:
+        catalogue = Catalogue(self.settings)
+        self.validators.setdefault("PipelineDefinition", lambda r: validate_definition(r, catalogue))
+
+    def bootstrap(self, topic: str, schema: str, apply: Apply) -> int:
         msgs = read_to_end(self.settings, topic)
         for msg in msgs:
             self._apply(topic, schema, msg.partition() or 0, msg.offset() or 0, msg.value(), apply, msg)
@@ -88,9 +136,7 @@ class ControlFollower:
         for msg_partition, high in end_offsets(self.settings, topic).items():
             self.applied[(topic, msg_partition)] = high
 
-    def follow(
-        self, app: faust.App, topic: str, schema: str, apply: Callable[[dict[str, Any] | None, Any], None]
-    ) -> None:
+    def follow(self, app: faust.App, topic: str, schema: str, apply: Apply) -> None:
         """Register a Faust agent that applies new records of `topic`."""
         channel = app.topic(topic, value_serializer="raw", key_serializer="raw")
 
@@ -110,26 +156,90 @@ class ControlFollower:
         partition: int,
         offset: int,
         value: bytes | None,
-        apply: Callable[[dict[str, Any] | None, Any], None],
+        apply: Apply,
         msg: Any,
     ) -> None:
         if offset < self.applied.get((topic, partition), 0):
             return
         self.applied[(topic, partition)] = offset + 1
-        if value is None:
-            apply(None, msg)
-            return
+        record: dict[str, Any] | None = None
         try:
+            if value is None:
+                apply(None, msg)  # a tombstone: services ignore or forget what it keys
+                return
+            if not isinstance(value, bytes) or len(value) > limits.MAX_CONTROL_BYTES:
+                raise DecodeError("record too large for a control topic")
             record = codec_for(schema).decode(value)
-        except DecodeError as exc:
-            ERRORS.labels(self.settings.client_id, "control_decode").inc()
-            log.error("skipping undecodable record %s[%d]@%d: %s", topic, partition, offset, exc)
-            return
-        try:
+            if schema in _PIPELINE_NAMED:
+                check_record_pipeline(record)
+            validate = self.validators.get(schema)
+            if validate is not None:
+                validate(record)
             apply(record, msg)
-        except StreamMLError:
-            ERRORS.labels(self.settings.client_id, "control_apply").inc()
-            log.exception("control record %s[%d]@%d could not be applied", topic, partition, offset)
+        except Exception as exc:  # the record boundary: whatever it raises, the record is skipped
+            self.skip(topic, partition, offset, exc, record)
+
+    def skip(
+        self, topic: str, partition: int, offset: int, exc: BaseException, record: dict[str, Any] | None
+    ) -> None:
+        """Log, count and alert one control record that cannot be applied."""
+        self.skipped += 1
+        reason = type(exc).__name__
+        CONTROL_SKIPPED.labels(self.service or self.settings.client_id, topic, reason).inc()
+        message = limits.clip(f"{self.service or 'service'} skipped {topic}[{partition}]@{offset}: {exc}")
+        log.error("%s", message, exc_info=not isinstance(exc, StreamMLError))
+        pipeline = ""
+        if record is not None:
+            name = record.get("pipeline", record.get("name"))
+            if isinstance(name, str) and PIPELINE_NAME.match(name):
+                pipeline = name
+        alert = {
+            "alert_id": f"control-{topic}-{partition}-{offset}-{self.service}",
+            "pipeline": pipeline,
+            "model_name": "",
+            "model_version": 0,
+            "kind": "CONTROL",
+            "detector": f"control:{self.service}",
+            "feature": None,
+            "statistic": None,
+            "threshold": None,
+            "window": [
+                {"topic": topic, "partition": partition, "start_offset": offset, "end_offset": offset + 1}
+            ],
+            "severity": "CRITICAL",
+            "message": message,
+            "detected_at": now_ms(),
+        }
+        alerts_topic = Catalogue(self.settings).drift_alerts().name
+        if topic == alerts_topic:
+            return  # a bad alert is not answered with another alert (no loops between services)
+        try:
+            if self._alerts is None:
+                self._alerts = make_producer(self.settings, **{"linger.ms": 0})
+            self._alerts.produce(
+                alerts_topic,
+                codec_for("DriftAlert").encode(alert),
+                pipeline.encode(),
+            )
+            self._alerts.poll(0)
+        except Exception:  # the alert is best effort: the log line and the metric are the record
+            ERRORS.labels(self.service or self.settings.client_id, "control_alert").inc()
+            log.exception("could not publish the CONTROL alert for %s[%d]@%d", topic, partition, offset)
+
+    def close(self) -> None:
+        if self._alerts is not None:
+            self._alerts.flush(5)
+
+
+# Control records whose `pipeline` (or `name`) field becomes part of topic names.
+_PIPELINE_NAMED = {
+    "PipelineDefinition",
+    "ModelVersion",
+    "Promotion",
+    "TrainingRequest",
+    "TrainingResult",
+    "Evaluation",
+}
 
 
 def run_service(compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> None:

@@ -65,6 +65,7 @@ class Catalogue:
         "training-results",
         "drift-alerts",
         "evaluations",
+        "dead-letter",
     )
     PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
 
@@ -125,6 +126,15 @@ class Catalogue:
             1, self.rf, retention_ms=30 * DAY_MS,
         )  # fmt: skip
 
+    def dead_letters(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.dead-letter", "dead-letter", "DeadLetter", "avro",
+            "source topic/partition/offset",
+            "Records no pipeline could claim (unknown or invalid pipeline), with the original bytes and the "
+            "reason.",
+            1, self.rf, retention_ms=30 * DAY_MS,
+        )  # fmt: skip
+
     # -- per-pipeline data topics -----------------------------------------------------------------
     def _data(
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
@@ -177,6 +187,7 @@ class Catalogue:
             self.training_results(),
             self.drift_alerts(),
             self.evaluations(),
+            self.dead_letters(),
         ]
 
     def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from streamml import limits
 from streamml.errors import ValidationError
 
 Scalar = bool | int | float | str | None
@@ -22,9 +23,10 @@ Features = dict[str, float | str]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n"}
+_MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 
 
-def _coerce(name: str, kind: str, value: Scalar) -> float | str:
+def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
     """One raw value as its declared type (bools and ints become floats for the models)."""
     if kind == "STRING":
         if isinstance(value, bool | int | float | str):
@@ -39,17 +41,51 @@ def _coerce(name: str, kind: str, value: Scalar) -> float | str:
     elif kind in ("FLOAT", "INT"):
         number: float | None = None
         if isinstance(value, int | float):  # bool is an int too
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                number = None
         elif isinstance(value, str):
             try:
                 number = float(value.strip())
-            except ValueError:
+            except (ValueError, OverflowError):
                 number = None
         if number is not None and math.isfinite(number):
             if kind == "INT" and not number.is_integer():
                 raise ValidationError(f"field {name!r}: expected an integer, got {value!r}")
             return number
-    raise ValidationError(f"field {name!r}: expected {kind.lower()}, got {type(value).__name__} {value!r}")
+    shown = limits.clip(repr(value), 80)
+    raise ValidationError(f"field {name!r}: expected {kind.lower()}, got {type(value).__name__} {shown}")
+
+
+def coerce_label(task: str, value: Scalar, name: str = "label") -> Scalar:
+    """A label as the pipeline's task needs it, or a ValidationError: later stages trust its type.
+
+    BINARY: a bool, 0/1, or true/false-like text (text becomes a bool, numbers the int 0 or 1);
+    MULTICLASS: a class name (text up to MAX_LABEL_CHARS, a bool or an integer); REGRESSION: a finite number.
+    """
+    if task == "REGRESSION":
+        return float(coerce_value(name, "FLOAT", value))
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise ValidationError(f"label {value!r} is not a class (classes are integers or names)")
+        if task == "BINARY" and value not in (0, 1):
+            raise ValidationError(f"binary label must be 0/1 or true/false, got {value!r}")
+        if abs(value) > limits.MAX_INT:
+            raise ValidationError("label out of the 64-bit integer range")
+        return int(value)
+    if isinstance(value, str):
+        if task == "BINARY":
+            text = value.strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValidationError(f"binary label must be 0/1 or true/false, got {limits.clip(value, 80)!r}")
+        if not value or len(value) > limits.MAX_LABEL_CHARS:
+            raise ValidationError(f"a class label is 1..{limits.MAX_LABEL_CHARS} characters")
+        return value
+    raise ValidationError(f"label must be a scalar, got {type(value).__name__}")
 
 
 @dataclass
@@ -91,8 +127,12 @@ def _number(op: str, name: str, value: Any, kind: type[float] | type[int] = floa
         raise ValidationError(f"feature step {op!r}: {name} must be a number, got {value!r}")
     try:
         number = kind(value)
-    except ValueError:
-        raise ValidationError(f"feature step {op!r}: {name} must be a number, got {value!r}") from None
+        ok = math.isfinite(number)
+    except (ValueError, OverflowError):
+        ok = False
+    if not ok:
+        shown = limits.clip(repr(value), 80)
+        raise ValidationError(f"feature step {op!r}: {name} must be a finite number, got {shown}")
     return number
 
 
@@ -184,11 +224,13 @@ def _event_time(value: Scalar) -> int:
     if isinstance(value, bool) or value is None:
         raise ValidationError(f"event time must be ms since epoch or ISO-8601, got {value!r}")
     if isinstance(value, int | float):
+        if not (math.isfinite(value) and 0 <= value <= _MAX_TIME_MS):
+            raise ValidationError(f"event time {value!r} is out of range (ms since epoch, up to year 9999)")
         return int(value)
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise ValidationError(f"event time {value!r} is not ISO-8601") from exc
+        raise ValidationError(f"event time {limits.clip(value, 80)!r} is not ISO-8601") from exc
     if parsed.tzinfo is None:  # no offset: UTC, never the host's zone, so every host agrees
         parsed = parsed.replace(tzinfo=UTC)
     return (parsed - _EPOCH) // timedelta(milliseconds=1)  # exact integer ms, no float rounding
@@ -206,27 +248,62 @@ class FeatureEngine:
         self.fields = [(f["name"], f["type"], f["required"], f["default"]) for f in definition["fields"]]
         label = definition["label"]
         self.label_field: str | None = label["field"] if label["source"] == "INLINE" else None
-        self.regression = definition["task"] == "REGRESSION"
+        self.task: str = definition["task"]
+        self.regression = self.task == "REGRESSION"
         self.steps: list[Step] = []
-        known = {f[0] for f in self.fields}
+        # What each model input must be (text for STRING fields, a float for everything else): the learner
+        # and predictor check vectors they read against it, since anyone may write to a features topic.
+        self.kinds: dict[str, type] = {f[0]: str if f[1] == "STRING" else float for f in self.fields}
         for step in definition["feature_steps"]:
-            params = {k: json.loads(v) for k, v in step["params"].items()}
-            missing = [i for i in step["inputs"] if i not in known]
+            try:
+                params = {k: json.loads(v) for k, v in step["params"].items()}
+            except ValueError as exc:
+                raise ValidationError(f"feature step {step['op']!r}: parameters are not JSON: {exc}") from exc
+            missing = [i for i in step["inputs"] if i not in self.kinds]
             if missing and step["op"] not in ("fill_missing", "drop"):
                 raise ValidationError(f"feature step {step['op']!r} reads unknown feature(s) {missing}")
             self.steps.append(_build_step(step["op"], step["output"], list(step["inputs"]), params))
             if step["output"]:
-                known.add(step["output"])
+                self.kinds[step["output"]] = float
         self.windows = KeyedWindows()
+
+    def check_vector(self, fv: Mapping[str, Any]) -> None:
+        """Raise ValidationError unless a feature vector read from a topic fits this revision."""
+        event_id = fv["event_id"]
+        if not event_id or len(event_id) > limits.MAX_EVENT_ID_CHARS:
+            raise ValidationError(f"event id must be 1..{limits.MAX_EVENT_ID_CHARS} characters")
+        kinds = self.kinds
+        for name, value in fv["features"].items():
+            kind = kinds.get(name)
+            if kind is None:
+                raise ValidationError(
+                    f"unknown feature {limits.clip(name, 80)!r} for pipeline {self.pipeline}"
+                )
+            if type(value) is not kind:
+                raise ValidationError(f"feature {name!r} must be {kind.__name__}, got {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValidationError(f"feature {name!r} is not a finite number")
+            if isinstance(value, str) and len(value) > limits.MAX_STRING_CHARS:
+                raise ValidationError(f"feature {name!r} is longer than {limits.MAX_STRING_CHARS} characters")
+        label = fv["label"]
+        if label is not None and coerce_label(self.task, label) != label:
+            raise ValidationError(f"label {limits.clip(repr(label), 80)} does not fit task {self.task}")
 
     def transform(
         self, raw: Mapping[str, Any], *, timestamp_ms: int, now_ms: int, source: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The FeatureVector record of one raw event; raises ValidationError with the reason if invalid."""
+        """The FeatureVector record of one raw event; raises ValidationError with the reason if invalid.
+
+        Everything that can refuse the event is checked before the per-key windows change, so a refused
+        event leaves no trace in them.
+        """
         values: Mapping[str, Scalar] = raw["fields"]
         event_id = values.get(self.id_field)
         if event_id is None or isinstance(event_id, bool | float) or event_id == "":
             raise ValidationError(f"missing or invalid event id field {self.id_field!r}")
+        event_id = str(event_id)
+        if len(event_id) > limits.MAX_EVENT_ID_CHARS:
+            raise ValidationError(f"event id longer than {limits.MAX_EVENT_ID_CHARS} characters")
         features: Features = {}
         for name, kind, required, default in self.fields:
             value = values.get(name)
@@ -236,22 +313,24 @@ class FeatureEngine:
                 if default is None:
                     continue
                 value = default
-            features[name] = _coerce(name, kind, value)
+            features[name] = coerce_value(name, kind, value)
         key = values.get(self.key_field) if self.key_field else None
         key_str = None if key is None else str(key)
-        for step in self.steps:
-            step(features, key_str, self.windows)
+        if key_str is not None and len(key_str) > limits.MAX_EVENT_ID_CHARS:
+            raise ValidationError(f"key longer than {limits.MAX_EVENT_ID_CHARS} characters")
         label: Scalar = None
         if self.label_field is not None:
             label = values.get(self.label_field)
-            if label is not None and self.regression:
-                label = float(_coerce(self.label_field, "FLOAT", label))
+            if label is not None:
+                label = coerce_label(self.task, label, self.label_field)
         if self.time_field and values.get(self.time_field) is not None:
             event_time = _event_time(values[self.time_field])
         else:
             event_time = raw.get("event_time") or timestamp_ms
+        for step in self.steps:
+            step(features, key_str, self.windows)
         return {
-            "event_id": str(event_id),
+            "event_id": event_id,
             "key": key_str,
             "pipeline": self.pipeline,
             "pipeline_revision": self.revision,

@@ -207,4 +207,5 @@ def _record(
         "event_time": fv["event_time"],
         "feature_time": fv["feature_time"],
         "prediction_time": now_ms,
+        "source": fv.get("source"),  # the raw event's offset: tells apart events that share an id
     }

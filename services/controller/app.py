@@ -30,7 +30,7 @@ class ControllerService:
         self.settings = settings
         self.catalogue = catalogue
         self.logic = Controller(now_ms)
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.producer = make_producer(settings, **{"linger.ms": 0})
         self.watermarks = make_consumer(settings, f"{settings.topic_prefix}-{SERVICE}-watermarks")
 

@@ -16,7 +16,6 @@ from confluent_kafka import Message
 
 from streamml import metrics
 from streamml.codec import codec_for, decode_raw
-from streamml.errors import DecodeError, StreamMLError
 from streamml.kafka import ensure_topics
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
@@ -38,7 +37,7 @@ class Features:
     def __init__(self, settings: Settings, catalogue: Catalogue) -> None:
         self.settings = settings
         self.catalogue = catalogue
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.engines: dict[str, FeatureEngine] = {}
         self.by_topic: dict[str, FeatureEngine] = {}
         self.table: Any = None  # the Faust table of windows, set by `build`
@@ -50,14 +49,16 @@ class Features:
         if record is None:
             return
         name = record["name"]
+        engine = None
+        if not record["deleted"]:  # build and prepare the new revision before dropping the old one
+            engine = FeatureEngine(record)
+            ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
         old = self.engines.pop(name, None)
         if old is not None:
-            self.by_topic.pop(next(t for t, e in self.by_topic.items() if e is old), None)
-        if record["deleted"]:
+            self.by_topic = {t: e for t, e in self.by_topic.items() if e is not old}
+        if engine is None:
             log.info("pipeline %s deleted", name)
             return
-        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
-        engine = FeatureEngine(record)
         if old is not None:
             engine.windows = old.windows  # a new revision keeps the per-key history
         elif self.table is not None:
@@ -85,6 +86,7 @@ class Features:
             topic = msg.topic() or ""
             engine = self.by_topic.get(topic)
             if engine is None:  # pipeline deleted while its records were in flight
+                metrics.SKIPPED.labels(SERVICE, "pipeline_deleted").inc()
                 continue
             try:
                 raw = decode_raw(msg.value())
@@ -97,7 +99,7 @@ class Features:
                 }
                 fv = engine.transform(raw, timestamp_ms=msg.timestamp()[1], now_ms=now, source=source)
                 value = encode(fv)
-            except (DecodeError, StreamMLError) as exc:
+            except Exception as exc:  # the record boundary: any failure dead-letters this record only
                 outputs.append(dead_letter(self.catalogue, SERVICE, engine.pipeline, msg, exc))
                 continue
             outputs.append(

@@ -16,13 +16,14 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from streamml import metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
-from streamml.errors import ConfigError, DecodeError
+from streamml.errors import ConfigError, DecodeError, ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
 from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
-from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import Catalogue
+from streams.features import FeatureEngine, coerce_label
 from streams.learner import LabelJoin, OnlineLearner, auto_promotion
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,16 @@ class Learner:
         self.settings = settings
         self.catalogue = catalogue
         self.key = key
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.learners: dict[str, OnlineLearner] = {}
         self.joins: dict[str, LabelJoin] = {}
+        self.engines: dict[str, FeatureEngine] = {}  # what each pipeline's feature vectors must look like
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}  # last published version per model
         self.topic_roles: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, "features" | "labels")
         self.live_model: dict[str, str] = {}  # pipeline -> name of the model serving it
+        self.known_versions: set[tuple[str, str, int]] = set()  # (pipeline, model, version) published
+        self.pending: dict[str, dict[str, Any]] = {}  # pipeline -> decision whose version is not seen yet
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._versions = codec_for("ModelVersion")
@@ -48,14 +52,18 @@ class Learner:
 
     # -- control --------------------------------------------------------------------------------------
     def load_versions(self) -> None:
-        for msg in read_to_end(self.settings, self.catalogue.model_versions().name):
+        topic = self.catalogue.model_versions().name
+        for msg in read_to_end(self.settings, topic):
+            # the follower of model-versions starts after what was read here
+            self.control.applied[(topic, msg.partition() or 0)] = (msg.offset() or 0) + 1
             if msg.value() is None:
                 continue
             try:
                 rec = self._versions.decode(msg.value() or b"")
             except DecodeError:
-                continue
+                continue  # the predictor and trainer report a bad version (CONTROL alert)
             key = (rec["pipeline"], rec["model_name"])
+            self.known_versions.add((rec["pipeline"], rec["model_name"], int(rec["version"])))
             if rec["kind"] == "ONLINE" and rec["version"] >= self.latest.get(key, {}).get("version", 0):
                 self.latest[key] = rec
 
@@ -66,26 +74,67 @@ class Learner:
         if record["deleted"]:
             self.pipelines.pop(name, None)
             self.learners.pop(name, None)
+            self.engines.pop(name, None)
             self.topic_roles = {t: r for t, r in self.topic_roles.items() if r[0] != name}
             return
-        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
-        self.pipelines[name] = record
+        # Everything that can fail comes first, so a revision that cannot be applied changes nothing.
+        engine = FeatureEngine(record)
         model = online_model(record)
         regression = record["task"] == "REGRESSION"
         current = self.learners.get(name)
         same = current is not None and (current.model_name, current.estimator_spec, current.params) == (
             model["name"], model["estimator_spec"], dict(model["params"])
         )  # fmt: skip
-        if not same:
-            self.learners[name] = self._new_learner(name, model, regression)
+        learner = current if same and current is not None else self._new_learner(name, model, regression)
+        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+        self.engines[name] = engine
+        self.pipelines[name] = record
+        self.learners[name] = learner
         self.joins[name] = LabelJoin(ttl_s=record["label"]["ttl_seconds"])
         self.topic_roles[self.catalogue.features(name).name] = (name, "features")
         if record["label"]["source"] == "TOPIC":
             self.topic_roles[self.catalogue.labels(name).name] = (name, "labels")
 
+    def on_version(self, record: dict[str, Any] | None, _msg: Any) -> None:
+        """Remember which versions exist; a decision that was waiting for its version now counts."""
+        if record is None:
+            return
+        self.known_versions.add((record["pipeline"], record["model_name"], int(record["version"])))
+        pending = self.pending.get(record["pipeline"])
+        if pending is not None and (pending["model_name"], pending["version"]) == (
+            record["model_name"],
+            record["version"],
+        ):
+            del self.pending[record["pipeline"]]
+            self.live_model[record["pipeline"]] = pending["model_name"]
+
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
-        if record is not None and record["action"] in ("PROMOTE", "ROLLBACK"):
-            self.live_model[record["pipeline"]] = record["model_name"]
+        """Which model serves each pipeline: AUTO promotion stops while another model serves.
+
+        A decision naming a model the pipeline does not declare is refused (skipped with a CONTROL alert);
+        one naming a version not yet seen counts only once that version exists, so a PROMOTE of something
+        that does not exist can never stop AUTO promotion.
+        """
+        if record is None or record["action"] not in ("PROMOTE", "ROLLBACK"):
+            return
+        pipeline, model = record["pipeline"], record["model_name"]
+        definition = self.pipelines.get(pipeline)
+        if definition is not None and model not in {m["name"] for m in definition["models"]}:
+            raise ValidationError(
+                f"{record['action']} names model {model!r}, not declared by pipeline {pipeline}"
+            )
+        if (pipeline, model, int(record["version"])) in self.known_versions:
+            self.pending.pop(pipeline, None)
+            self.live_model[pipeline] = model
+        else:
+            log.warning(
+                "%s: %s of %s v%s waits for that version",
+                pipeline,
+                record["action"],
+                model,
+                record["version"],
+            )
+            self.pending[pipeline] = record
 
     def on_alert(self, record: dict[str, Any] | None, _msg: Any) -> None:
         """With `policy.reset_online_on_drift`, concept drift restarts the online model from scratch."""
@@ -157,22 +206,24 @@ class Learner:
             learner = self.learners[pipeline]
             partition, offset = msg.partition() or 0, msg.offset() or 0
             learner.consumed(topic, partition, offset)
-            try:
+            try:  # the record boundary: a record that cannot be learned is dead-lettered, never fatal
                 if kind == "features":
                     fv = self._features.decode(msg.value() or b"")
+                    self.engines[pipeline].check_vector(fv)
                     if self.pipelines[pipeline]["label"]["source"] == "INLINE":
                         pair = fv if fv["label"] is not None else None
                     else:
                         pair = self.joins[pipeline].add_features(fv, now)
                 else:
                     label = self._labels.decode(msg.value() or b"")
-                    pair = self.joins[pipeline].add_label(label["event_id"], label["label"], now)
-            except (DecodeError, KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: skipping %s[%d]@%d: %s", pipeline, topic, partition, offset, exc)
+                    value = coerce_label(self.pipelines[pipeline]["task"], label["label"])
+                    pair = self.joins[pipeline].add_label(label["event_id"], value, now)
+                if pair is None:
+                    continue
+                learner.learn(pair["features"], pair["label"])
+            except Exception as exc:
+                outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
                 continue
-            if pair is None:
-                continue
-            learner.learn(pair["features"], pair["label"])
             if learner.since_snapshot >= self.pipelines[pipeline]["snapshot_every_events"]:
                 outputs += self._snapshot(pipeline, learner)  # exactly every N labelled events
         return outputs + self.snapshots()
@@ -193,6 +244,7 @@ class Learner:
         """Publish the learner's state as a new version (and, in AUTO mode, promote it)."""
         record = learner.snapshot(now_ms())
         self.latest[(name, learner.model_name)] = record
+        self.known_versions.add((name, learner.model_name, int(record["version"])))
         key = f"{name}/{learner.model_name}/{record['version']}".encode()
         outputs = [Output(self.catalogue.model_versions().name, key, self._versions.encode(record))]
         metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
@@ -223,6 +275,7 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
     app = faust_app(SERVICE, settings)
     service.control.follow(app, catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
     service.control.follow(app, catalogue.promotions().name, "Promotion", service.on_promotion)
+    service.control.follow(app, catalogue.model_versions().name, "ModelVersion", service.on_version)
     service.control.follow(app, catalogue.drift_alerts().name, "DriftAlert", service.on_alert)
     loop = BatchLoop(
         settings,

@@ -42,7 +42,7 @@ class MonitorService:
         self.settings = settings
         self.catalogue = catalogue
         self.monitor = Monitor()
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.routes: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, role)
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")

@@ -64,7 +64,7 @@ class Predictor:
         self.registry = ModelRegistry(signing_key=key)
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.engines: dict[str, FeatureEngine] = {}
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.alerts = make_producer(settings, **{"linger.ms": 0})
         self._features = codec_for("FeatureVector")
         self._predictions = codec_for("Prediction")

@@ -162,7 +162,7 @@ class Trainer:
         self.catalogue = catalogue
         self.key = key
         self.state = TrainerState()
-        self.control = ControlFollower(settings)
+        self.control = ControlFollower(settings, SERVICE)
         self.answered: set[str] = set()
         self.producer = make_producer(settings, **{"linger.ms": 0, "message.max.bytes": MODEL_MAX_BYTES})
         self._requests = codec_for("TrainingRequest")

@@ -16,6 +16,7 @@ PREDICTION = {
     "event_id": "e-1", "key": "k", "pipeline": "p", "model_name": "m", "model_version": 7,
     "prediction": True, "score": 0.8, "probabilities": {"True": 0.8, "False": 0.2}, "shadow": False,
     "event_time": 1_700_000_000_000, "feature_time": 1_700_000_000_001, "prediction_time": 1_700_000_000_002,
+    "source": None,
 }  # fmt: skip
 
 

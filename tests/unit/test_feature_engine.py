@@ -436,11 +436,35 @@ def test_non_numeric_window_is_a_validation_error(tmp_path: Path) -> None:
 # --- labels --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label", [True, False, "spam", 3, 0])
-def test_classification_label_is_kept_as_is(tmp_path: Path, label: Any) -> None:
+@pytest.mark.parametrize("label", [True, False, 1, 0])
+def test_binary_label_is_kept_as_is(tmp_path: Path, label: Any) -> None:
     engine = engine_from(tmp_path, SHOP)
     out = run(engine, shop_event(label=label))
     assert out["label"] == label and type(out["label"]) is type(label)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("yes", True), (" False ", False), (1.0, 1), ("0", False)])
+def test_binary_label_text_and_integral_floats_become_one_type(
+    tmp_path: Path, raw: Any, expected: Any
+) -> None:
+    out = run(engine_from(tmp_path, SHOP), shop_event(label=raw))
+    assert out["label"] == expected and type(out["label"]) is type(expected)
+
+
+@pytest.mark.parametrize("label", ["spam", "garbage", 3, -1, 0.5, "x" * 300])
+def test_binary_label_outside_the_task_is_refused_before_windows_change(tmp_path: Path, label: Any) -> None:
+    engine = engine_from(tmp_path, SHOP)
+    with pytest.raises(ValidationError, match=r"label"):
+        run(engine, shop_event(label=label))
+    text = with_steps("- {op: rolling_count, output: n, inputs: [a], window: 5}").replace(
+        "task: regression", "label: {source: inline, field: y}\ntask: binary"
+    )
+    rolling = engine_from(tmp_path, text)
+    assert run(rolling, {"event_id": "1", "user": "u", "a": 1, "b": 2, "y": 1})["features"]["n"] == 1
+    with pytest.raises(ValidationError, match=r"label"):
+        run(rolling, {"event_id": "2", "user": "u", "a": 1, "b": 2, "y": label})
+    # a refused event leaves no trace in the per-key windows
+    assert run(rolling, {"event_id": "3", "user": "u", "a": 1, "b": 2, "y": 0})["features"]["n"] == 2
 
 
 def test_missing_inline_label_is_null(tmp_path: Path) -> None:

@@ -257,6 +257,7 @@ def test_classification_prediction_record() -> None:
         "event_time": 1_700_000_000_100,
         "feature_time": 1_700_000_000_200,
         "prediction_time": 1_700_000_000_999,
+            "source": None,
     }
     assert isinstance(record["prediction"], bool)
     assert Prediction.model_validate(record).to_avro() == record
