@@ -133,7 +133,10 @@ def plan_request(request: Mapping[str, Any], state: TrainerState, catalogue: Cat
     steps = check_estimator(spec)
     params = seeded_params(steps, _step_params(steps, request["params"]), seed)
     candidates = expand_grid(steps, request["param_grid"])
-    for overrides in candidates:  # unknown parameter names fail here, not after reading the data
+    # Parameters and every grid candidate pass the same checks as any estimator spec (estimators.build
+    # checks before it constructs): values are data, never files, callables or modules. Unknown parameter
+    # names fail here too, not after reading the data.
+    for overrides in candidates:
         try:
             model = estimators.build(spec, merge_params(params, overrides))
         except ValidationError as exc:
@@ -289,11 +292,16 @@ def expand_grid(
             raise RequestRejectedError(f"param_grid key {key!r} has no candidate values")
         decoded = []
         for text in values:
+            if len(text) > estimators.MAX_PARAMS_TEXT:
+                raise RequestRejectedError(
+                    f"param_grid value of {key!r} is {len(text)} characters; at most "
+                    f"{estimators.MAX_PARAMS_TEXT}"
+                )
             try:
                 decoded.append(json.loads(text))
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # also too deep, or an int of too many digits
                 raise RequestRejectedError(
-                    f"param_grid value {text!r} of {key!r} is not JSON: {exc}"
+                    f"param_grid value {text[:80]!r} of {key!r} is not JSON: {exc}"
                 ) from exc
         axes[(step.short, param)] = decoded
     keys = sorted(axes, key=lambda k: f"{k[0]}.{k[1]}")

@@ -134,7 +134,8 @@ def test_deleted_pipelines_are_rejected_until_applied_again() -> None:
         ({"estimator_spec": "builtins.eval"}, "estimator 'builtins.eval' is not allowed"),
         ({"estimator_spec": "linear_model.LogisticRegression"}, "is a River \\(online\\) estimator"),
         ({"estimator_spec": "river.tree.HoeffdingTreeClassifier"}, "is a River \\(online\\) estimator"),
-        ({"estimator_spec": "sklearn.utils.Bunch"}, "is not a River or scikit-learn estimator"),
+        ({"estimator_spec": "sklearn.model_selection.KFold"}, "is not a River or scikit-learn estimator"),
+        ({"estimator_spec": "sklearn.utils.Bunch"}, r"'sklearn.utils.Bunch' is refused"),
         ({"estimator_spec": "sklearn.linear_model.NoSuchModel"}, "is not a class in sklearn.linear_model"),
         ({"estimator_spec": "sklearn.linear_model.LinearRegression"}, "is not a classifier, but pipeline"),
         ({"estimator_spec": "os.system; rm -rf /"}, "invalid estimator step"),
@@ -163,6 +164,51 @@ def test_deleted_pipelines_are_rejected_until_applied_again() -> None:
     ],
 )
 def test_bad_requests_are_rejected_with_a_reason(overrides: dict[str, Any], reason: str) -> None:
+    with pytest.raises(RequestRejectedError, match=reason):
+        plan(**overrides)
+
+
+def test_memory_in_request_params_or_grid_is_rejected_and_never_written(tmp_path: Path) -> None:
+    memory = json.dumps(str(tmp_path))
+    pipeline = "sklearn.pipeline.Pipeline"
+    steps = [["clf", {"class": LOGREG}]]
+    cached = json.dumps({"steps": steps, "memory": str(tmp_path)})
+    scaler = "sklearn.preprocessing.StandardScaler"
+    for overrides in (
+        {"params": {LOGREG: json.dumps({"memory": str(tmp_path)})}},
+        {"param_grid": {f"{LOGREG}.memory": [memory]}},
+        {"estimator_spec": SCALED_LOGREG, "param_grid": {f"{scaler}.memory": [memory]}},
+        {"estimator_spec": pipeline, "params": {pipeline: cached}},
+        {"estimator_spec": pipeline, "params": {pipeline: json.dumps({"steps": steps})},
+         "param_grid": {f"{pipeline}.memory": ["null", memory]}},
+    ):  # fmt: skip
+        with pytest.raises(
+            RequestRejectedError,
+            match=r"parameter 'memory' of sklearn\.[\w.]+ names a file or directory .*: estimator parameters "
+            "are data, never files, callables or modules",
+        ):
+            plan(**overrides)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"params": {LOGREG: '{"n_jobs": -1}'}}, r"parameter 'n_jobs' of .* use 1 to 2 parallel jobs"),
+        ({"param_grid": {f"{LOGREG}.n_jobs": ["1", "64"]}}, r"parameter 'n_jobs' of .* use 1 to 2"),
+        ({"params": {LOGREG: '{"callback": "os.system"}'}}, r"parameter 'callback' .* takes a callable"),
+        ({"param_grid": {f"{LOGREG}.C": ['"os.system"']}}, r"parameter 'C' .* names a module or callable"),
+        ({"param_grid": {f"{LOGREG}.C": ["1.0", "NaN"]}}, r"parameter 'C' .* numbers must be finite"),
+        ({"param_grid": {f"{LOGREG}.C": ["[" * 100_000]}}, r"is not JSON"),
+        ({"param_grid": {f"{LOGREG}.C": ["1" * 200_000]}}, r"is 200000 characters; at most 100000"),
+        ({"params": {LOGREG: '{"C": ' + "[" * 9 + "]" * 9 + "}"}}, r"nested more than 8 levels deep"),
+        (
+            {"estimator_spec": "sklearn.preprocessing.FunctionTransformer"},
+            r"is refused: .* calls the function",
+        ),
+    ],
+)
+def test_request_parameters_pass_the_estimator_checks(overrides: dict[str, Any], reason: str) -> None:
     with pytest.raises(RequestRejectedError, match=reason):
         plan(**overrides)
 
