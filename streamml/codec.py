@@ -103,7 +103,8 @@ def _check_scalar(name: str, value: Any) -> None:
     raise DecodeError(f"field {limits.clip(name, 100)!r} is {kind}; raw events hold scalar values only")
 
 
-def _check_fields(fields: dict[str, Any]) -> None:
+def check_fields(fields: dict[str, Any]) -> None:
+    """Raise DecodeError unless `fields` is a bounded, flat mapping of names to scalars."""
     if len(fields) > limits.MAX_RAW_FIELDS:
         raise DecodeError(f"{len(fields)} fields in one event (at most {limits.MAX_RAW_FIELDS})")
     for key, value in fields.items():
@@ -124,7 +125,7 @@ def decode_raw(data: bytes | None) -> Record:
         raise DecodeError(f"raw event of {len(data)} bytes (at most {limits.MAX_RAW_BYTES})")
     if is_avro(data):
         record = codec_for("RawEvent").decode(data)
-        _check_fields(record["fields"])
+        check_fields(record["fields"])
         return record
     try:
         obj = json.loads(data)
@@ -136,5 +137,5 @@ def decode_raw(data: bytes | None) -> Record:
         raise DecodeError(f"JSON the parser refused: {limits.clip(str(exc), 200)}") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"a raw event must be a JSON object, got {type(obj).__name__}")
-    _check_fields(obj)
+    check_fields(obj)
     return {"fields": obj, "event_time": None}

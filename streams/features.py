@@ -95,7 +95,11 @@ class KeyedWindows:
     windows: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
     dirty: set[tuple[str, str]] = field(default_factory=set)
 
+    frozen: bool = False  # set while scoring a request that is not part of the stream (POST /predict)
+
     def push(self, output: str, key: str, value: float, size: int) -> deque[float]:
+        if self.frozen:  # the window as it would be with `value`, leaving the state unchanged
+            return deque([*self.windows.get((output, key), ()), value], maxlen=size)
         window = self.windows.get((output, key))
         if window is None:
             window = self.windows[(output, key)] = deque(maxlen=size)
@@ -288,6 +292,14 @@ class FeatureEngine:
         label = fv["label"]
         if label is not None and coerce_label(self.task, label) != label:
             raise ValidationError(f"label {limits.clip(repr(label), 80)} does not fit task {self.task}")
+
+    def preview(self, raw: Mapping[str, Any], *, now_ms: int) -> dict[str, Any]:
+        """The feature vector an event would get now, without changing the per-key windows."""
+        self.windows.frozen = True
+        try:
+            return self.transform(raw, timestamp_ms=now_ms, now_ms=now_ms)
+        finally:
+            self.windows.frozen = False
 
     def transform(
         self, raw: Mapping[str, Any], *, timestamp_ms: int, now_ms: int, source: dict[str, Any] | None = None

@@ -8,7 +8,7 @@ checksum and signature verify; a rejected artifact leaves the current model serv
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,15 +50,51 @@ class ModelRegistry:
     wanted: dict[str, tuple[str, int]] = field(default_factory=dict)  # promoted but not yet received
     wanted_shadow: dict[str, tuple[str, int]] = field(default_factory=dict)  # shadowed, not yet received
     rejected: set[tuple[str, str, int]] = field(default_factory=set)
+    previous: dict[str, tuple[str, int]] = field(default_factory=dict)  # the rollback target per pipeline
+    # Reads one version's record (with its artifact) back from the model-versions topic, for a decision
+    # about a version whose artifact was dropped from memory; None where there is no such source.
+    fetch: Callable[[str, str, int], Mapping[str, Any] | None] | None = None
 
     def on_version(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
         key = (record["pipeline"], record["model_name"], int(record["version"]))
         self.versions[key] = dict(record)
         if self.wanted.get(key[0]) == (key[1], key[2]):
-            return self._activate(*key)
-        if self.wanted_shadow.get(key[0]) == (key[1], key[2]):
-            return self._shadow(*key)
-        return []
+            events = self._activate(*key)
+        elif self.wanted_shadow.get(key[0]) == (key[1], key[2]):
+            events = self._shadow(*key)
+        else:
+            events = []
+        self._trim(key[0])
+        return events
+
+    def _trim(self, pipeline: str) -> None:
+        """Keep artifacts only of versions this predictor may serve next: live, shadow, rollback target,
+        decisions waiting for their version, and the newest version of each model (never a rejected one).
+        Others keep their metadata: a later decision about one reads its artifact back from the topic, so
+        memory does not grow with every version published."""
+        if self.fetch is None:  # nowhere to read a dropped artifact back from: keep them all
+            return
+        keep = {self.wanted.get(pipeline), self.wanted_shadow.get(pipeline), self.previous.get(pipeline)}
+        newest: dict[str, int] = {}  # the newest version of each model: the likely next decision
+        for p, name, version in self.versions:
+            if p == pipeline and version > newest.get(name, -1):
+                newest[name] = version
+        keep.update(newest.items())
+        for held in (self.live.get(pipeline), self.shadow.get(pipeline)):
+            if held is not None:
+                keep.add((held.model_name, held.version))
+        for (p, name, version), record in self.versions.items():
+            dead = (p, name, version) in self.rejected
+            if p == pipeline and record.get("artifact") is not None and (dead or (name, version) not in keep):
+                record["artifact"] = None
+
+    def _record(self, pipeline: str, name: str, version: int) -> Mapping[str, Any] | None:
+        record = self.versions.get((pipeline, name, version))
+        if record is not None and record.get("artifact") is None and self.fetch is not None:
+            fetched = self.fetch(pipeline, name, version)
+            if fetched is not None:
+                record = self.versions[(pipeline, name, version)] = dict(fetched)
+        return record
 
     def on_promotion(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
         pipeline, name, version = record["pipeline"], record["model_name"], int(record["version"])
@@ -95,7 +131,7 @@ class ModelRegistry:
         return []  # the version record has not arrived yet: activate when it does
 
     def _shadow(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
-        record = self.versions.get((pipeline, name, version))
+        record = self._record(pipeline, name, version)
         if record is None:  # the decision overtook the version record: shadow it when it arrives
             self.wanted_shadow[pipeline] = (name, version)
             return []
@@ -104,15 +140,18 @@ class ModelRegistry:
             state = load(record, self.signing_key)
         except ArtifactRejectedError as exc:
             self.rejected.add((pipeline, name, version))
+            self._trim(pipeline)
             return [RegistryEvent("rejected", pipeline, name, version, None, str(exc))]
         model = state["model"] if isinstance(state, dict) else state
         self.shadow[pipeline] = LiveModel(
             pipeline, name, version, model, self.regression.get(pipeline, False)
         )
+        self._trim(pipeline)
         return [RegistryEvent("shadow", pipeline, name, version)]
 
     def _activate(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
-        record = self.versions[(pipeline, name, version)]
+        record = self._record(pipeline, name, version)
+        assert record is not None  # callers check the version was seen
         previous = self.live.get(pipeline)
         prev_version = previous.version if previous else None
         try:
@@ -122,11 +161,13 @@ class ModelRegistry:
             self.rejected.add((pipeline, name, version))
             self.wanted.pop(pipeline, None)
             log.warning("rejected %s/%s v%d: %s", pipeline, name, version, exc)
+            self._trim(pipeline)
             return [RegistryEvent("rejected", pipeline, name, version, prev_version, str(exc))]
         self.wanted.pop(pipeline, None)
         self.live[pipeline] = LiveModel(pipeline, name, version, model, self.regression.get(pipeline, False))
-        # Artifacts of all versions stay in memory (as bytes, unpickled only when promoted): a rollback
-        # may need any of them.
+        if previous is not None:
+            self.previous[pipeline] = (previous.model_name, previous.version)
+        self._trim(pipeline)
         return [RegistryEvent("swap", pipeline, name, version, prev_version)]
 
 

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
 import faust
 from aiohttp import web
 from confluent_kafka import Message
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as RequestError
 
-from streamml import metrics
-from streamml.codec import codec_for
-from streamml.errors import StreamMLError
+from streamml import limits, metrics
+from streamml.codec import check_fields, codec_for
+from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import make_producer
-from streamml.runtime import BatchLoop, Output, faust_app
+from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
 from streamml.service import (
     ControlFollower,
     dead_letter,
@@ -44,14 +46,19 @@ log = logging.getLogger(__name__)
 SERVICE = "predictor"
 
 
+MAX_BODY_BYTES = 64 * 1024
+
+
 class PredictRequest(BaseModel):
     """POST /predict body: model inputs as computed features, or a raw event the pipeline validates."""
 
-    model_config = ConfigDict(extra="forbid")
-    pipeline: str
-    features: dict[str, float | str] | None = None
-    event: dict[str, bool | int | float | str | None] | None = None
-    event_id: str = Field("http", description="Echoed back; not used for prediction.")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    pipeline: str = Field(max_length=63)
+    features: dict[str, float | str] | None = Field(None, max_length=limits.MAX_RAW_FIELDS)
+    event: dict[str, bool | int | float | str | None] | None = Field(None, max_length=limits.MAX_RAW_FIELDS)
+    event_id: str = Field(
+        "http", min_length=1, max_length=limits.MAX_EVENT_ID_CHARS, description="Echoed back; not used."
+    )
 
 
 class Predictor:
@@ -61,9 +68,10 @@ class Predictor:
         self.settings = settings
         self.catalogue = catalogue
         key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
-        self.registry = ModelRegistry(signing_key=key)
+        self.registry = ModelRegistry(signing_key=key, fetch=self._fetch_version)
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.engines: dict[str, FeatureEngine] = {}
+        self.by_topic: dict[str, str] = {}  # features topic -> its pipeline
         self.control = ControlFollower(settings, SERVICE)
         self.alerts = make_producer(settings, **{"linger.ms": 0})
         self._features = codec_for("FeatureVector")
@@ -77,10 +85,23 @@ class Predictor:
         if record["deleted"]:
             self.pipelines.pop(name, None)
             self.engines.pop(name, None)
+            self.by_topic = {t: p for t, p in self.by_topic.items() if p != name}
             return
+        engine = FeatureEngine(record)
         self.pipelines[name] = record
-        self.engines[name] = FeatureEngine(record)
+        self.engines[name] = engine
+        self.by_topic[self.catalogue.features(name).name] = name
         self.registry.regression[name] = record["task"] == "REGRESSION"
+
+    def _fetch_version(self, pipeline: str, name: str, version: int) -> dict[str, Any] | None:
+        """One version's record, read back from the model-versions topic (its artifact was dropped)."""
+        log.info("%s: reading %s v%d back from the model-versions topic", pipeline, name, version)
+        key = f"{pipeline}/{name}/{version}".encode()
+        found = None
+        for msg in read_to_end(self.settings, self.catalogue.model_versions().name):
+            if msg.key() == key and msg.value() is not None:
+                found = msg.value()
+        return None if found is None else codec_for("ModelVersion").decode(found)
 
     def on_version(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
@@ -88,6 +109,14 @@ class Predictor:
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
+            definition = self.pipelines.get(record["pipeline"])
+            if definition is not None and record["model_name"] not in {
+                m["name"] for m in definition["models"]
+            }:
+                raise ValidationError(
+                    f"{record['action']} names model {record['model_name']!r}, "
+                    f"not declared by pipeline {record['pipeline']}"
+                )
             actor = record["actor"] if record["actor"] in ("auto", "controller") else "user"
             metrics.PROMOTIONS.labels(record["pipeline"], record["action"], actor).inc()
             self._report(self.registry.on_promotion(record))
@@ -151,7 +180,7 @@ class Predictor:
     # -- data path ------------------------------------------------------------------------------------
     def topics(self) -> set[str]:
         """Features topics of pipelines that have a live model (the others wait in Kafka)."""
-        return {self.catalogue.features(p).name for p in self.pipelines if p in self.registry.live}
+        return {t for t, p in self.by_topic.items() if p in self.registry.live}
 
     def handle(self, msgs: list[Message]) -> list[Output]:
         """Predictions for a batch: grouped per pipeline so batch-capable models score it in one call."""
@@ -159,13 +188,22 @@ class Predictor:
         decode = self._features.decode
         outputs: list[Output] = []
         groups: dict[str, list[tuple[Message, dict[str, Any]]]] = {}
+        by_topic, engines = self.by_topic, self.engines
         for msg in msgs:
+            # The pipeline is the one whose topic the record came from, never the one it claims.
+            pipeline = by_topic.get(msg.topic() or "")
+            if pipeline is None:  # deleted while its records were in flight
+                metrics.SKIPPED.labels(SERVICE, "pipeline_deleted").inc()
+                continue
             try:
                 fv = decode(msg.value() or b"")
-            except Exception as exc:  # not a feature vector: dead-letter it, keep going
-                outputs.append(dead_letter(self.catalogue, SERVICE, None, msg, exc))
+                if fv["pipeline"] != pipeline:
+                    raise ValidationError(f"a {fv['pipeline'][:80]!r} feature vector on {pipeline}'s topic")
+                engines[pipeline].check_vector(fv)
+            except Exception as exc:  # not a valid feature vector of this pipeline: dead-letter it
+                outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
                 continue
-            groups.setdefault(fv["pipeline"], []).append((msg, fv))
+            groups.setdefault(pipeline, []).append((msg, fv))
         for pipeline, items in groups.items():
             outputs += self._predict_pipeline(pipeline, items, now)
         return outputs
@@ -225,11 +263,20 @@ class Predictor:
 
     # -- HTTP -----------------------------------------------------------------------------------------
     def predict_http(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) of one POST /predict."""
+        """(status, JSON body) of one POST /predict: 4xx with the reason for anything but a valid request.
+
+        Scoring errors are the request's fault as far as the caller can act on them (a value the model
+        cannot use): 422 with the reason, never a 500 with a stack trace.
+        """
+        if len(body) > MAX_BODY_BYTES:
+            return 413, {"error": f"request body over {MAX_BODY_BYTES} bytes"}
         try:
             req = PredictRequest.model_validate_json(body)
-        except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+        except RequestError as exc:
+            problems = [
+                limits.clip(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}", 200)
+                for e in exc.errors()[:20]
+            ]
             return 400, {"error": "invalid request", "details": problems}
         if (req.features is None) == (req.event is None):
             return 400, {"error": "give exactly one of 'features' (model inputs) or 'event' (raw fields)"}
@@ -239,21 +286,46 @@ class Predictor:
         live = self.registry.live.get(req.pipeline)
         if live is None:
             return 503, {"error": f"pipeline {req.pipeline!r} has no live model version yet"}
-        features: dict[str, float | str]
-        if req.event is not None:
-            try:
-                fv = engine.transform({"fields": req.event, "event_time": None}, timestamp_ms=0, now_ms=0)
-            except StreamMLError as exc:
-                return 422, {"error": f"invalid event: {exc}"}
-            features = fv["features"]
-        else:
-            features = req.features or {}
-        now = now_ms()
-        fake = {"event_id": req.event_id, "key": None, "pipeline": req.pipeline, "features": features,
-                "event_time": now, "feature_time": now}  # fmt: skip
-        record = prediction_record(live, fake, now)
-        return 200, {k: record[k] for k in ("event_id", "pipeline", "model_name", "model_version",
-                                            "prediction", "score", "probabilities")}  # fmt: skip
+        try:
+            if req.event is not None:
+                check_fields(req.event)
+                fv = engine.preview({"fields": req.event, "event_time": None}, now_ms=now_ms())
+                features = fv["features"]
+            else:
+                features = dict(req.features or {})
+                engine.check_vector({"event_id": req.event_id, "features": features, "label": None})
+            now = now_ms()
+            fake = {"event_id": req.event_id, "key": None, "pipeline": req.pipeline, "features": features,
+                    "event_time": now, "feature_time": now}  # fmt: skip
+            record = prediction_record(live, fake, now)
+        except Exception as exc:  # the request's values cannot be scored: say why
+            return 422, {"error": limits.clip(f"cannot predict: {type(exc).__name__}: {exc}", 500)}
+        answer = {k: record[k] for k in ("event_id", "pipeline", "model_name", "model_version",
+                                         "prediction", "score", "probabilities")}  # fmt: skip
+        return 200, finite_json(answer)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body, read up to one byte past the limit (so an oversized one is recognised)."""
+    chunks, size = [], 0
+    while size <= MAX_BODY_BYTES:
+        chunk = await request.content.read(MAX_BODY_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with non-finite floats as null: JSON has no NaN or Infinity, and clients must parse it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _attempt(live: LiveModel, fv: dict[str, Any], now: int) -> dict[str, Any] | Exception:
@@ -276,8 +348,17 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
     @app.page("/predict")
     class PredictView(faust.web.View):  # type: ignore[misc]
         async def post(self, request: web.Request) -> web.Response:
-            status, body = predictor.predict_http(await request.read())
-            return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, default=str))
+            if (request.content_length or 0) > MAX_BODY_BYTES:
+                status, body = 413, {"error": f"request body over {MAX_BODY_BYTES} bytes"}
+            else:
+                try:
+                    status, body = predictor.predict_http(await _read_body(request))
+                except Exception as exc:  # never a 500 for what a client sent
+                    log.exception("POST /predict failed")
+                    status, body = 422, {"error": limits.clip(f"{type(exc).__name__}: {exc}", 500)}
+            return web.json_response(
+                body, status=status, dumps=lambda o: json.dumps(o, default=str, allow_nan=False)
+            )
 
     @app.page("/healthz")
     class Health(faust.web.View):  # type: ignore[misc]

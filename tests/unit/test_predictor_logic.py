@@ -257,7 +257,7 @@ def test_classification_prediction_record() -> None:
         "event_time": 1_700_000_000_100,
         "feature_time": 1_700_000_000_200,
         "prediction_time": 1_700_000_000_999,
-            "source": None,
+        "source": None,
     }
     assert isinstance(record["prediction"], bool)
     assert Prediction.model_validate(record).to_avro() == record
@@ -348,3 +348,34 @@ def test_batch_scoring_equals_one_by_one_for_river_and_scikit_learn_models() -> 
     for model in (BatchModel(vectorizer, tree, [False, True]), river_model):
         live = LiveModel(PIPE, "m", 1, model, regression=False)
         assert prediction_records(live, fvs, 5) == [prediction_record(live, fv, 5) for fv in fvs]
+
+
+def test_only_servable_artifacts_stay_in_memory_and_old_ones_are_read_back_on_demand() -> None:
+    published = {v: version(classifier(10 * v), v) for v in range(1, 8)}
+    fetched: list[int] = []
+
+    def fetch(pipeline: str, name: str, v: int) -> dict[str, Any] | None:
+        fetched.append(v)
+        return published.get(v)
+
+    registry = ModelRegistry(signing_key=KEY, fetch=fetch)
+    registry.on_version(published[1])
+    registry.on_promotion(decision(1))
+    for v in range(2, 8):
+        registry.on_version(published[v])
+    registry.on_promotion(decision(5))  # v5 was dropped when v6 arrived: read back from the topic
+    held = sorted(v for (_p, _m, v), r in registry.versions.items() if r["artifact"] is not None)
+    assert held == [1, 5, 7]  # rollback target, live, newest
+    assert fetched == [5]
+    assert registry.live[PIPE].version == 5
+    assert registry.on_promotion(decision(1, "ROLLBACK")) == [RegistryEvent("swap", PIPE, "online", 1, 5)]
+    assert fetched == [5]  # the rollback target was kept
+
+
+def test_a_rejected_artifact_is_not_kept() -> None:
+    registry = ModelRegistry(signing_key=KEY, fetch=lambda *_: None)
+    bad = {**version(classifier(10), 1), "signature": "00" * 32}
+    registry.on_version(bad)
+    registry.on_version(version(classifier(20), 2))
+    assert registry.on_promotion(decision(1))[0].kind == "rejected"
+    assert registry.versions[(PIPE, "online", 1)]["artifact"] is None
