@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 import uuid
@@ -267,6 +268,44 @@ def tail(
         consumer.close()
 
 
+def _key_option(key: bytes) -> str:
+    """How to give a record key on the command line: --key TEXT, or --key-hex for keys that are not text."""
+    text = control.key_text(key)
+    return f"--key {shlex.quote(text)}" if text is not None else f"--key-hex {key.hex()}"
+
+
+def _warn(skipped: control.SkippedRecord, hint: str) -> None:
+    if skipped.key is None:
+        key = "no key"
+    else:
+        text = control.key_text(skipped.key)
+        key = f"key {text!r}" if text is not None else f"key hex {skipped.key.hex()}"
+    err_console.print(
+        f"warning: skipped {skipped.where} ({key}): {skipped.reason} — {hint}",
+        style="yellow", markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
+def _warn_pipelines(state: control.PipelineState) -> None:
+    """One line per bad record on the pipelines topic, with the command that repairs it."""
+    holders = {key: name for name, key in state.keys.items() if not state.current[name]["deleted"]}
+    for s in state.skipped:
+        if s.key is None:
+            hint = "ignored (a record without a key cannot be removed by a tombstone)"
+        elif s.key in holders:
+            hint = (
+                f"ignored; re-applying pipeline {holders[s.key]} (`streamml pipeline apply FILE`) replaces it"
+            )
+        else:
+            hint = f"ignored; `streamml pipeline delete {_key_option(s.key)}` removes it"
+        _warn(s, hint)
+
+
+def _warn_models(history: control.ModelHistory) -> None:
+    for s in history.skipped:
+        _warn(s, "ignored here and by the services")
+
+
 @pipeline_app.command("apply")
 def pipeline_apply(file: Annotated[Path, typer.Argument(help="Pipeline definition (YAML or JSON).")]) -> None:
     """Validate a pipeline file, create its topics and publish it (a new revision if it exists)."""
@@ -275,7 +314,9 @@ def pipeline_apply(file: Annotated[Path, typer.Argument(help="Pipeline definitio
     check_broker(settings)
     catalogue = Catalogue(settings)
     ensure_topics(settings, catalogue.global_topics() + catalogue.pipeline_topics(spec.name))
-    existing = control.current_pipelines(settings).get(spec.name)
+    state = control.read_pipelines(settings)
+    _warn_pipelines(state)
+    existing = state.current.get(spec.name)
     revision = existing["revision"] + 1 if existing else 1
     definition = pipelines.to_definition(spec, catalogue.raw(spec.name).name, revision)
     if definition.raw_topic != catalogue.raw(spec.name).name:
@@ -290,11 +331,13 @@ def pipeline_apply(file: Annotated[Path, typer.Argument(help="Pipeline definitio
 
 @pipeline_app.command("list")
 def pipeline_list() -> None:
-    """The current pipelines."""
+    """The current pipelines (bad records on the pipelines topic are reported and skipped)."""
     settings = _settings()
     check_broker(settings)
+    state = control.read_pipelines(settings)
+    _warn_pipelines(state)
     table = Table("pipeline", "revision", "task", "raw topic", "online model", "promotion", "status")
-    for name, rec in sorted(control.current_pipelines(settings).items()):
+    for name, rec in sorted(state.current.items()):
         online = next((m["estimator_spec"] for m in rec["models"] if m["kind"] == "ONLINE"), "-")
         status = "deleted" if rec["deleted"] else "active"
         table.add_row(
@@ -303,28 +346,81 @@ def pipeline_list() -> None:
     console.print(table)
 
 
+def _bad_records_of(state: control.PipelineState, name: str) -> list[control.SkippedRecord]:
+    """Bad records that claim a pipeline name, or are keyed by it (as `pipeline apply` keys records)."""
+    return [s for s in state.skipped if s.name == name or s.key == name.encode()]
+
+
 @pipeline_app.command("show")
 def pipeline_show(name: str) -> None:
     """The full current definition of a pipeline."""
     settings = _settings()
     check_broker(settings)
-    rec = control.current_pipelines(settings).get(name)
+    state = control.read_pipelines(settings)
+    _warn_pipelines(state)
+    rec = state.current.get(name)
     if rec is None:
+        if _bad_records_of(state, name):
+            raise ValidationError(f"pipeline {name!r} has no valid record (see the warnings above)")
         raise ValidationError(f"no pipeline named {name!r} (see `streamml pipeline list`)")
     console.print_json(data=rec)
 
 
+def _remove_key(settings: Settings, state: control.PipelineState, topic: str, key: bytes) -> None:
+    """Tombstone a key, unless it holds an active pipeline (services ignore tombstones: it would run on)."""
+    shown = _key_option(key)
+    holder = next((name for name, k in state.keys.items() if k == key), None)
+    if holder is not None and not state.current[holder]["deleted"]:
+        raise ValidationError(
+            f"{shown} holds the active pipeline {holder}: `streamml pipeline delete {holder}` stops it "
+            "(a tombstone would not: services ignore tombstones)"
+        )
+    bad = [s for s in state.skipped if s.key == key]
+    if holder is None and not bad:
+        raise ValidationError(f"no record with {shown} on {topic} (see `streamml pipeline list`)")
+    control.tombstone(settings, topic, key)
+    what = ", ".join([s.where for s in bad] + ([f"deleted pipeline {holder}"] if holder else []))
+    console.print(f"removed {what} ({shown}): a tombstone; compaction drops the old records", soft_wrap=True)
+
+
 @pipeline_app.command("delete")
-def pipeline_delete(name: str) -> None:
-    """Mark a pipeline deleted: services stop processing it (its topics and data stay)."""
+def pipeline_delete(
+    name: Annotated[
+        str | None, typer.Argument(help="The pipeline (also an invalid name a bad record has).")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Remove the records with this key (as the warnings name it).")
+    ] = None,
+    key_hex: Annotated[
+        str | None, typer.Option("--key-hex", help="The same, with the key in hex (keys that are not text).")
+    ] = None,
+) -> None:
+    """Mark a pipeline deleted (services stop it; its topics and data stay), or remove bad records by key."""
+    if sum(x is not None for x in (name, key, key_hex)) != 1:
+        raise ValidationError("give exactly one of NAME, --key or --key-hex")
     settings = _settings()
     check_broker(settings)
-    rec = control.current_pipelines(settings).get(name)
-    if rec is None or rec["deleted"]:
+    topic = Catalogue(settings).pipelines().name
+    state = control.read_pipelines(settings)
+    _warn_pipelines(state)
+    if name is None:
+        try:
+            raw = key.encode() if key is not None else bytes.fromhex(key_hex or "")
+        except ValueError as exc:
+            raise ValidationError(f"--key-hex {key_hex!r} is not hexadecimal") from exc
+        _remove_key(settings, state, topic, raw)
+        return
+    rec = state.current.get(name)
+    if rec is not None and not rec["deleted"]:
+        rec = {**rec, "deleted": True, "revision": rec["revision"] + 1, "updated_at": int(time.time() * 1000)}
+        control.publish(settings, topic, "PipelineDefinition", name, rec)
+        console.print(f"pipeline {name} deleted (revision {rec['revision']})")
+        return
+    bad_keys = {s.key for s in _bad_records_of(state, name) if s.key is not None}
+    if not bad_keys:
         raise ValidationError(f"no active pipeline named {name!r}")
-    rec = {**rec, "deleted": True, "revision": rec["revision"] + 1, "updated_at": int(time.time() * 1000)}
-    control.publish(settings, Catalogue(settings).pipelines().name, "PipelineDefinition", name, rec)
-    console.print(f"pipeline {name} deleted (revision {rec['revision']})")
+    for raw in sorted(bad_keys):
+        _remove_key(settings, state, topic, raw)
 
 
 @model_app.command("list")
@@ -333,12 +429,19 @@ def model_list(pipeline: str) -> None:
     settings = _settings()
     check_broker(settings)
     history = control.model_history(settings, pipeline)
+    _warn_models(history)
+    for d in history.ignored():
+        err_console.print(
+            f"warning: {d['action']} of {d['model_name']} v{d['version']} by {d['actor']} names a version "
+            "that does not exist: not live",
+            style="yellow", markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     live = history.live()
     table = Table("model", "version", "kind", "events", "metrics", "parent", "created", "status")
     reasons: dict[tuple[str, int], str] = {}
     for d in history.decisions:
         reasons[(d["model_name"], d["version"])] = f"{d['action'].lower()} by {d['actor']}: {d['reason']}"
-    for v in history.versions:
+    for v in history.versions or []:
         key = (v["model_name"], v["version"])
         is_live = live is not None and (live["model_name"], live["version"]) == key
         shown = ", ".join(f"{k}={x:.4g}" for k, x in sorted(v["metrics"].items()) if k != "events_seen")
@@ -358,11 +461,15 @@ def model_promote(
     model: Annotated[str | None, typer.Option(help="Model name, if the pipeline has several.")] = None,
     reason: Annotated[str, typer.Option(help="Why (recorded with the decision).")] = "manual promotion",
 ) -> None:
-    """Make a version live (a PROMOTE record on the promotions topic)."""
+    """Make a version live (a PROMOTE record on the promotions topic); only versions that exist."""
     settings = _settings()
     check_broker(settings)
     history = control.model_history(settings, pipeline)
-    target = control.find_version(history, version, model)
+    _warn_models(history)
+    try:
+        target = control.find_version(history, version, model)
+    except ValidationError as exc:
+        raise ValidationError(f"{pipeline}: {exc}; nothing was promoted") from exc
     live = history.live()
     control.decide(settings, pipeline, target["model_name"], version, "PROMOTE", reason,
                    live["version"] if live else None, target["metrics"])  # fmt: skip
@@ -377,9 +484,10 @@ def model_rollback(
     settings = _settings()
     check_broker(settings)
     history = control.model_history(settings, pipeline)
+    _warn_models(history)
     live, previous = history.live(), history.previous_live()
     if live is None or previous is None:
-        raise ValidationError(f"{pipeline}: no earlier live version to roll back to")
+        raise ValidationError(f"{pipeline}: no earlier live version to roll back to; nothing was changed")
     control.decide(settings, pipeline, previous["model_name"], previous["version"], "ROLLBACK", reason,
                    live["version"])  # fmt: skip
     console.print(f"{pipeline}: rolled back from v{live['version']} to v{previous['version']}")
