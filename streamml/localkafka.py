@@ -186,6 +186,9 @@ def node_config(node_id: int, brokers: int, base_port: int, data_dir: Path) -> d
         "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir),
+        # Topics come from the catalogue (`streamml topics create`), never from a producer's typo or a name
+        # a record made up: with auto-creation a record for pipeline "ghost" created ghost's topics.
+        "auto.create.topics.enable": "false",
         "num.partitions": "1",
         "default.replication.factor": str(replication),
         "min.insync.replicas": str(min_isr),

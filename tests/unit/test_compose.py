@@ -327,6 +327,11 @@ def test_kafka_is_a_single_kraft_node_with_internal_and_host_listeners() -> None
     assert env.get("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR") == "1"
 
 
+def test_kafka_never_creates_topics_on_its_own() -> None:
+    """Topics come from the `topics` job (the catalogue), never from a producer naming an unknown topic."""
+    assert _env(SERVICES[KAFKA]).get("KAFKA_AUTO_CREATE_TOPICS_ENABLE") == "false"
+
+
 def test_kafka_healthcheck_probes_a_listener_of_the_broker() -> None:
     kafka = SERVICES[KAFKA]
     test = kafka.get("healthcheck", {}).get("test")

@@ -82,6 +82,15 @@ def test_every_listener_binds_loopback_only(tmp_path: Path) -> None:
             assert listener.split("://")[1].rsplit(":", 1)[0] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("brokers", [1, 3])
+def test_brokers_never_create_topics_on_their_own(tmp_path: Path, brokers: int) -> None:
+    """Topics come from the catalogue: a producer or consumer naming an unknown topic must not create it."""
+    kafka = LocalKafka(tmp_path, brokers=brokers, base_port=19800)
+    kafka.write_configs()
+    for node in kafka.nodes:
+        assert read_properties(node.properties)["auto.create.topics.enable"] == "false"
+
+
 def test_cluster_id_is_22_chars_of_base64url_for_16_bytes() -> None:
     first, second = new_cluster_id(), new_cluster_id()
     assert len(first) == 22
