@@ -113,6 +113,18 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
 Handler = Callable[[list[Message]], Iterable[Output]]
 
+# Delivery errors no retry or restart can fix: the output is dropped with a log line and a metric, instead
+# of failing the commit (a restart would process the same record, fail the same way, and never progress).
+_PERMANENT = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+}
+
 
 class BatchLoop(mode.Service):
     """Consume → handle a batch → produce → commit, on the Faust event loop.
@@ -133,6 +145,7 @@ class BatchLoop(mode.Service):
         on_assign: Callable[[list[TopicPartition]], list[TopicPartition]] | None = None,
         on_idle: Callable[[], Iterable[Output]] | None = None,
         ready: asyncio.Event | None = None,
+        dead_letter: Callable[[Message, BaseException], Output] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
@@ -144,6 +157,7 @@ class BatchLoop(mode.Service):
         self._on_assign_hook = on_assign
         self._on_idle = on_idle
         self.ready = ready
+        self._dead_letter = dead_letter
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -251,7 +265,7 @@ class BatchLoop(mode.Service):
         if not good:
             return
         self._begin()  # offsets of records without outputs still commit inside the transaction
-        self._produce_all(self.handler(good))
+        self._produce_all(self._handle(good))
         positions = self._positions
         topic_counts: dict[str, int] = {}
         for msg in good:
@@ -262,6 +276,31 @@ class BatchLoop(mode.Service):
             EVENTS_IN.labels(self.name, topic, topic.split(".")[-2] if topic.count(".") >= 2 else "").inc(n)
         self.processed += len(good)
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _handle(self, msgs: list[Message]) -> list[Output]:
+        """The handler's outputs; if it fails on the batch, each record alone, and a record that still
+        fails is dead-lettered (or skipped with a log line and a metric). Handlers catch at the record
+        boundary themselves: this is the net under them, so no record can stop the loop."""
+        try:
+            return list(self.handler(msgs))
+        except Exception:
+            ERRORS.labels(self.name, "handler").inc()
+            log.exception(
+                "%s: handler failed on a batch of %d; retrying record by record", self.name, len(msgs)
+            )
+        outputs: list[Output] = []
+        for msg in msgs:
+            try:
+                outputs.extend(self.handler([msg]))
+            except Exception as exc:
+                ERRORS.labels(self.name, "record").inc()
+                where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+                if self._dead_letter is None:
+                    log.error("%s: skipping %s: %s: %s", self.name, where, type(exc).__name__, exc)
+                    continue
+                log.error("%s: dead-lettering %s: %s: %s", self.name, where, type(exc).__name__, exc)
+                outputs.append(self._dead_letter(msg, exc))
+        return outputs
 
     def _begin(self) -> None:
         if self.exactly_once and not self._in_txn:
@@ -278,16 +317,27 @@ class BatchLoop(mode.Service):
         produce = self._producer.produce
         for out in outputs:
             try:
-                produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
-            except BufferError:  # local queue full: wait for deliveries, then retry once
-                self._producer.flush(10)
-                produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                try:
+                    produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                except BufferError:  # local queue full: wait for deliveries, then retry once
+                    self._producer.flush(10)
+                    produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+            except KafkaException as exc:  # refused locally (e.g. too large): this output only
+                self._refused(out.topic, exc.args[0] if exc.args else exc)
         self._producer.poll(0)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            ERRORS.labels(self.name, "delivery").inc()
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
+        if err is None:
+            return
+        if err.code() in _PERMANENT:  # retrying or restarting cannot deliver it: count it, go on
+            self._refused(msg.topic() or "", err)
+            return
+        ERRORS.labels(self.name, "delivery").inc()
+        self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _refused(self, topic: str, err: object) -> None:
+        ERRORS.labels(self.name, "output_refused").inc()
+        log.error("%s: an output to %s was refused and is dropped: %s", self.name, topic, err)
 
     def _report_lag(self) -> None:
         """Consumer lag per input topic, from librdkafka's cached high watermarks (no broker round trip)."""

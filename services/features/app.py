@@ -147,6 +147,7 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
         handler=service.handle,
         topics=service.topics,
         ready=ready,
+        dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )
     return app, service, loop
 

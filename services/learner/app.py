@@ -284,6 +284,7 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
         topics=service.topics,
         on_assign=service.on_assign,
         on_idle=service.snapshots,
+        dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )
     return app, service, loop
 

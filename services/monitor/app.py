@@ -194,6 +194,7 @@ def build(settings: Settings) -> tuple[faust.App, MonitorService, BatchLoop]:
         handler=service.handle,
         topics=service.topics,
         on_idle=service.housekeeping,
+        dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )
     return app, service, loop
 

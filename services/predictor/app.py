@@ -373,6 +373,7 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
         name=SERVICE,
         handler=predictor.handle,
         topics=predictor.topics,
+        dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )
     return app, predictor, loop
 

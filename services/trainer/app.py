@@ -28,7 +28,7 @@ from streamml.errors import ConfigError, DecodeError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import faust_app, read_to_end
 from streamml.runtime import watermarks as runtime_watermarks
-from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.service import ControlFollower, check_record_pipeline, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
 from streams.trainer import (
@@ -208,19 +208,28 @@ class Trainer:
 
         async def training_requests(stream: faust.StreamT[bytes]) -> None:
             async for event in stream.events():
-                await self.on_request(event.value)
+                message = event.message
+                try:
+                    await self.on_request(event.value, message.partition, message.offset)
+                except Exception:  # the record boundary: the agent must outlive any request
+                    metrics.ERRORS.labels(SERVICE, "request").inc()
+                    log.exception("request at %s[%d]@%d failed", channel, message.partition, message.offset)
 
         app.agent(channel, name="training_requests", concurrency=1)(training_requests)
 
     # -- requests -------------------------------------------------------------------------------------
-    async def on_request(self, value: bytes | None) -> None:
-        """Answer one request with a TrainingResult (after its ModelVersion on success); never raises."""
+    async def on_request(self, value: bytes | None, partition: int = 0, offset: int = -1) -> None:
+        """Answer one request with a TrainingResult (after its ModelVersion on success).
+
+        A record that is not a request of a valid pipeline name is skipped with a CONTROL alert (an answer
+        would carry the bad name on to the controller); everything else gets an answer.
+        """
         started = time.monotonic()
         try:
             request = self._requests.decode(value or b"")
-        except DecodeError as exc:
-            log.error("skipping an undecodable training request: %s", exc)
-            metrics.ERRORS.labels(SERVICE, "undecodable_request").inc()
+            check_record_pipeline(request)
+        except Exception as exc:
+            self.control.skip(self.catalogue.training_requests().name, partition, offset, exc, None)
             return
         request_id = request["request_id"]
         if request_id in self.answered:

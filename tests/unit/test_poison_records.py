@@ -1,0 +1,324 @@
+"""Each crash of the hostile-producer report, replayed against the handlers without a broker.
+
+One test per finding: the record that used to stop a service now has exactly one fate (processed,
+dead-lettered with the reason, or skipped with a metric and a CONTROL alert) and valid records after it
+are still processed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from river import linear_model, preprocessing
+
+from services.features import app as features_app
+from services.learner import app as learner_app
+from services.predictor import app as predictor_app
+from streamml import artifacts, limits
+from streamml.codec import codec_for
+from streamml.pipelines import load_file, to_definition
+from streamml.runtime import BatchLoop, Output
+from streamml.service import ControlFollower, dead_letter
+from streamml.settings import Settings
+from streamml.topics import Catalogue
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = b"poison-test-key"
+
+
+class Msg:
+    """What the data loop hands a handler: a confluent-kafka Message, minus the broker."""
+
+    def __init__(self, topic: str, value: bytes | None, offset: int, key: bytes | None = None) -> None:
+        self._topic, self._value, self._offset, self._key = topic, value, offset, key
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+    def error(self) -> None:
+        return None
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, **_: Any) -> None:
+        self.sent.append((topic, value, key))
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for module in (features_app, learner_app):
+        monkeypatch.setattr(module, "ensure_topics", lambda *_a, **_k: None)
+    monkeypatch.setattr(predictor_app, "make_producer", lambda *_a, **_k: FakeProducer())
+    return Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="p", signing_key="k")  # type: ignore[arg-type]
+
+
+def agrawal() -> dict[str, Any]:
+    spec = load_file(REPO / "pipelines" / "agrawal.yaml")
+    return to_definition(spec, raw_topic="p.agrawal.raw").to_avro()
+
+
+def valid_event(i: int) -> dict[str, Any]:
+    return {
+        "event_id": f"e-{i}", "salary": 50_000.0, "commission": 0.0, "age": 40, "elevel": 1, "car": 3,
+        "zipcode": 2, "hvalue": 100_000.0, "hyears": 10, "loan": 20_000.0, "label": i % 2,
+    }  # fmt: skip
+
+
+HOSTILE_RAW: dict[str, bytes] = {
+    "int_over_float_range": json.dumps({**valid_event(0), "salary": 10**309}).encode(),
+    "int_over_4300_digits": b'{"event_id": "x", "salary": ' + b"9" * 5000 + b"}",
+    "json_nested_10000_deep": b"[" * 10_000 + b"]" * 10_000,
+    "float_1e999": json.dumps(valid_event(0)).replace("50000.0", "1e999").encode(),
+    "string_900_kb": json.dumps({**valid_event(0), "car": "x" * 900_000}).encode()[
+        : limits.MAX_RAW_BYTES - 1
+    ],
+    "event_id_900_kb": json.dumps({**valid_event(0), "event_id": "i" * 400_000}).encode(),
+    "label_garbage": json.dumps({**valid_event(0), "label": "garbage"}).encode(),
+    "label_3": json.dumps({**valid_event(0), "label": 3}).encode(),
+    "string_feature": json.dumps({**valid_event(0), "age": "forty"}).encode(),
+    "random_bytes": bytes(range(256)) * 4,
+    "null_value": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_RAW))
+def test_features_dead_letters_each_hostile_raw_event_and_keeps_going(settings: Settings, name: str) -> None:
+    service = features_app.Features(settings, Catalogue(settings))
+    service.on_pipeline(agrawal(), None)
+    msgs = [Msg("p.agrawal.raw", json.dumps(valid_event(1)).encode(), 0)]
+    msgs.append(Msg("p.agrawal.raw", HOSTILE_RAW[name] or None, 1))
+    msgs.append(Msg("p.agrawal.raw", json.dumps(valid_event(2)).encode(), 2))
+    outputs = service.handle(msgs)  # type: ignore[arg-type]
+    assert [o.topic for o in outputs] == ["p.agrawal.features", "p.agrawal.dead-letter", "p.agrawal.features"]
+    letter = codec_for("DeadLetter").decode(outputs[1].value or b"")
+    assert letter["source_offset"] == 1 and letter["error"] and letter["service"] == "features"
+    assert len(outputs[1].value or b"") < 100_000  # always fits a Kafka message
+
+
+def test_dead_letter_echo_is_capped_and_says_so(settings: Settings) -> None:
+    msg = Msg("p.agrawal.raw", b"x" * 900_000, 5, key=b"k" * 5000)
+    out = dead_letter(Catalogue(settings), "features", "agrawal", msg, ValueError("e" * 100_000))  # type: ignore[arg-type]
+    letter = codec_for("DeadLetter").decode(out.value or b"")
+    assert len(letter["original_value"]) == limits.DEAD_LETTER_VALUE_BYTES
+    assert len(letter["original_key"]) == limits.DEAD_LETTER_KEY_BYTES
+    assert "truncated" in letter["error"] and len(letter["error"]) < 3_000
+
+
+def test_dead_letters_go_to_the_source_topics_pipeline_not_the_one_a_record_names(settings: Settings) -> None:
+    cat = Catalogue(settings)
+    from_features = Msg("p.agrawal.features", b"junk", 0)
+    assert dead_letter(cat, "predictor", "BAD NAME!/..", from_features, ValueError()).topic == (  # type: ignore[arg-type]
+        "p.agrawal.dead-letter"
+    )
+    from_control = Msg("p.model-versions", b"junk", 0)
+    assert dead_letter(cat, "x", "ghost", from_control, ValueError()).topic == "p.dead-letter"  # type: ignore[arg-type]
+
+
+def test_the_loop_survives_a_handler_that_raises_and_dead_letters_only_the_culprit(
+    settings: Settings,
+) -> None:
+    def handler(msgs: list[Any]) -> list[Output]:
+        if any(m.value() == b"poison" for m in msgs):
+            raise RuntimeError("boom")
+        return [Output("out", None, m.value()) for m in msgs]
+
+    loop = BatchLoop(
+        settings,
+        name="t",
+        handler=handler,
+        topics=set,
+        dead_letter=lambda msg, exc: dead_letter(Catalogue(settings), "t", None, msg, exc),
+    )
+    msgs = [Msg("p.agrawal.raw", v, i) for i, v in enumerate([b"a", b"poison", b"b"])]
+    outputs = loop._handle(msgs)  # type: ignore[arg-type]
+    assert [(o.topic, o.value) for o in outputs if o.topic == "out"] == [("out", b"a"), ("out", b"b")]
+    assert [o.topic for o in outputs if o.topic != "out"] == ["p.agrawal.dead-letter"]
+
+
+def online_version(pipeline: str = "agrawal", version: int = 1) -> dict[str, Any]:
+    model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    model.learn_one({"salary": 1.0}, True)
+    data = artifacts.serialize({"model": model, "metrics": {}})
+    return {
+        "pipeline": pipeline, "model_name": "online", "version": version, "kind": "ONLINE",
+        "estimator_spec": "x", "params": {}, "artifact_format": artifacts.FORMAT, "artifact": data,
+        "artifact_uri": None, "sha256": artifacts.sha256_hex(data), "signature": artifacts.sign(data, KEY),
+        "library_versions": artifacts.library_versions(), "metrics": {}, "training_data": [],
+        "events_seen": 1, "parent_version": None, "created_at": 1,
+    }  # fmt: skip
+
+
+def promotion(model: str = "online", version: int = 1, actor: str = "auto") -> dict[str, Any]:
+    return {
+        "pipeline": "agrawal", "model_name": model, "action": "PROMOTE", "version": version,
+        "previous_version": None, "actor": actor, "reason": "", "metrics": {}, "decided_at": 1,
+    }  # fmt: skip
+
+
+def live_predictor(settings: Settings) -> predictor_app.Predictor:
+    predictor = predictor_app.Predictor(settings, Catalogue(settings))
+    predictor.registry.signing_key = KEY
+    predictor.registry.fetch = None
+    predictor.on_pipeline(agrawal(), None)
+    predictor.on_version(online_version(), None)
+    predictor.on_promotion(promotion(), None)
+    assert "agrawal" in predictor.registry.live
+    return predictor
+
+
+def test_predictor_dead_letters_a_vector_naming_an_invalid_pipeline(settings: Settings) -> None:
+    predictor = live_predictor(settings)
+    fv = {
+        "event_id": "e", "key": None, "pipeline": "BAD NAME!/..", "pipeline_revision": 1,
+        "features": {"salary": 1.0}, "label": None, "event_time": 1, "feature_time": 1, "source": None,
+    }  # fmt: skip
+    good = {**fv, "pipeline": "agrawal", "event_id": "g"}
+    stringy = {**good, "features": {"salary": "a lot"}}
+    encode = codec_for("FeatureVector").encode
+    msgs = [Msg("p.agrawal.features", encode(v), i) for i, v in enumerate([fv, stringy, good])]
+    outputs = predictor.handle(msgs)  # type: ignore[arg-type]
+    assert sorted(o.topic for o in outputs) == [
+        "p.agrawal.dead-letter",
+        "p.agrawal.dead-letter",
+        "p.agrawal.predictions",
+    ]
+
+
+def test_learner_dead_letters_bad_labels_and_string_features_and_keeps_learning(settings: Settings) -> None:
+    learner = learner_app.Learner(settings, Catalogue(settings), KEY)
+    learner.on_pipeline(agrawal(), None)
+    base = {
+        "event_id": "e", "key": None, "pipeline": "agrawal", "pipeline_revision": 1,
+        "features": {"salary": 1.0}, "label": 1, "event_time": 1, "feature_time": 1, "source": None,
+    }  # fmt: skip
+    encode = codec_for("FeatureVector").encode
+    values = [base, {**base, "label": "garbage"}, {**base, "features": {"salary": "high"}}, base]
+    outputs = learner.handle([Msg("p.agrawal.features", encode(v), i) for i, v in enumerate(values)])  # type: ignore[arg-type]
+    assert [o.topic for o in outputs] == ["p.agrawal.dead-letter", "p.agrawal.dead-letter"]
+    assert learner.learners["agrawal"].events_seen == 2
+
+
+def test_a_promote_of_a_model_that_does_not_exist_never_stops_auto_promotion(settings: Settings) -> None:
+    learner = learner_app.Learner(settings, Catalogue(settings), KEY)
+    learner.on_pipeline(agrawal(), None)
+    follower = ControlFollower(settings, "learner")
+    follower._alerts = FakeProducer()
+    value = codec_for("Promotion").encode(promotion(model="ghost", version=99, actor="mallory"))
+    follower._apply("p.promotions", "Promotion", 0, 0, value, learner.on_promotion, None)
+    assert follower.skipped == 1 and learner.live_model == {}
+    # a declared model but a version nobody published: waits, and AUTO promotion goes on meanwhile
+    learner.on_promotion(promotion(model="batch", version=99, actor="mallory"), None)
+    assert learner.live_model == {} and learner.pending["agrawal"]["version"] == 99
+
+
+FUNC_TRANSFORMER = {
+    "name": "online",
+    "kind": "ONLINE",
+    "estimator_spec": "compose.FuncTransformer",
+    "params": {"compose.FuncTransformer": '{"func": "os.system"}'},
+}
+BAD_DEFINITIONS = {
+    "name": lambda d: {**d, "name": "BAD NAME!/.."},
+    "step_param_not_json": lambda d: {
+        **d,
+        "feature_steps": [{"op": "log1p", "output": "y", "inputs": ["salary"], "params": {"x": "{not json"}}],
+    },
+    "window_1e999": lambda d: {
+        **d,
+        "feature_steps": [
+            {"op": "rolling_mean", "output": "y", "inputs": ["salary"], "params": {"window": "1e999"}}
+        ],
+    },
+    "no_online_model": lambda d: {**d, "models": [m for m in d["models"] if m["kind"] != "ONLINE"]},
+    "func_transformer": lambda d: {**d, "models": [FUNC_TRANSFORMER]},
+    "raw_topic_is_a_control_topic": lambda d: {**d, "raw_topic": "p.model-versions"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DEFINITIONS))
+def test_a_bad_definition_is_skipped_with_a_control_alert_and_the_good_revision_stays(
+    settings: Settings, name: str
+) -> None:
+    service = features_app.Features(settings, Catalogue(settings))
+    follower = ControlFollower(settings, "features")
+    alerts = follower._alerts = FakeProducer()
+    good = agrawal()
+    encode = codec_for("PipelineDefinition").encode
+    follower._apply("p.pipelines", "PipelineDefinition", 0, 0, encode(good), service.on_pipeline, None)
+    follower._apply(
+        "p.pipelines",
+        "PipelineDefinition",
+        0,
+        1,
+        encode(BAD_DEFINITIONS[name](good)),
+        service.on_pipeline,
+        None,
+    )
+    follower._apply("p.pipelines", "PipelineDefinition", 0, 2, b"\x00garbage", service.on_pipeline, None)
+    assert follower.skipped == 2 and set(service.engines) == {"agrawal"}
+    assert service.engines["agrawal"].revision == good["revision"]
+    kinds = [codec_for("DriftAlert").decode(value)["kind"] for _t, value, _k in alerts.sent]
+    assert kinds == ["CONTROL", "CONTROL"]
+
+
+def test_a_bad_alert_is_skipped_without_an_alert_about_it(settings: Settings) -> None:
+    follower = ControlFollower(settings, "controller")
+    alerts = follower._alerts = FakeProducer()
+    follower._apply("p.drift-alerts", "DriftAlert", 0, 0, b"junk", lambda *_: None, None)
+    assert follower.skipped == 1 and alerts.sent == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b'{"pipeline": "agrawal", "features": {"salary": "a lot"}}', 422),
+        (b'{"pipeline": "agrawal", "features": {"salary": NaN}}', 400),
+        (b'{"pipeline": "agrawal", "features": {"salary": Infinity}}', 400),
+        (b'{"pipeline": "agrawal", "event": {"event_id": "e", "salary": ' + b"9" * 400 + b"}}", 422),
+        (b'{"pipeline": "agrawal", "event": {"event_id": "e", "salary": 1e400}}', 400),
+        (b'{"pipeline": "agrawal", "features": {"nope": 1.0}}', 422),
+        (b"[" * 5000, 400),
+        (b"x" * (predictor_app.MAX_BODY_BYTES + 1), 413),
+        (b'{"pipeline": "agrawal", "features": {"salary": 50000.0}}', 200),
+    ],
+)
+def test_predict_http_answers_4xx_for_bad_bodies_and_valid_json_always(
+    settings: Settings, body: bytes, status: int
+) -> None:
+    predictor = live_predictor(settings)
+    got, answer = predictor.predict_http(body)
+    assert got == status, answer
+    json.dumps(answer, allow_nan=False)  # valid JSON: no NaN or Infinity
+
+
+def test_predict_http_turns_a_non_finite_score_into_null() -> None:
+    assert predictor_app.finite_json({"score": float("nan"), "p": {"a": float("inf")}, "x": 1.0}) == {
+        "score": None, "p": {"a": None}, "x": 1.0,
+    }  # fmt: skip
