@@ -20,7 +20,7 @@ from streamml.errors import DecodeError, TopicMismatchError
 from streamml.kafka import ensure_topics, make_producer
 from streamml.schemas import all_schemas
 from streamml.settings import Settings
-from streamml.topics import Catalogue
+from streamml.topics import Catalogue, TopicSpec
 
 
 @pytest.fixture
@@ -75,6 +75,8 @@ def test_mismatching_existing_topic_is_a_clear_error(isolated: Settings) -> None
 @pytest.mark.parametrize("name", sorted(all_schemas()))
 def test_every_schema_roundtrips_through_the_broker(isolated: Settings, name: str) -> None:
     topic = f"{isolated.topic_prefix}.roundtrip.{name}"
+    # brokers never create topics on their own (auto.create.topics.enable=false)
+    ensure_topics(isolated, [TopicSpec(topic, "roundtrip", name, "avro", "", "schema round trip", 1, 1)])
     codec = codec_for(name)
     records = list(generate_many(all_schemas()[name].parsed, 25))
     producer = make_producer(isolated)
