@@ -1,6 +1,17 @@
 # StreamML — every workflow is a make target. `make help` lists them.
 SHELL := /bin/bash
+# The machine's Python 3.11+: it only creates .venv; every target runs the venv's python and tools.
 PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# The venv holds exactly requirements.lock (pinned, hashed) plus StreamML itself (editable). The stamp's
+# name carries a checksum of the lock and pyproject.toml, so a later run reinstalls only when they change.
+VENV_STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+# `make lock` runs pip-tools from its own small venv (git-ignored), pinned like everything else.
+PIP_TOOLS_VERSION := 7.6.2
+LOCK_TOOLS := .local/lock-tools
+LOCK_FLAGS ?=
 BROKERS ?= 1
 PORT ?= 9092
 BOOTSTRAP ?= 127.0.0.1:$(PORT)
@@ -24,97 +35,122 @@ STOP_DEMO_PRODUCER = if [ -f $(DEMO_PRODUCER_PID) ]; then pid=$$(cat $(DEMO_PROD
 	kill -9 $$pid 2>/dev/null; echo "stopped the producer (pid $$pid)"; fi; rm -f $(DEMO_PRODUCER_PID); fi
 # Only the targets that talk to the local broker point at it; tests start their own broker.
 KAFKA_ENV := STREAMML_BOOTSTRAP_SERVERS=$${STREAMML_BOOTSTRAP_SERVERS:-$(BOOTSTRAP)}
+# A local broker needs Java: one clear line when it is missing (Maven's absence is reported by `kafka-jars`).
+REQUIRE_JAVA = { command -v java >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexistent}/bin/java" ]; } || \
+	{ echo "error: Java 17+ is not installed (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 .DEFAULT_GOAL := help
-.PHONY: help install kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
-        test test-unit test-integration test-e2e demo down prometheus-check ci bench
+.PHONY: help install lock kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
+        test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-install: ## Install StreamML and its dev tools (pip install -e '.[dev]')
-	$(PYTHON) -m pip install -e '.[dev]'
+install: $(VENV_STAMP) ## Create .venv from requirements.lock (every target does this itself when needed)
 
-kafka-jars: ## Fetch the Apache Kafka jars with Maven into .local/kafka-libs (once)
-	$(PYTHON) -m streamml.localkafka jars
+$(VENV_STAMP):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found: install Python 3.11 (e.g. apt-get install python3 python3-venv)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: StreamML needs Python 3.11+, $(PYTHON) is $$($(PYTHON) -V 2>&1) (set PYTHON=python3.11)" >&2; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "error: $(PYTHON) cannot create a venv: install its venv module (e.g. apt-get install python3-venv)" >&2; exit 1; }
+	@if ! $(PY) -c '' 2>/dev/null; then rm -rf $(VENV) && echo "creating $(VENV) with $$($(PYTHON) -V 2>&1)" && $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.stamp-* && touch $@
 
-kafka-up: ## Start a local KRaft Kafka on 127.0.0.1 (BROKERS=3 for a 3-broker cluster)
-	$(PYTHON) -m streamml.localkafka up --brokers $(BROKERS) --port $(PORT)
+lock: ## Regenerate requirements.lock (pinned + hashed, runtime + dev) from pyproject.toml; LOCK_FLAGS=--upgrade
+	@if [ ! -f $(LOCK_TOOLS)/.pip-tools-$(PIP_TOOLS_VERSION) ]; then rm -rf $(LOCK_TOOLS) && \
+		$(PYTHON) -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install -q --disable-pip-version-check pip-tools==$(PIP_TOOLS_VERSION) && \
+		touch $(LOCK_TOOLS)/.pip-tools-$(PIP_TOOLS_VERSION); fi
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+		--extra dev --all-build-deps --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_FLAGS) \
+		-o requirements.lock pyproject.toml
 
-kafka-down: ## Stop the local Kafka
-	$(PYTHON) -m streamml.localkafka down
+kafka-jars: $(VENV_STAMP) ## Fetch the Apache Kafka jars with Maven into .local/kafka-libs (once)
+	@$(REQUIRE_JAVA)
+	$(PY) -m streamml.localkafka jars
 
-kafka-logs: ## Show the last lines of the local Kafka's logs
-	$(PYTHON) -m streamml.localkafka logs
+kafka-up: kafka-jars ## Start a local KRaft Kafka on 127.0.0.1 (BROKERS=3 for a 3-broker cluster)
+	$(PY) -m streamml.localkafka up --brokers $(BROKERS) --port $(PORT)
 
-kafka-status: ## Is the local Kafka running?
-	$(PYTHON) -m streamml.localkafka status
+kafka-down: $(VENV_STAMP) ## Stop the local Kafka
+	$(PY) -m streamml.localkafka down
 
-topics: ## Create/verify all declared topics (and the demo pipeline's) on the broker
-	$(KAFKA_ENV) streamml topics create --pipeline $(DEMO_PIPELINE)
+kafka-logs: $(VENV_STAMP) ## Show the last lines of the local Kafka's logs
+	$(PY) -m streamml.localkafka logs
 
-lint: ## Check style, imports and types (changes nothing)
-	ruff check .
-	ruff format --check .
-	mypy
+kafka-status: $(VENV_STAMP) ## Is the local Kafka running?
+	$(PY) -m streamml.localkafka status
 
-format: ## Format the code and sort imports
-	ruff check --fix .
-	ruff format .
+topics: $(VENV_STAMP) ## Create/verify all declared topics (and the demo pipeline's) on the broker
+	$(KAFKA_ENV) $(BIN)/streamml topics create --pipeline $(DEMO_PIPELINE)
 
-codegen: ## Regenerate streamml/records.py from schemas/*.avsc
-	$(PYTHON) -m streamml.codegen
+lint: $(VENV_STAMP) ## Check style, imports and types (changes nothing)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV_STAMP) ## Format the code and sort imports
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+codegen: $(VENV_STAMP) ## Regenerate streamml/records.py from schemas/*.avsc
+	$(PY) -m streamml.codegen
 
 test: lint test-unit test-integration test-e2e ## Lint + unit + integration + e2e (starts and stops its own broker)
 
-test-unit: ## Unit tests (no broker)
-	$(PYTHON) -m pytest tests/unit -q
+test-unit: $(VENV_STAMP) ## Unit tests (no broker)
+	$(PY) -m pytest tests/unit -q
 
-test-integration: ## Integration tests against a real Kafka broker started by the tests
-	$(PYTHON) -m pytest tests/integration -q
+test-integration: kafka-jars ## Integration tests against a real Kafka broker started by the tests
+	$(PY) -m pytest tests/integration -q
 
-test-e2e: ## End-to-end tests of whole services against a real broker
-	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PYTHON) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
+test-e2e: kafka-jars ## End-to-end tests of whole services against a real broker
+	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
 demo: kafka-up ## Whole system live: broker, services, a drifting Agrawal stream and `streamml top`
 	@mkdir -p .local/logs
 	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
-		(umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
+		(umask 077 && $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
 		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
-	$(DEMO_ENV) streamml topics create --pipeline agrawal
-	$(DEMO_ENV) $(PYTHON) -m streamml.stack up
+	$(DEMO_ENV) $(BIN)/streamml topics create --pipeline agrawal
+	$(DEMO_ENV) $(PY) -m streamml.stack up
 	@# Debian's `prometheus` scraping the services just started (skipped with a note if not installed).
-	$(PYTHON) -m streamml.promstack up --optional
-	$(DEMO_ENV) streamml pipeline apply pipelines/agrawal.yaml
+	$(PY) -m streamml.promstack up --optional
+	$(DEMO_ENV) $(BIN)/streamml pipeline apply pipelines/agrawal.yaml
 	@$(STOP_DEMO_PRODUCER)
-	$(DEMO_ENV) setsid streamml produce "$(DEMO_SOURCE)" --pipeline agrawal --rate $(DEMO_RATE) \
+	$(DEMO_ENV) setsid $(BIN)/streamml produce "$(DEMO_SOURCE)" --pipeline agrawal --rate $(DEMO_RATE) \
 		--limit $(DEMO_EVENTS) --no-progress > .local/logs/producer.log 2>&1 & echo $$! > $(DEMO_PRODUCER_PID)
 	@echo "producing $(DEMO_EVENTS) events at $(DEMO_RATE)/s (pid $$(cat $(DEMO_PRODUCER_PID)), log .local/logs/producer.log)"
 	@# One shell line, so the summary still prints when Ctrl-C ends the view (everything else keeps running).
-	@$(DEMO_ENV) streamml top --duration $(DEMO_SECONDS); \
-	echo; echo "Still running in the background (watch again: streamml top; stop it all: make down):"; \
-	$(PYTHON) -m streamml.localkafka status | head -1 | sed 's/^/  kafka /'; \
+	@$(DEMO_ENV) $(BIN)/streamml top --duration $(DEMO_SECONDS); \
+	echo; echo "Still running in the background (watch again: $(BIN)/streamml top; stop it all: make down):"; \
+	$(PY) -m streamml.localkafka status | head -1 | sed 's/^/  kafka /'; \
 	ps -o pid=,args= -p "$$(grep -o '"pid": [0-9]*' .local/stack.json | grep -o '[0-9]*$$' | paste -sd, -)" \
 		| cut -c1-90 | sed 's/^ */  /'; \
-	if url=$$($(PYTHON) -m streamml.promstack url); then echo "  prometheus $$url (alerts $$url/alerts)"; fi; \
+	if url=$$($(PY) -m streamml.promstack url); then echo "  prometheus $$url (alerts $$url/alerts)"; fi; \
 	if kill -0 $$(cat $(DEMO_PRODUCER_PID)) 2>/dev/null; then \
 		echo "  $$(cat $(DEMO_PRODUCER_PID)) producer (log .local/logs/producer.log)"; \
 	else echo "  (the producer has finished: $$(tail -1 .local/logs/producer.log))"; fi
 
-down: ## Stop everything `make demo` started: producer, Prometheus, services, local Kafka
+down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus, services, local Kafka
 	@$(STOP_DEMO_PRODUCER)
-	$(PYTHON) -m streamml.promstack down
-	$(PYTHON) -m streamml.stack down
+	$(PY) -m streamml.promstack down
+	$(PY) -m streamml.stack down
 	@$(MAKE) --no-print-directory kafka-down
 
-bench: ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min)
-	$(PYTHON) -m bench
+bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min)
+	$(PY) -m bench
 
-prometheus-check: ## Check the Prometheus configs and rules, run the alert unit tests, check the dashboards are generated
+fuzz: kafka-jars ## Hostile-input benchmark (not a test): >=100k hostile records + 10k HTTP bodies against the running stack; JSON last line
+	$(PY) -m bench.fuzz
+
+prometheus-check: $(VENV_STAMP) ## Check the Prometheus configs and rules, run the alert unit tests, check the dashboards are generated
+	@command -v promtool >/dev/null 2>&1 || { echo "error: promtool is not installed (e.g. apt-get install prometheus)" >&2; exit 1; }
 	cd deploy/prometheus && promtool check config prometheus.yml && promtool check config prometheus.local.yml
 	promtool check rules deploy/prometheus/rules/*.yml
 	promtool test rules deploy/prometheus/tests/*.yml
-	$(PYTHON) deploy/grafana/generate.py --check
+	$(PY) deploy/grafana/generate.py --check
 
 ci: ## Run exactly what CI runs
 	.ci/run
