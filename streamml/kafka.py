@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
 from streamml.errors import BrokerUnavailableError, TopicMismatchError
@@ -84,10 +84,16 @@ class TopicStatus:
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float = 30.0) -> list[TopicStatus]:
-    """Create missing topics and verify existing ones against their declaration (idempotent)."""
+    """Create missing topics and verify existing ones against their declaration (idempotent).
+
+    Every topic this call did not create itself is verified, including one the broker reports as already
+    existing although our metadata did not list it yet (another client created it a moment ago).
+    """
+    deadline = time.monotonic() + timeout_s
     admin = make_admin(settings)
     existing = admin.list_topics(timeout=timeout_s).topics
     missing = [s for s in specs if s.name not in existing]
+    created: set[str] = set()
     if missing:
         new = [
             NewTopic(
@@ -102,34 +108,81 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
             try:
                 future.result()
             except KafkaException as exc:
-                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TopicMismatchError(f"cannot create topic {name}: {exc}") from exc
-    present = [s for s in specs if s.name in existing]
-    problems = _verify(admin, present, existing, timeout_s)
+            else:
+                created.add(name)
+    problems = _verify(admin, [s for s in specs if s.name not in created], deadline)
     if problems:
         raise TopicMismatchError(
             "existing topics differ from the catalogue:\n  "
             + "\n  ".join(problems)
             + "\nDelete and recreate them (data is lost), or change the settings to match."
         )
-    created = {s.name for s in missing}
     return [TopicStatus(s, s.name in created) for s in specs]
 
 
-def _verify(admin: AdminClient, specs: list[TopicSpec], existing: Any, timeout_s: float) -> list[str]:
+# "The topic exists but this broker's metadata does not show it yet": retried until the deadline.
+_NOT_YET_PROPAGATED = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE}
+_PROPAGATION_POLL_S = 0.1
+
+
+def _verify(admin: AdminClient, specs: list[TopicSpec], deadline: float) -> list[str]:
+    if not specs:
+        return []
+    partitions = _partition_counts(admin, [s.name for s in specs], deadline)
+    policies = _cleanup_policies(admin, [s.name for s in specs], deadline)
     problems = []
     for spec in specs:
-        have = len(existing[spec.name].partitions)
-        if have != spec.partitions:
-            problems.append(f"{spec.name}: {have} partitions, declared {spec.partitions}")
-    if not specs:
-        return problems
-    resources = [ConfigResource(ResourceType.TOPIC, s.name) for s in specs]
-    configs = admin.describe_configs(resources, request_timeout=timeout_s)
-    by_name = {s.name: s for s in specs}
-    for resource, future in configs.items():
-        spec = by_name[resource.name]
-        policy = future.result()["cleanup.policy"].value
-        if policy != spec.cleanup_policy:
-            problems.append(f"{spec.name}: cleanup.policy={policy}, declared {spec.cleanup_policy}")
+        if partitions[spec.name] != spec.partitions:
+            problems.append(f"{spec.name}: {partitions[spec.name]} partitions, declared {spec.partitions}")
+        if policies[spec.name] != spec.cleanup_policy:
+            problems.append(
+                f"{spec.name}: cleanup.policy={policies[spec.name]}, declared {spec.cleanup_policy}"
+            )
     return problems
+
+
+def _remaining(deadline: float) -> float:
+    return max(1.0, deadline - time.monotonic())
+
+
+def _partition_counts(admin: AdminClient, names: list[str], deadline: float) -> dict[str, int]:
+    """Partition count per topic, from cluster metadata, waiting for topics it does not show yet."""
+    counts: dict[str, int] = {}
+    while True:
+        topics = admin.list_topics(timeout=_remaining(deadline)).topics
+        for name in names:
+            meta = topics.get(name)
+            if meta is not None and meta.error is None and meta.partitions:
+                counts[name] = len(meta.partitions)
+        pending = [n for n in names if n not in counts]
+        if not pending:
+            return counts
+        if time.monotonic() >= deadline:
+            raise TopicMismatchError(
+                f"topics {', '.join(pending)} exist (the broker refused to create them again) but did not "
+                "appear in its metadata in time; run the command again"
+            )
+        time.sleep(_PROPAGATION_POLL_S)
+
+
+def _cleanup_policies(admin: AdminClient, names: list[str], deadline: float) -> dict[str, str]:
+    """cleanup.policy per topic via describe_configs, retried while a new topic is still propagating."""
+    policies: dict[str, str] = {}
+    pending = list(names)
+    while pending:
+        resources = [ConfigResource(ResourceType.TOPIC, name) for name in pending]
+        futures = admin.describe_configs(resources, request_timeout=_remaining(deadline))
+        for resource, future in futures.items():
+            try:
+                policies[resource.name] = future.result()["cleanup.policy"].value
+            except KafkaException as exc:
+                if exc.args[0].code() not in _NOT_YET_PROPAGATED or time.monotonic() >= deadline:
+                    raise TopicMismatchError(
+                        f"cannot read the configs of topic {resource.name}: {exc}"
+                    ) from exc
+        pending = [n for n in pending if n not in policies]
+        if pending:
+            time.sleep(_PROPAGATION_POLL_S)
+    return policies
