@@ -192,14 +192,30 @@ def to_definition(spec: PipelineFile, raw_topic: str, revision: int = 1) -> Pipe
     return definition
 
 
+MAX_FILE_BYTES = 1024 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: they add nothing a pipeline needs, and nested aliases expand
+    exponentially ("billion laughs") before any check could run."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not allowed in pipeline files ({event.start_mark})")
+        return super().compose_node(parent, index)
+
+
 def load_file(path: Path) -> PipelineFile:
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ValidationError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a pipeline definition")
         text = path.read_text()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValidationError(f"cannot read pipeline file {path}: {exc}") from exc
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_NoAliasLoader)
+    except (ValueError, RecursionError, yaml.YAMLError) as exc:
         raise ValidationError(
             f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
         ) from exc

@@ -213,3 +213,23 @@ def test_every_example_pipeline_loads_and_encodes(path: Path) -> None:
     assert online_model(definition)["kind"] == "ONLINE"
     codec = codec_for("PipelineDefinition")
     assert codec.decode(codec.encode(definition)) == definition
+
+
+def test_billion_laughs_yaml_is_refused_at_once(tmp_path: Path) -> None:
+    import time
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.process_time()
+    with pytest.raises(ValidationError, match="aliases are not allowed"):
+        load_file(path)
+    assert time.process_time() - started < 1.0
+
+
+def test_python_tags_are_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "tag.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValidationError, match="not valid YAML"):
+        load_file(path)
