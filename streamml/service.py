@@ -89,6 +89,17 @@ def source_pipeline(catalogue: Catalogue, topic: str) -> str | None:
     return topic[len(catalogue.prefix) + 1 : -(len(spec.role) + 1)]
 
 
+def check_declared_model(definitions: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    """A decision about a model its pipeline does not declare is refused (skipped with a CONTROL alert):
+    acting on it would, e.g., make services believe another model serves and stop AUTO promotion."""
+    models = (definitions.get(record["pipeline"]) or {}).get("models")
+    if models is not None and record["model_name"] not in {m["name"] for m in models}:
+        raise ValidationError(
+            f"{record['action']} names model {limits.clip(record['model_name'], 80)!r}, "
+            f"not declared by pipeline {record['pipeline']}"
+        )
+
+
 Apply = Callable[[dict[str, Any] | None, Any], None]
 Validate = Callable[[dict[str, Any]], None]
 

@@ -54,6 +54,7 @@ class ModelRegistry:
     # Reads one version's record (with its artifact) back from the model-versions topic, for a decision
     # about a version whose artifact was dropped from memory; None where there is no such source.
     fetch: Callable[[str, str, int], Mapping[str, Any] | None] | None = None
+    spare_bytes: int = 32 * 1024 * 1024  # artifacts kept beyond the servable ones, per pipeline
 
     def on_version(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
         key = (record["pipeline"], record["model_name"], int(record["version"]))
@@ -69,9 +70,9 @@ class ModelRegistry:
 
     def _trim(self, pipeline: str) -> None:
         """Keep artifacts only of versions this predictor may serve next: live, shadow, rollback target,
-        decisions waiting for their version, and the newest version of each model (never a rejected one).
-        Others keep their metadata: a later decision about one reads its artifact back from the topic, so
-        memory does not grow with every version published."""
+        decisions waiting for their version, the newest version of each model, and the most recent others
+        within `spare_bytes` (never a rejected one). The rest keep their metadata: a later decision about
+        one reads its artifact back from the topic, so memory does not grow with every version published."""
         if self.fetch is None:  # nowhere to read a dropped artifact back from: keep them all
             return
         keep = {self.wanted.get(pipeline), self.wanted_shadow.get(pipeline), self.previous.get(pipeline)}
@@ -83,10 +84,17 @@ class ModelRegistry:
         for held in (self.live.get(pipeline), self.shadow.get(pipeline)):
             if held is not None:
                 keep.add((held.model_name, held.version))
-        for (p, name, version), record in self.versions.items():
-            dead = (p, name, version) in self.rejected
-            if p == pipeline and record.get("artifact") is not None and (dead or (name, version) not in keep):
+        budget = self.spare_bytes  # beyond those, the most recent versions while they fit the budget
+        for (p, name, version), record in sorted(self.versions.items(), key=lambda kv: -kv[0][2]):
+            artifact = record.get("artifact")
+            if p != pipeline or artifact is None:
+                continue
+            if (p, name, version) in self.rejected:
                 record["artifact"] = None
+            elif (name, version) not in keep:
+                budget -= len(artifact)
+                if budget < 0:
+                    record["artifact"] = None
 
     def _record(self, pipeline: str, name: str, version: int) -> Mapping[str, Any] | None:
         record = self.versions.get((pipeline, name, version))

@@ -16,7 +16,7 @@ from streamml import metrics
 from streamml.codec import codec_for
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import faust_app, watermarks
-from streamml.service import ControlFollower, now_ms, prepare, run_service
+from streamml.service import ControlFollower, check_declared_model, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.controller import Controller
@@ -41,6 +41,7 @@ class ControllerService:
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
+            check_declared_model(self.logic.pipelines, record)
             self.logic.on_promotion(record)
 
     def on_alert(self, record: dict[str, Any] | None, _msg: Any) -> None:

@@ -22,6 +22,7 @@ from streamml.kafka import ensure_topics
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
+    check_declared_model,
     dead_letter,
     now_ms,
     prepare,
@@ -44,6 +45,7 @@ class MonitorService:
         self.monitor = Monitor()
         self.control = ControlFollower(settings, SERVICE)
         self.routes: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, role)
+        self.definitions: dict[str, dict[str, Any]] = {}
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._predictions = codec_for("Prediction")
@@ -57,13 +59,15 @@ class MonitorService:
         if record is None:
             return
         name = record["name"]
+        if not record["deleted"]:
+            ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+        self.monitor.on_pipeline(record)
         self.routes = {t: r for t, r in self.routes.items() if r[0] != name}
         if record["deleted"]:
-            self.monitor.on_pipeline(record)
+            self.definitions.pop(name, None)
             self._remove_series(name, set(self._series.get(name, {})))
             return
-        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
-        self.monitor.on_pipeline(record)
+        self.definitions[name] = record
         c = self.catalogue
         self.routes[c.features(name).name] = (name, "features")
         self.routes[c.predictions(name).name] = (name, "predictions")
@@ -73,6 +77,7 @@ class MonitorService:
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
+            check_declared_model(self.definitions, record)
             self.monitor.on_promotion(record)
 
     def bootstrap(self) -> None:

@@ -14,17 +14,18 @@ from typing import Any
 
 import faust
 from aiohttp import web
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message, TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as RequestError
 
 from streamml import limits, metrics
 from streamml.codec import check_fields, codec_for
 from streamml.errors import StreamMLError, ValidationError
-from streamml.kafka import make_producer
-from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
+from streamml.kafka import make_consumer, make_producer
+from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
+    check_declared_model,
     dead_letter,
     now_ms,
     prepare,
@@ -72,6 +73,8 @@ class Predictor:
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.engines: dict[str, FeatureEngine] = {}
         self.by_topic: dict[str, str] = {}  # features topic -> its pipeline
+        self.version_offsets: dict[tuple[str, str, int], tuple[int, int]] = {}  # where each version is
+        self._fetcher: Consumer | None = None
         self.control = ControlFollower(settings, SERVICE)
         self.alerts = make_producer(settings, **{"linger.ms": 0})
         self._features = codec_for("FeatureVector")
@@ -94,29 +97,42 @@ class Predictor:
         self.registry.regression[name] = record["task"] == "REGRESSION"
 
     def _fetch_version(self, pipeline: str, name: str, version: int) -> dict[str, Any] | None:
-        """One version's record, read back from the model-versions topic (its artifact was dropped)."""
-        log.info("%s: reading %s v%d back from the model-versions topic", pipeline, name, version)
-        key = f"{pipeline}/{name}/{version}".encode()
-        found = None
-        for msg in read_to_end(self.settings, self.catalogue.model_versions().name):
-            if msg.key() == key and msg.value() is not None:
-                found = msg.value()
-        return None if found is None else codec_for("ModelVersion").decode(found)
+        """One version's record, read back from the model-versions topic at the offset it was seen at
+        (its artifact was dropped from memory): one record fetched, not the whole topic."""
+        where = self.version_offsets.get((pipeline, name, version))
+        if where is None:
+            return None
+        if self._fetcher is None:
+            self._fetcher = make_consumer(
+                self.settings, f"{self.settings.topic_prefix}-{SERVICE}-fetch", **{"fetch.wait.max.ms": 10}
+            )
+        topic = self.catalogue.model_versions().name
+        self._fetcher.assign([TopicPartition(topic, where[0], where[1])])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            msg = self._fetcher.poll(0.05)
+            if msg is None or msg.error():
+                continue
+            if msg.key() != f"{pipeline}/{name}/{version}".encode() or msg.value() is None:
+                return None  # compacted away or replaced since: nothing to serve
+            log.info("%s: read %s v%d back from %s@%d", pipeline, name, version, topic, where[1])
+            return codec_for("ModelVersion").decode(msg.value() or b"")
+        return None
 
-    def on_version(self, record: dict[str, Any] | None, _msg: Any) -> None:
+    def on_version(self, record: dict[str, Any] | None, msg: Any) -> None:
         if record is not None:
+            offset = msg.offset() if callable(getattr(msg, "offset", None)) else getattr(msg, "offset", None)
+            partition = (
+                msg.partition() if callable(getattr(msg, "partition", None)) else getattr(msg, "partition", 0)
+            )
+            if isinstance(offset, int):
+                key = (record["pipeline"], record["model_name"], int(record["version"]))
+                self.version_offsets[key] = (int(partition or 0), offset)
             self._report(self.registry.on_version(record))
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
-            definition = self.pipelines.get(record["pipeline"])
-            if definition is not None and record["model_name"] not in {
-                m["name"] for m in definition["models"]
-            }:
-                raise ValidationError(
-                    f"{record['action']} names model {record['model_name']!r}, "
-                    f"not declared by pipeline {record['pipeline']}"
-                )
+            check_declared_model(self.pipelines, record)
             actor = record["actor"] if record["actor"] in ("auto", "controller") else "user"
             metrics.PROMOTIONS.labels(record["pipeline"], record["action"], actor).inc()
             self._report(self.registry.on_promotion(record))

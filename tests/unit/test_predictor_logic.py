@@ -358,7 +358,7 @@ def test_only_servable_artifacts_stay_in_memory_and_old_ones_are_read_back_on_de
         fetched.append(v)
         return published.get(v)
 
-    registry = ModelRegistry(signing_key=KEY, fetch=fetch)
+    registry = ModelRegistry(signing_key=KEY, fetch=fetch, spare_bytes=0)
     registry.on_version(published[1])
     registry.on_promotion(decision(1))
     for v in range(2, 8):
