@@ -68,6 +68,17 @@ class ModelRegistry:
         self._trim(key[0])
         return events
 
+    def retry(self, pipeline: str) -> list[RegistryEvent]:
+        """Decisions waiting for a version that was seen but not kept (its pipeline was not known yet)."""
+        events: list[RegistryEvent] = []
+        for pending in (self.wanted.get(pipeline), self.wanted_shadow.get(pipeline)):
+            if pending is None or (pipeline, *pending) in self.versions or self.fetch is None:
+                continue
+            fetched = self.fetch(pipeline, pending[0], pending[1])
+            if fetched is not None:
+                events += self.on_version(fetched)
+        return events
+
     def _trim(self, pipeline: str) -> None:
         """Keep artifacts only of versions this predictor may serve next: live, shadow, rollback target,
         decisions waiting for their version, the newest version of each model, and the most recent others
@@ -133,12 +144,22 @@ class ModelRegistry:
         if current is not None and (current.model_name, current.version) == (name, version):
             self.wanted.pop(pipeline, None)  # a later decision overrides an earlier pending one
             return []
+        if (pipeline, name, version) in self.rejected:  # rejected once, rejected for good (no re-read)
+            return [RegistryEvent("rejected", pipeline, name, version, None, "rejected before")]
         self.wanted[pipeline] = (name, version)
+        if (pipeline, name, version) not in self.versions and self.fetch is not None:
+            fetched = self.fetch(pipeline, name, version)  # seen but not kept (undeclared at the time)
+            if fetched is not None:
+                self.versions[(pipeline, name, version)] = dict(fetched)
         if (pipeline, name, version) in self.versions:
             return self._activate(pipeline, name, version)
         return []  # the version record has not arrived yet: activate when it does
 
     def _shadow(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
+        if (pipeline, name, version) not in self.versions and self.fetch is not None:
+            fetched = self.fetch(pipeline, name, version)
+            if fetched is not None:
+                self.versions[(pipeline, name, version)] = dict(fetched)
         record = self._record(pipeline, name, version)
         if record is None:  # the decision overtook the version record: shadow it when it arrives
             self.wanted_shadow[pipeline] = (name, version)

@@ -13,7 +13,7 @@ from typing import Any
 import faust
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
-from streamml import metrics
+from streamml import artifacts, metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, ValidationError
@@ -60,8 +60,10 @@ class Learner:
                 continue
             try:
                 rec = self._versions.decode(msg.value() or b"")
-            except DecodeError:
-                continue  # the predictor and trainer report a bad version (CONTROL alert)
+                artifacts.verify(rec, self.key)  # a forged version must not set numbering or resume
+            except (DecodeError, ArtifactRejectedError) as exc:
+                log.warning("ignoring %s[%d]@%d: %s", topic, msg.partition() or 0, msg.offset() or 0, exc)
+                continue
             key = (rec["pipeline"], rec["model_name"])
             self.known_versions.add((rec["pipeline"], rec["model_name"], int(rec["version"])))
             if rec["kind"] == "ONLINE" and rec["version"] >= self.latest.get(key, {}).get("version", 0):
@@ -99,6 +101,7 @@ class Learner:
         """Remember which versions exist; a decision that was waiting for its version now counts."""
         if record is None:
             return
+        artifacts.verify(record, self.key)  # a forged version is skipped (CONTROL alert), never counted
         self.known_versions.add((record["pipeline"], record["model_name"], int(record["version"])))
         pending = self.pending.get(record["pipeline"])
         if pending is not None and (pending["model_name"], pending["version"]) == (
@@ -209,6 +212,10 @@ class Learner:
             try:  # the record boundary: a record that cannot be learned is dead-lettered, never fatal
                 if kind == "features":
                     fv = self._features.decode(msg.value() or b"")
+                    if fv["pipeline"] != pipeline:
+                        raise ValidationError(
+                            f"a {fv['pipeline'][:80]!r} feature vector on {pipeline}'s topic"
+                        )
                     self.engines[pipeline].check_vector(fv)
                     if self.pipelines[pipeline]["label"]["source"] == "INLINE":
                         pair = fv if fv["label"] is not None else None

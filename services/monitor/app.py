@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from confluent_kafka import Message
 
 from streamml import metrics
 from streamml.codec import codec_for
+from streamml.errors import ValidationError
 from streamml.kafka import ensure_topics
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
@@ -112,9 +114,16 @@ class MonitorService:
             try:
                 value = msg.value() or b""
                 if role == "predictions":
-                    results = pm.on_prediction(self._predictions.decode(value), src, now, now_wall)
+                    prediction = self._predictions.decode(value)
+                    self.check_prediction(pipeline, topic, prediction)
+                    results = pm.on_prediction(prediction, src, now, now_wall)
                 elif role == "features":
-                    results = pm.on_features(self._features.decode(value), src, now, now_wall)
+                    fv = self._features.decode(value)
+                    if fv["pipeline"] != pipeline:
+                        raise ValidationError(
+                            f"a {fv['pipeline'][:80]!r} feature vector on {pipeline}'s topic"
+                        )
+                    results = pm.on_features(fv, src, now, now_wall)
                 else:
                     label = self._labels.decode(value)
                     results = pm.on_label(label["event_id"], label["label"], now, now_wall)
@@ -123,6 +132,27 @@ class MonitorService:
                 continue
             outputs.extend(self._output(r) for r in results)
         return outputs + self.housekeeping()
+
+    def check_prediction(self, pipeline: str, topic: str, record: dict[str, Any]) -> None:
+        """Raise ValidationError unless a prediction could have come from this pipeline's predictor: anyone
+        may write to a predictions topic, and one forged record of another model would restart the drift
+        detectors (a new lineage)."""
+        if record["pipeline"] != pipeline:
+            raise ValidationError(f"a prediction for {record['pipeline'][:80]!r} on {pipeline}'s topic")
+        if record["shadow"] != (topic == self.catalogue.shadow_predictions(pipeline).name):
+            raise ValidationError("the shadow flag does not match the topic")
+        models = {m["name"] for m in self.definitions.get(pipeline, {}).get("models", [])}
+        if models and record["model_name"] not in models:
+            raise ValidationError(
+                f"model {record['model_name'][:80]!r} is not declared by pipeline {pipeline}"
+            )
+        if not 0 <= record["model_version"] <= 2**53:
+            raise ValidationError(f"model version {record['model_version']} out of range")
+        numbers = [record["score"], *record["probabilities"].values()]
+        if isinstance(record["prediction"], float):
+            numbers.append(record["prediction"])
+        if any(x is not None and not math.isfinite(x) for x in numbers):
+            raise ValidationError("a score, probability or prediction is not a finite number")
 
     def housekeeping(self) -> list[Output]:
         """Expire the join at the label TTL and refresh the metrics (also run when the topics are idle)."""

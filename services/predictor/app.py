@@ -95,6 +95,7 @@ class Predictor:
         self.engines[name] = engine
         self.by_topic[self.catalogue.features(name).name] = name
         self.registry.regression[name] = record["task"] == "REGRESSION"
+        self._report(self.registry.retry(name))
 
     def _fetch_version(self, pipeline: str, name: str, version: int) -> dict[str, Any] | None:
         """One version's record, read back from the model-versions topic at the offset it was seen at
@@ -128,6 +129,11 @@ class Predictor:
             if isinstance(offset, int):
                 key = (record["pipeline"], record["model_name"], int(record["version"]))
                 self.version_offsets[key] = (int(partition or 0), offset)
+            definition = self.pipelines.get(record["pipeline"])
+            if definition is None or record["model_name"] not in {m["name"] for m in definition["models"]}:
+                # Nothing serves it now (its pipeline or model may still be on its way): only where it is
+                # is kept, so versions of undeclared pipelines cost no memory; a decision reads it back.
+                return
             self._report(self.registry.on_version(record))
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:

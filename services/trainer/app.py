@@ -22,7 +22,7 @@ import faust
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from threadpoolctl import threadpool_limits
 
-from streamml import metrics
+from streamml import artifacts, metrics
 from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
@@ -175,6 +175,7 @@ class Trainer:
 
     def on_version(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
+            artifacts.verify(record, self.key)  # a forged version never sets numbering (CONTROL alert)
             self.state.on_version(record)
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:

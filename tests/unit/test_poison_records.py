@@ -322,3 +322,47 @@ def test_predict_http_turns_a_non_finite_score_into_null() -> None:
     assert predictor_app.finite_json({"score": float("nan"), "p": {"a": float("inf")}, "x": 1.0}) == {
         "score": None, "p": {"a": None}, "x": 1.0,
     }  # fmt: skip
+
+
+def test_a_forged_version_with_the_largest_number_never_sets_the_learners_numbering(
+    settings: Settings,
+) -> None:
+    learner = learner_app.Learner(settings, Catalogue(settings), KEY)
+    forged = {**online_version(version=2**63 - 1), "signature": "00" * 32}
+    follower = ControlFollower(settings, "learner")
+    follower._alerts = FakeProducer()
+    value = codec_for("ModelVersion").encode(forged)
+    follower._apply("p.model-versions", "ModelVersion", 0, 0, value, learner.on_version, None)
+    assert follower.skipped == 1 and learner.known_versions == set()
+
+
+def test_versions_of_undeclared_pipelines_cost_the_predictor_no_artifact_memory(settings: Settings) -> None:
+    predictor = live_predictor(settings)
+    for i in range(20):
+        predictor.on_version({**online_version(pipeline=f"ghost-{i}"), "artifact": b"x" * 100_000}, None)
+    assert not [k for k in predictor.registry.versions if k[0].startswith("ghost")]
+
+
+def test_the_monitor_dead_letters_forged_predictions(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.monitor import app as monitor_app
+
+    monkeypatch.setattr(monitor_app, "ensure_topics", lambda *_a, **_k: None)
+    service = monitor_app.MonitorService(settings, Catalogue(settings))
+    service.on_pipeline(agrawal(), None)
+    base = {
+        "event_id": "e", "key": None, "pipeline": "agrawal", "model_name": "online", "model_version": 1,
+        "prediction": True, "score": 0.9, "probabilities": {"True": 0.9, "False": 0.1}, "shadow": False,
+        "event_time": 1, "feature_time": 1, "prediction_time": 1, "source": None,
+    }  # fmt: skip
+    forged = [
+        {**base, "model_name": "evil", "model_version": 2**62},
+        {**base, "score": float("nan")},
+        {**base, "pipeline": "ghost"},
+        {**base, "shadow": True},
+    ]
+    encode = codec_for("Prediction").encode
+    msgs = [Msg("p.agrawal.predictions", encode(r), i) for i, r in enumerate([*forged, base])]
+    outputs = service.handle(msgs)  # type: ignore[arg-type]
+    assert [o.topic for o in outputs].count("p.agrawal.dead-letter") == len(forged)
