@@ -199,16 +199,18 @@ class ControlFollower:
         CONTROL_SKIPPED.labels(self.service or self.settings.client_id, topic, reason).inc()
         message = limits.clip(f"{self.service or 'service'} skipped {topic}[{partition}]@{offset}: {exc}")
         log.error("%s", message, exc_info=not isinstance(exc, StreamMLError))
-        pipeline = ""
+        pipeline, model_name, model_version = "", "", 0
         if record is not None:
             name = record.get("pipeline", record.get("name"))
             if isinstance(name, str) and PIPELINE_NAME.match(name):
                 pipeline = name
+            if isinstance(record.get("model_name"), str) and isinstance(record.get("version"), int):
+                model_name, model_version = limits.clip(record["model_name"], 100), record["version"]
         alert = {
             "alert_id": f"control-{topic}-{partition}-{offset}-{self.service}",
             "pipeline": pipeline,
-            "model_name": "",
-            "model_version": 0,
+            "model_name": model_name,
+            "model_version": model_version,
             "kind": "CONTROL",
             "detector": f"control:{self.service}",
             "feature": None,
