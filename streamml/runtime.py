@@ -20,10 +20,12 @@ import faust
 import mode
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from streamml import limits
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, ERRORS, EVENTS_IN
 from streamml.settings import Settings
+from streamml.topics import MODEL_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ def faust_app(service: str, settings: Settings, *, app_id: str | None = None, we
         # A crashed member is noticed in seconds, not a minute, so a restarted service resumes quickly.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
+        # On stop, commit what the agents finished and cancel the rest instead of waiting for every event in
+        # flight (a training request takes minutes): control followers apply each record synchronously, and
+        # a request whose offset is not committed is read again and answered once (see services.trainer).
+        stream_wait_empty=False,
     )
 
 
@@ -126,11 +132,179 @@ _PERMANENT = {
 }
 
 
+# Broker errors that pass: a leader moving, a broker restarting, a request or a delivery timing out. An
+# output that fails with one is kept and produced again (librdkafka's `retriable()` flag is not set on every
+# such error, e.g. a delivery that timed out while the broker was away).
+RETRIABLE = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.BROKER_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.KAFKA_STORAGE_ERROR,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+        KafkaError._QUEUE_FULL,
+    }
+)
+# Offset commits that fail because the group moved on (a rebalance, or this member timed out): nothing was
+# committed, the records are processed again by whoever owns them next. Never fatal.
+_GROUP_MOVED = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError._NO_OFFSET,
+        KafkaError._STATE,
+    }
+)
+
+
+def is_permanent(err: KafkaError) -> bool:
+    """The broker refuses this output for good (too large, unknown topic): retrying cannot deliver it."""
+    return err.code() in _PERMANENT
+
+
+def is_retriable(err: KafkaError) -> bool:
+    """The same request may succeed later: keep the output and produce it again (never fatal)."""
+    if err.fatal() or err.code() in _PERMANENT:
+        return False
+    return bool(err.retriable()) or err.code() in RETRIABLE
+
+
+def commit_can_wait(err: KafkaError) -> bool:
+    """An offset commit that failed this way is tried again later (or by the partition's next owner)."""
+    return is_retriable(err) or err.code() in _GROUP_MOVED
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The KafkaError a confluent-kafka call raised (KafkaException carries it as its first argument)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
+@dataclass(eq=False)  # compared by identity: two deliveries of equal outputs are two deliveries
+class Delivery:
+    """One output of an Outbox: done once acknowledged or refused (`error` says why it was refused)."""
+
+    output: Output
+    done: bool = False
+    error: KafkaError | None = None
+
+
+class Outbox:
+    """Delivery of outputs produced outside a data loop (decisions, model versions, training results).
+
+    An output that fails with a retriable broker error (a leader moving, a broker restarting) is kept and
+    produced again by the next `pump`, never raised; one the broker refuses for good is dropped with a log
+    line and `streamml_errors_total{kind="output_refused"}`. Not thread-safe: one thread uses it.
+    """
+
+    def __init__(self, producer: Producer, service: str) -> None:
+        self.producer = producer
+        self.service = service
+        self._retry: list[Delivery] = []
+
+    def send(self, output: Output) -> Delivery:
+        delivery = Delivery(output)
+        self._produce(delivery)
+        return delivery
+
+    def pump(self, timeout_s: float) -> int:
+        """Produce again what failed with a retriable error and wait up to `timeout_s` for deliveries;
+        returns how many outputs are not acknowledged yet."""
+        retry, self._retry = self._retry, []
+        for delivery in retry:
+            self._produce(delivery)
+        return int(self.producer.flush(timeout_s)) + len(self._retry)
+
+    def deliver(self, output: Output, timeout_s: float) -> None:
+        """Send and wait (blocking: for worker threads) until the broker acknowledges the output; raises
+        StreamMLError if it refuses it, or if it is not acknowledged within `timeout_s`."""
+        delivery = self.send(output)
+        deadline = time.monotonic() + timeout_s
+        while not delivery.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StreamMLError(
+                    f"{output.topic}: not acknowledged by the broker within {timeout_s:.0f} s"
+                )
+            if delivery in self._retry:
+                time.sleep(min(0.2, remaining))  # a retriable failure: a moment before producing it again
+            self.pump(min(1.0, max(0.0, deadline - time.monotonic())))
+        if delivery.error is not None:
+            raise StreamMLError(f"{output.topic}: the broker refused the record: {delivery.error}")
+
+    def _produce(self, delivery: Delivery) -> None:
+        out = delivery.output
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            self._settle(delivery, err)
+
+        try:
+            self.producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery)
+        except BufferError:  # local queue full: produced again by the next pump
+            self._retry.append(delivery)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None:
+                raise
+            self._settle(delivery, err)
+
+    def _settle(self, delivery: Delivery, err: KafkaError | None) -> None:
+        if err is None:
+            delivery.done = True
+        elif is_retriable(err):
+            ERRORS.labels(self.service, "delivery_retry").inc()
+            log.warning("%s: delivery to %s failed (%s); retrying", self.service, delivery.output.topic, err)
+            self._retry.append(delivery)
+        else:
+            delivery.done, delivery.error = True, err
+            ERRORS.labels(self.service, "output_refused").inc()
+            log.error("%s: an output to %s was refused: %s", self.service, delivery.output.topic, err)
+
+
+# The largest model-version record (key + value) a service publishes: what the model-versions topic takes
+# (MODEL_MAX_BYTES, less room for the batch around the record) and what every control follower reads.
+MODEL_VERSION_MAX_BYTES = min(MODEL_MAX_BYTES - 64 * 1024, limits.MAX_CONTROL_BYTES)
+
+# A stopping data loop waits at most this long for its outputs and its final commit; with Faust's own
+# shutdown after it, a service stops within 10 s of SIGTERM (streamml.service.run_worker bounds the rest).
+STOP_TIMEOUT_S = 4.0
+# A periodic commit waits at most this long for deliveries on the event loop; outputs still unacknowledged
+# then hold the commit (and new input) back while they are retried, without blocking the loop.
+COMMIT_WAIT_S = 1.0
+# How long a rebalance waits for the outputs and the commit of the partitions it takes away.
+REVOKE_WAIT_S = 5.0
+# The loop holding the event loop longer than this is logged: signals (SIGTERM) wait for it.
+SLOW_STEP_S = 2.0
+# A step (one batch: handle, produce, commit) should hold the event loop about this long at most: a slower
+# step halves the next batch (down to MIN_BATCH), a quick one doubles it back up to `max_batch`. Normal
+# batches take milliseconds; on starved cores this keeps signals and Faust's agents answered within ~1 s.
+STEP_TARGET_S = 0.5
+MIN_BATCH = 50
+
+
 class BatchLoop(mode.Service):
     """Consume → handle a batch → produce → commit, on the Faust event loop.
 
-    at_least_once: outputs are flushed before offsets are committed, every `commit_interval_s`; after a
-    crash the uncommitted tail is processed again (duplicates possible, no loss).
+    at_least_once: outputs are delivered before offsets are committed, every `commit_interval_s`; after a
+    crash the uncommitted tail is processed again (duplicates possible, no loss). An output that fails
+    with a retriable broker error (a leader moving, a broker away) is produced again; until every output is
+    acknowledged no offset is committed and no new input is read, and the event loop stays free meanwhile.
     exactly_once: outputs and offsets are committed in one Kafka transaction per interval; consumers
     reading with isolation.level=read_committed see every output once.
     """
@@ -146,6 +320,7 @@ class BatchLoop(mode.Service):
         on_idle: Callable[[], Iterable[Output]] | None = None,
         ready: asyncio.Event | None = None,
         dead_letter: Callable[[Message, BaseException], Output] | None = None,
+        producer_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
@@ -158,15 +333,23 @@ class BatchLoop(mode.Service):
         self._on_idle = on_idle
         self.ready = ready
         self._dead_letter = dead_letter
+        self._producer_config = dict(producer_config or {})
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._subscribed: set[str] = set()
         self._positions: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
         self._last_commit = time.monotonic()
         self._last_lag = 0.0
         self._in_txn = False
+        self._offsets_sent = False
         self._delivery_errors: list[str] = []
+        self._retry: list[Output] = []  # outputs that failed with a retriable error, to produce again
+        self._holding = False  # outputs unacknowledged at the last commit: commit them before new input
+        self._last_hold_log = 0.0
+        self._closing = False
+        self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
         self.processed = 0
         super().__init__(**kwargs)
 
@@ -183,7 +366,7 @@ class BatchLoop(mode.Service):
                 "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
             },
         )
-        overrides: dict[str, Any] = {"linger.ms": 2}
+        overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
         if self.exactly_once:
             overrides["transactional.id"] = f"{self.group_id}-{self.settings.instance_id}"
         self._producer = make_producer(self.settings, **overrides)
@@ -191,16 +374,36 @@ class BatchLoop(mode.Service):
             self._producer.init_transactions(30)
 
     async def on_stop(self) -> None:
+        """Deliver, commit and close within STOP_TIMEOUT_S, whatever the broker does: outputs not
+        acknowledged by then keep their input uncommitted (processed again after the restart)."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        consumer, producer = self._consumer, self._producer
+        self._closing = True
         try:
-            if self._consumer is not None and self._producer is not None:
-                self._commit(force=True)
+            if consumer is not None and producer is not None:
+                committed = self._commit(force=True, timeout_s=STOP_TIMEOUT_S / 2)
+                while not committed and time.monotonic() < deadline - STOP_TIMEOUT_S / 4:
+                    time.sleep(0.05)
+                    committed = self._commit(force=True, timeout_s=0.5)
+                if not committed:
+                    log.warning(
+                        "%s: outputs not acknowledged within %.0f s of stopping; their input stays "
+                        "uncommitted and is processed again after the restart",
+                        self.name,
+                        STOP_TIMEOUT_S,
+                    )
         except (KafkaException, StreamMLError):
             log.exception("%s: final commit failed; the uncommitted tail will be processed again", self.name)
         finally:
-            if self._consumer is not None:
-                self._consumer.close()
-            if self._producer is not None:
-                self._producer.flush(10)
+            if consumer is not None:
+                try:
+                    consumer.close()  # leaves the group; the revoke callback commits nothing new now
+                except (KafkaException, RuntimeError) as exc:  # e.g. UNKNOWN_MEMBER_ID: already out
+                    log.warning("%s: closing the consumer: %s", self.name, exc)
+            if producer is not None:
+                left = producer.flush(max(0.1, deadline - time.monotonic()))
+                if left:
+                    log.warning("%s: %d outputs not delivered at stop (not committed)", self.name, left)
 
     # -- rebalance ------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -210,24 +413,33 @@ class BatchLoop(mode.Service):
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._commit(force=True)
+        if not self._closing:  # when closing, on_stop has just committed
+            # Outputs still unacknowledged after this wait leave the partitions uncommitted: their next owner
+            # processes the tail again (at-least-once); a transaction left open would fail and restart.
+            self._commit(force=True, timeout_s=REVOKE_WAIT_S)
         for p in partitions:
             self._positions.pop((p.topic, p.partition), None)
+            self._committed.pop((p.topic, p.partition), None)
 
     # -- the loop -------------------------------------------------------------------------------------
     @mode.Service.task
     async def _run(self) -> None:
         if self.ready is not None:
             await self.ready.wait()
-        assert self._consumer is not None
         while not self.should_stop:
+            assert self._consumer is not None
+            started = time.monotonic()
+            if self._holding:  # outputs not acknowledged yet: retry them, read nothing new meanwhile
+                self._commit(force=True, timeout_s=0.2)
+                await asyncio.sleep(0.05 if self._holding else 0)
+                continue
             wanted = self.topics()
             if wanted != self._subscribed:
                 self._resubscribe(wanted)
             if not self._subscribed:
                 await asyncio.sleep(0.1)
                 continue
-            msgs = self._consumer.consume(self.settings.max_batch, 0)
+            msgs = self._consumer.consume(self._batch_limit, 0)
             if not msgs:
                 if (
                     self._on_idle is not None
@@ -235,11 +447,22 @@ class BatchLoop(mode.Service):
                 ):
                     self._produce_all(self._on_idle())
                 self._commit()
+                self._check_step(started, 0)
                 await asyncio.sleep(0.002)
                 continue
             self.process(msgs)
             self._commit()
+            self._check_step(started, len(msgs))
             await asyncio.sleep(0)  # let Faust agents (e.g. a model swap) run between batches
+
+    def _check_step(self, started: float, n: int) -> None:
+        held = time.monotonic() - started
+        if held > SLOW_STEP_S:
+            log.warning("%s: one step (%d records) held the event loop for %.1f s", self.name, n, held)
+        if held > STEP_TARGET_S and n >= self._batch_limit // 2:
+            self._batch_limit = max(min(MIN_BATCH, self.settings.max_batch), self._batch_limit // 2)
+        elif held < STEP_TARGET_S / 4 and n >= self._batch_limit:
+            self._batch_limit = min(self.settings.max_batch, self._batch_limit * 2)
 
     def _resubscribe(self, wanted: set[str]) -> None:
         assert self._consumer is not None
@@ -314,23 +537,43 @@ class BatchLoop(mode.Service):
         if not outputs:
             return
         self._begin()
-        produce = self._producer.produce
         for out in outputs:
-            try:
-                try:
-                    produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
-                except BufferError:  # local queue full: wait for deliveries, then retry once
-                    self._producer.flush(10)
-                    produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
-            except KafkaException as exc:  # refused locally (e.g. too large): this output only
-                self._refused(out.topic, exc.args[0] if exc.args else exc)
+            self._send(out)
         self._producer.poll(0)
+
+    def _send(self, out: Output) -> None:
+        """Produce one output; one the local queue or the broker cannot take now is kept for a retry."""
+        assert self._producer is not None
+        if self._retry:  # others wait already (the queue was full): keep the order, do not block again
+            self._retry.append(out)
+            return
+        try:
+            try:
+                self._producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+            except BufferError:  # local queue full: serve deliveries a moment, then try once more
+                self._producer.poll(0.1)
+                self._producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+        except BufferError:
+            self._retry.append(out)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is not None and is_retriable(err):  # never enqueued: also fine inside a transaction
+                ERRORS.labels(self.name, "delivery_retry").inc()
+                self._retry.append(out)
+            elif err is None or is_permanent(err) or not err.fatal():
+                self._refused(out.topic, err or exc)  # refused locally (e.g. too large): this output only
+            else:
+                raise StreamMLError(f"{self.name}: the producer failed: {err}") from exc
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             return
-        if err.code() in _PERMANENT:  # retrying or restarting cannot deliver it: count it, go on
+        if is_permanent(err):  # retrying or restarting cannot deliver it: count it, go on
             self._refused(msg.topic() or "", err)
+            return
+        if is_retriable(err) and not self.exactly_once:  # (a failed transaction aborts: see _commit)
+            ERRORS.labels(self.name, "delivery_retry").inc()
+            self._retry.append(Output(msg.topic() or "", msg.key(), msg.value()))
             return
         ERRORS.labels(self.name, "delivery").inc()
         self._delivery_errors.append(f"{msg.topic()}: {err}")
@@ -354,26 +597,96 @@ class BatchLoop(mode.Service):
         for topic, value in lag.items():
             CONSUMER_LAG.labels(self.name, topic).set(value)
 
-    def _commit(self, force: bool = False) -> None:
+    def _delivered(self, timeout_s: float) -> bool:
+        """Produce again what failed with a retriable error, then wait up to `timeout_s` for every output
+        so far to be acknowledged. A delivery error that is neither retriable nor permanent is raised."""
+        assert self._producer is not None
+        if self._retry:
+            retry, self._retry = self._retry, []
+            for out in retry:
+                self._send(out)
+        left = self._producer.flush(timeout_s)
+        if self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise StreamMLError(f"{self.name}: {len(errors)} outputs failed: {errors[:3]}")
+        return left == 0 and not self._retry
+
+    def _commit(self, force: bool = False, timeout_s: float = COMMIT_WAIT_S) -> bool:
+        """Commit the input of everything produced so far once its outputs are acknowledged; True when
+        nothing is left uncommitted. Retriable broker errors never raise: the commit waits and is retried
+        (`_holding`), and offsets are never committed past an output that was not delivered."""
         if not force and time.monotonic() - self._last_commit < self.settings.commit_interval_s:
-            return
+            return not self._holding
         self._last_commit = time.monotonic()
         if self._last_commit - self._last_lag >= 1.0:
             self._last_lag = self._last_commit
             self._report_lag()
         assert self._consumer is not None and self._producer is not None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
         if self.exactly_once:
-            if not self._in_txn:
-                return
-            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
-            self._producer.commit_transaction(30)
-            self._in_txn = False
-        else:
-            if self._producer.flush(30) > 0:
-                raise StreamMLError(f"{self.name}: outputs not delivered within 30 s; not committing")
-            if self._delivery_errors:
-                errors, self._delivery_errors = self._delivery_errors, []
-                raise StreamMLError(f"{self.name}: {len(errors)} outputs failed: {errors[:3]}")
-            if offsets:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
+            self._holding = not self._commit_transaction(timeout_s)
+            return not self._holding
+        self._holding = not self._delivered(timeout_s)
+        if self._holding:
+            self._log_holding()
+            return False
+        done = self._committed  # offsets unchanged since the last commit are not committed again
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items() if done.get((t, p)) != o]
+        if not offsets:
+            return True
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or not commit_can_wait(err):
+                raise StreamMLError(f"{self.name}: committing offsets failed: {err or exc}") from exc
+            ERRORS.labels(self.name, "commit_retry").inc()
+            log.warning("%s: offset commit failed (%s); trying again at the next commit", self.name, err)
+            return False
+        self._committed.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+        return True
+
+    def _commit_transaction(self, timeout_s: float) -> bool:
+        """Commit the open transaction (outputs and input offsets). A commit that times out or meets a
+        retriable error goes on in the background and is resumed by the next call (librdkafka's contract),
+        so the event loop is never held for long; an abortable or fatal error raises."""
+        assert self._consumer is not None and self._producer is not None
+        if not self._in_txn:
+            return True
+        if self._retry:  # outputs the local queue could not take: still inside the open transaction
+            retry, self._retry = self._retry, []
+            for out in retry:
+                self._send(out)
+            if self._retry:
+                return False
+        timeout = max(timeout_s, COMMIT_WAIT_S)
+        try:
+            if not self._offsets_sent:
+                offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
+                metadata = self._consumer.consumer_group_metadata()
+                self._producer.send_offsets_to_transaction(offsets, metadata, timeout)
+                self._offsets_sent = True
+            self._producer.commit_transaction(timeout)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is not None and err.retriable() and not err.txn_requires_abort() and not err.fatal():
+                ERRORS.labels(self.name, "commit_retry").inc()
+                self._log_holding(f"transaction commit not done yet ({err})")
+                return False
+            # An aborted transaction leaves this process's state (models, windows) ahead of its committed
+            # input; restarting from the last commit is what keeps the outputs exactly-once.
+            raise StreamMLError(f"{self.name}: transaction failed: {err or exc}") from exc
+        self._in_txn = False
+        self._offsets_sent = False
+        self._delivery_errors.clear()  # (a failed delivery would have failed the commit)
+        return True
+
+    def _log_holding(self, what: str = "") -> None:
+        """At most one line every 5 s while outputs wait for the broker."""
+        now = time.monotonic()
+        if now - self._last_hold_log >= 5.0:
+            self._last_hold_log = now
+            assert self._producer is not None
+            what = what or (
+                f"{len(self._producer)} outputs not acknowledged yet ({len(self._retry)} to produce again)"
+            )
+            log.warning("%s: %s; holding the commit and new input until they are", self.name, what)

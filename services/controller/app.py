@@ -11,11 +11,12 @@ import math
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 
 from streamml import metrics
 from streamml.codec import codec_for
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import faust_app, watermarks
+from streamml.runtime import Outbox, Output, faust_app, is_retriable, kafka_error, watermarks
 from streamml.service import ControlFollower, check_declared_model, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -23,6 +24,8 @@ from streams.controller import Controller
 
 log = logging.getLogger(__name__)
 SERVICE = "controller"
+PUMP_WAIT_S = 0.2  # how long a tick waits for acknowledgements (on the event loop)
+STOP_WAIT_S = 2.0  # how long a stop waits for the last decisions and requests
 
 
 class ControllerService:
@@ -32,6 +35,7 @@ class ControllerService:
         self.logic = Controller(now_ms)
         self.control = ControlFollower(settings, SERVICE)
         self.producer = make_producer(settings, **{"linger.ms": 0})
+        self.outbox = Outbox(self.producer, SERVICE)
         self.watermarks = make_consumer(settings, f"{settings.topic_prefix}-{SERVICE}-watermarks")
 
     # -- inputs ---------------------------------------------------------------------------------------
@@ -63,12 +67,19 @@ class ControllerService:
         return sum(high for _low, high in marks.values()), marks
 
     def tick(self) -> None:
-        """Issue the training requests that are due."""
+        """Issue the training requests that are due; outputs that met a retriable broker error go again."""
         for pipeline in list(self.logic.pipelines):
             st = self.logic.state.get(pipeline)
             if st is None or st.retrain_due_at is None:
                 continue
-            total, marks = self.progress(pipeline)
+            try:
+                total, marks = self.progress(pipeline)
+            except KafkaException as exc:  # e.g. NOT_LEADER_FOR_PARTITION while a broker comes back
+                err = kafka_error(exc)
+                if err is None or not is_retriable(err):
+                    raise
+                log.warning("%s: cannot read the progress now (%s); trying again next tick", pipeline, err)
+                continue
             topic = self.catalogue.features(pipeline).name
 
             def recent(
@@ -88,27 +99,31 @@ class ControllerService:
 
             for request in self.logic.on_progress(pipeline, total, recent):
                 log.info("%s: requesting training %s: %s", pipeline, request["request_id"], request["reason"])
-                self.producer.produce(
-                    self.catalogue.training_requests().name,
-                    codec_for("TrainingRequest").encode(request),
-                    pipeline.encode(),
+                self.outbox.send(
+                    Output(
+                        self.catalogue.training_requests().name,
+                        pipeline.encode(),
+                        codec_for("TrainingRequest").encode(request),
+                    )
                 )
                 metrics.TRAINING_REQUESTS.labels(pipeline, "controller").inc()
-        self.producer.flush(10)
+        self.outbox.pump(PUMP_WAIT_S)  # never holds the event loop for long, whatever the broker does
 
     def _publish_decisions(self, decisions: list[dict[str, Any]]) -> None:
         for decision in decisions:
             log.info("%s: %s %s v%s: %s", decision["pipeline"], decision["action"], decision["model_name"],
                      decision["version"], decision["reason"])  # fmt: skip
-            self.producer.produce(
-                self.catalogue.promotions().name,
-                codec_for("Promotion").encode(decision),
-                f"{decision['pipeline']}/{decision['model_name']}/{decision['decided_at']}".encode(),
+            self.outbox.send(
+                Output(
+                    self.catalogue.promotions().name,
+                    f"{decision['pipeline']}/{decision['model_name']}/{decision['decided_at']}".encode(),
+                    codec_for("Promotion").encode(decision),
+                )
             )
             metrics.CONTROLLER_DECISIONS.labels(decision["pipeline"], decision["action"]).inc()
             self.logic.on_promotion(decision)
         if decisions:
-            self.producer.flush(10)
+            self.outbox.pump(PUMP_WAIT_S)  # what is not acknowledged yet goes on with each tick
 
 
 def build(settings: Settings) -> tuple[faust.App, ControllerService]:
@@ -129,6 +144,11 @@ def build(settings: Settings) -> tuple[faust.App, ControllerService]:
     @app.timer(1.0)
     async def _tick() -> None:
         service.tick()
+
+    @app.on_before_shutdown.connect
+    async def _deliver_on_stop(_app: Any, /, *_args: Any, signal: Any, **_kwargs: Any) -> None:
+        if service.outbox.pump(STOP_WAIT_S):
+            log.warning("stopping with decisions or requests the broker has not acknowledged")
 
     return app, service
 

@@ -19,15 +19,16 @@ from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
-from streamml.runtime import BatchLoop, Output, faust_app, read_to_end
+from streamml.runtime import MODEL_VERSION_MAX_BYTES, BatchLoop, Output, faust_app, read_to_end
 from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_service
 from streamml.settings import Settings
-from streamml.topics import Catalogue
+from streamml.topics import MODEL_MAX_BYTES, Catalogue
 from streams.features import FeatureEngine, coerce_label
 from streams.learner import LabelJoin, OnlineLearner, auto_promotion
 
 log = logging.getLogger(__name__)
 SERVICE = "learner"
+OVERSIZED_ALERT_EVERY_S = 600.0  # a model too large to publish stays so: one alert per model per 10 min
 
 
 class Learner:
@@ -49,6 +50,8 @@ class Learner:
         self._labels = codec_for("Label")
         self._versions = codec_for("ModelVersion")
         self._promotions = codec_for("Promotion")
+        self._alerts = codec_for("DriftAlert")
+        self.oversized: dict[tuple[str, str], float] = {}  # (pipeline, model) -> when a too-large alert went
 
     # -- control --------------------------------------------------------------------------------------
     def load_versions(self) -> None:
@@ -248,12 +251,22 @@ class Learner:
         return outputs
 
     def _snapshot(self, name: str, learner: OnlineLearner) -> list[Output]:
-        """Publish the learner's state as a new version (and, in AUTO mode, promote it)."""
+        """Publish the learner's state as a new version (and, in AUTO mode, promote it).
+
+        A version whose record would exceed what the model-versions topic and its readers take is not
+        published (the broker would refuse it): a DriftAlert of kind ARTIFACT says so instead, the current
+        version keeps serving, and the learner keeps learning (a later, smaller model is published).
+        """
         record = learner.snapshot(now_ms())
+        key = f"{name}/{learner.model_name}/{record['version']}".encode()
+        encoded = self._versions.encode(record)
+        if len(key) + len(encoded) > MODEL_VERSION_MAX_BYTES:
+            learner.version -= 1  # the number goes to the next version that is published
+            return self._too_large(name, learner, record, len(key) + len(encoded))
+        self.oversized.pop((name, learner.model_name), None)
         self.latest[(name, learner.model_name)] = record
         self.known_versions.add((name, learner.model_name, int(record["version"])))
-        key = f"{name}/{learner.model_name}/{record['version']}".encode()
-        outputs = [Output(self.catalogue.model_versions().name, key, self._versions.encode(record))]
+        outputs = [Output(self.catalogue.model_versions().name, key, encoded)]
         metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
         for metric, value in record["metrics"].items():
             metrics.LEARNER_METRIC.labels(name, metric).set(value)
@@ -263,6 +276,42 @@ class Learner:
         if self.pipelines[name]["promotion_mode"] == "AUTO" and live in (None, learner.model_name):
             outputs.append(self._auto_promotion(record))
         return outputs
+
+    def _too_large(
+        self, name: str, learner: OnlineLearner, record: dict[str, Any], size: int
+    ) -> list[Output]:
+        """Count and log every refused snapshot; alert at most every OVERSIZED_ALERT_EVERY_S per model."""
+        metrics.REJECTED_ARTIFACTS.labels(name, "too large").inc()
+        last = learner.version
+        message = (
+            f"{name}/{learner.model_name}: version {record['version']} not published: its record is "
+            f"{size / 2**20:.1f} MiB, above the {MODEL_VERSION_MAX_BYTES / 2**20:.0f} MiB a model version "
+            f"may take; {f'v{last} keeps serving' if last else 'no version is published yet'} and the "
+            "learner keeps learning. Choose a smaller model (e.g. a tree with a lower max_depth or memory "
+            "limit)."
+        )
+        log.error("%s", message)
+        now = time.monotonic()
+        alerted = self.oversized.get((name, learner.model_name))
+        if alerted is not None and now - alerted < OVERSIZED_ALERT_EVERY_S:
+            return []
+        self.oversized[(name, learner.model_name)] = now
+        alert = {
+            "alert_id": f"artifact-too-large-{name}-{learner.model_name}-{record['version']}-{now_ms()}",
+            "pipeline": name,
+            "model_name": learner.model_name,
+            "model_version": int(record["version"]),
+            "kind": "ARTIFACT",
+            "detector": "learner:artifact-size",
+            "feature": None,
+            "statistic": float(size),
+            "threshold": float(MODEL_VERSION_MAX_BYTES),
+            "window": record["training_data"],
+            "severity": "CRITICAL",
+            "message": message,
+            "detected_at": now_ms(),
+        }
+        return [Output(self.catalogue.drift_alerts().name, name.encode(), self._alerts.encode(alert))]
 
     def _auto_promotion(self, version: dict[str, Any]) -> Output:
         record = auto_promotion(version, now_ms())
@@ -292,6 +341,8 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
         on_assign=service.on_assign,
         on_idle=service.snapshots,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
+        # versions carry artifacts up to what the model-versions topic takes (librdkafka's default is 1 MB)
+        producer_config={"message.max.bytes": MODEL_MAX_BYTES},
     )
     return app, service, loop
 

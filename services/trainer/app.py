@@ -26,7 +26,7 @@ from streamml import artifacts, metrics
 from streamml.codec import codec_for
 from streamml.errors import ConfigError, DecodeError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import faust_app, read_to_end
+from streamml.runtime import MODEL_VERSION_MAX_BYTES, Outbox, Output, faust_app, read_to_end
 from streamml.runtime import watermarks as runtime_watermarks
 from streamml.service import ControlFollower, check_record_pipeline, now_ms, prepare, run_service
 from streamml.settings import Settings
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 SERVICE = "trainer"
 READ_TIMEOUT_S = 120.0  # reading one request's slice; a stuck read answers FAILED instead of hanging
 KAFKA_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 120.0  # a version or result waits this long for a broker that is away (in a thread)
 # OpenMP threads of a fit (HistGradientBoosting). The trainer shares its cores with the rest of the stack,
 # and OpenMP threads spinning beside busy processes made a 3k-record fit 15x slower (measured 5 s vs
 # 0.33 s on one thread, 2 cores under load); on an idle machine one thread costs little.
@@ -165,6 +166,7 @@ class Trainer:
         self.control = ControlFollower(settings, SERVICE)
         self.answered: set[str] = set()
         self.producer = make_producer(settings, **{"linger.ms": 0, "message.max.bytes": MODEL_MAX_BYTES})
+        self.outbox = Outbox(self.producer, SERVICE)
         self._requests = codec_for("TrainingRequest")
         self._results = codec_for("TrainingResult")
         self._versions = codec_for("ModelVersion")
@@ -333,31 +335,34 @@ class Trainer:
             plan, outcome, version=version, training_data=ranges, signing_key=self.key, now_ms=now_ms()
         )
         key = f"{record['pipeline']}/{record['model_name']}/{version}"
-        self._produce(self.catalogue.model_versions().name, key, self._versions.encode(record))
+        value = self._versions.encode(record)
+        if len(key) + len(value) > MODEL_VERSION_MAX_BYTES:  # the broker or the services would refuse it
+            raise TrainingFailedError(
+                f"the model version is {(len(key) + len(value)) / 2**20:.1f} MiB, above the "
+                f"{MODEL_VERSION_MAX_BYTES / 2**20:.0f} MiB a model version may take: choose a smaller model "
+                "(fewer trees, lower depth)"
+            )
+        self._produce(self.catalogue.model_versions().name, key, value)
         metrics.VERSIONS_PUBLISHED.labels(record["pipeline"], record["model_name"]).inc()
         return record
 
     def publish_result(self, result: dict[str, Any]) -> None:
-        """The answer must get out: retried a few times, then logged (the service keeps running)."""
+        """The answer must get out: retried while the broker errors are retriable (up to PUBLISH_TIMEOUT_S),
+        then logged (the service keeps running)."""
         value = self._results.encode(result)
-        for attempt in range(1, 4):
-            try:
-                self._produce(self.catalogue.training_results().name, result["request_id"], value)
-                return
-            except (StreamMLError, KafkaException, BufferError) as exc:
-                log.error(
-                    "could not publish the result of %s (try %d): %s", result["request_id"], attempt, exc
-                )
-                time.sleep(attempt)
-        metrics.ERRORS.labels(SERVICE, "result_not_published").inc()
+        try:
+            self._produce(self.catalogue.training_results().name, result["request_id"], value)
+        except (StreamMLError, KafkaException) as exc:
+            log.error("could not publish the result of %s: %s", result["request_id"], exc)
+            metrics.ERRORS.labels(SERVICE, "result_not_published").inc()
 
     def _produce(self, topic: str, key: str, value: bytes) -> None:
-        errors: list[str] = []
-        self.producer.produce(
-            topic, value, key.encode(), on_delivery=lambda err, _m: errors.append(str(err)) if err else None
-        )
-        if self.producer.flush(30) > 0 or errors:
-            raise TrainingFailedError(f"could not publish to {topic}: {errors or 'timed out'}")
+        """Deliver one record (in a worker thread): retriable broker errors, such as a leader moving while
+        a broker restarts, are retried for up to PUBLISH_TIMEOUT_S; a refusal raises TrainingFailedError."""
+        try:
+            self.outbox.deliver(Output(topic, key.encode(), value), PUBLISH_TIMEOUT_S)
+        except StreamMLError as exc:
+            raise TrainingFailedError(f"could not publish to {topic}: {exc}") from exc
 
 
 def build(settings: Settings) -> tuple[faust.App, Trainer]:

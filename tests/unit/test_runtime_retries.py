@@ -1,0 +1,452 @@
+"""Broker errors without a broker: which are retried, how the data loop holds its commit for them, bounded
+stops, and the learner's size check before it publishes a model version."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from services.controller import app as controller_app
+from services.learner import app as learner_app
+from services.trainer import app as trainer_app
+from streamml import runtime
+from streamml.codec import codec_for
+from streamml.errors import StreamMLError
+from streamml.pipelines import load_file, to_definition
+from streamml.runtime import BatchLoop, Outbox, Output, commit_can_wait, is_permanent, is_retriable
+from streamml.settings import Settings
+from streamml.topics import Catalogue
+from streams.trainer import TrainingFailedError
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = b"retries-test-key"
+
+# -- classification ------------------------------------------------------------------------------------
+
+RETRIABLE_CODES = [
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError._ALL_BROKERS_DOWN,
+]
+
+
+@pytest.mark.parametrize("code", RETRIABLE_CODES)
+def test_broker_errors_that_pass_are_retriable_even_without_librdkafkas_flag(code: int) -> None:
+    err = KafkaError(code)  # retriable() is False: librdkafka does not flag every such error
+    assert is_retriable(err) and not is_permanent(err) and commit_can_wait(err)
+
+
+def test_librdkafkas_retriable_flag_is_honoured() -> None:
+    assert is_retriable(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, retriable=True))
+
+
+@pytest.mark.parametrize(
+    "code",
+    [KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.RECORD_LIST_TOO_LARGE],
+)
+def test_refusals_for_good_are_permanent_never_retried(code: int) -> None:
+    err = KafkaError(code, retriable=True)
+    assert is_permanent(err) and not is_retriable(err)
+
+
+def test_fatal_and_unknown_errors_are_not_retried() -> None:
+    assert not is_retriable(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION, fatal=True))
+    unknown = KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED)
+    assert not is_retriable(unknown) and not is_permanent(unknown) and not commit_can_wait(unknown)
+
+
+@pytest.mark.parametrize(
+    "code", [KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS]
+)
+def test_commits_the_group_moved_past_can_wait(code: int) -> None:
+    assert commit_can_wait(KafkaError(code)) and not is_retriable(KafkaError(code))
+
+
+# -- fakes ---------------------------------------------------------------------------------------------
+
+Outcome = Callable[[str, bytes | None, int], KafkaError | str | None]
+
+
+class Msg:
+    def __init__(self, topic: str, value: bytes | None, offset: int = 0, key: bytes | None = None) -> None:
+        self._topic, self._value, self._offset, self._key = topic, value, offset, key
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def error(self) -> None:
+        return None
+
+
+class FakeProducer:
+    """Delivers on flush/poll with the outcome a test scripts per (topic, value, attempt): None (acked), a
+    KafkaError (failed), or "stuck" (stays queued, as while the broker is away)."""
+
+    def __init__(self, outcome: Outcome | None = None, full: int = 0) -> None:
+        self.outcome: Outcome = outcome or (lambda _t, _v, _n: None)
+        self.queue: list[tuple[str, bytes | None, bytes | None, Any]] = []
+        self.attempts: dict[tuple[str, bytes | None], int] = {}
+        self.acked: list[tuple[str, bytes | None]] = []
+        self.full = full  # the next `full` produce calls raise BufferError
+
+    def produce(
+        self, topic: str, value: bytes | None, key: bytes | None = None, on_delivery: Any = None
+    ) -> None:
+        if self.full > 0:
+            self.full -= 1
+            raise BufferError("queue full")
+        self.queue.append((topic, value, key, on_delivery))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0  # deliveries happen on flush only, so a test knows when each attempt is made
+
+    def flush(self, timeout: float = 0) -> int:
+        waiting = []
+        for topic, value, key, callback in self.queue:
+            n = self.attempts[(topic, value)] = self.attempts.get((topic, value), 0) + 1
+            result = self.outcome(topic, value, n)
+            if isinstance(result, str):  # "stuck" (KafkaError == str leaves a pending exception)
+                self.attempts[(topic, value)] -= 1
+                waiting.append((topic, value, key, callback))
+                continue
+            if result is None:
+                self.acked.append((topic, value))
+            callback(result, Msg(topic, value, key=key))
+        self.queue = waiting
+        return len(waiting)
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+class FakeConsumer:
+    def __init__(self, commit_error: KafkaError | None = None, close_error: KafkaError | None = None) -> None:
+        self.commits: list[list[tuple[str, int, int]]] = []
+        self.commit_error = commit_error
+        self.close_error = close_error
+        self.closed = False
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> None:
+        if self.commit_error is not None:
+            raise KafkaException(self.commit_error)
+        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+        if self.close_error is not None:
+            raise KafkaException(self.close_error)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="p", signing_key="k", _env_file=None)  # type: ignore[arg-type,call-arg]
+
+
+def data_loop(settings: Settings, producer: FakeProducer, consumer: FakeConsumer | None = None) -> BatchLoop:
+    loop = BatchLoop(
+        settings, name="t", handler=lambda msgs: [Output("out", None, m.value()) for m in msgs], topics=set
+    )
+    loop._producer = producer  # type: ignore[assignment]
+    loop._consumer = consumer or FakeConsumer()  # type: ignore[assignment]
+    return loop
+
+
+def fails_first(code: int, times: int = 1) -> Outcome:
+    return lambda _t, _v, n: KafkaError(code) if n <= times else None
+
+
+# -- the data loop ---------------------------------------------------------------------------------------
+
+
+def test_a_retriable_delivery_failure_is_produced_again_and_holds_the_commit_until_delivered(
+    settings: Settings,
+) -> None:
+    producer = FakeProducer(fails_first(KafkaError.NOT_LEADER_FOR_PARTITION))
+    consumer = FakeConsumer()
+    loop = data_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", 0), Msg("in", b"b", 1)])  # type: ignore[list-item]
+    assert loop._commit(force=True) is False  # both failed once: kept, nothing committed
+    assert loop._holding and consumer.commits == [] and len(loop._retry) == 2
+    assert loop._commit(force=True) is True  # produced again, delivered, then committed
+    assert producer.acked == [("out", b"a"), ("out", b"b")]
+    assert consumer.commits == [[("in", 0, 2)]] and not loop._holding
+
+
+def test_outputs_stuck_while_the_broker_is_away_are_never_committed_past(settings: Settings) -> None:
+    away = True
+    producer = FakeProducer(lambda _t, _v, _n: "stuck" if away else None)
+    consumer = FakeConsumer()
+    loop = data_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", 4)])  # type: ignore[list-item]
+    for _ in range(3):
+        assert loop._commit(force=True, timeout_s=0) is False
+    assert consumer.commits == [] and loop._holding
+    away = False
+    assert loop._commit(force=True, timeout_s=0) is True
+    assert consumer.commits == [[("in", 0, 5)]]
+
+
+def test_a_timed_out_delivery_is_produced_again(settings: Settings) -> None:
+    producer = FakeProducer(fails_first(KafkaError._MSG_TIMED_OUT, times=3))
+    loop = data_loop(settings, producer)
+    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    results = [loop._commit(force=True) for _ in range(4)]
+    assert results == [False, False, False, True] and producer.acked == [("out", b"a")]
+
+
+def test_a_refused_output_is_dropped_and_the_commit_goes_on(settings: Settings) -> None:
+    producer = FakeProducer(
+        lambda _t, v, _n: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if v == b"big" else None
+    )
+    consumer = FakeConsumer()
+    loop = data_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"big", 0), Msg("in", b"ok", 1)])  # type: ignore[list-item]
+    assert loop._commit(force=True) is True and consumer.commits == [[("in", 0, 2)]]
+
+
+def test_an_error_neither_retriable_nor_permanent_still_fails_the_commit(settings: Settings) -> None:
+    producer = FakeProducer(lambda _t, _v, _n: KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED))
+    consumer = FakeConsumer()
+    loop = data_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    with pytest.raises(StreamMLError, match="outputs failed"):
+        loop._commit(force=True)
+    assert consumer.commits == []
+
+
+def test_a_full_local_queue_keeps_the_output_for_later_instead_of_raising(settings: Settings) -> None:
+    producer = FakeProducer(full=2)
+    consumer = FakeConsumer()
+    loop = data_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    assert loop._retry and producer.acked == []
+    assert loop._commit(force=True) is True
+    assert producer.acked == [("out", b"a")] and consumer.commits == [[("in", 0, 1)]]
+
+
+def test_a_commit_the_group_moved_past_is_retried_later_not_fatal(settings: Settings) -> None:
+    consumer = FakeConsumer(commit_error=KafkaError(KafkaError.UNKNOWN_MEMBER_ID))
+    loop = data_loop(settings, FakeProducer(), consumer)
+    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    assert loop._commit(force=True) is False
+    consumer.commit_error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    assert loop._commit(force=True) is False
+    consumer.commit_error = None
+    assert loop._commit(force=True) is True and consumer.commits == [[("in", 0, 1)]]
+    assert loop._commit(force=True) is True and len(consumer.commits) == 1  # unchanged: not sent again
+    consumer.commit_error = KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)
+    loop.process([Msg("in", b"b", 1)])  # type: ignore[list-item]
+    with pytest.raises(StreamMLError, match="committing offsets failed"):
+        loop._commit(force=True)
+
+
+def test_stop_commits_in_flight_work_and_survives_a_consumer_already_out_of_the_group(
+    settings: Settings,
+) -> None:
+    consumer = FakeConsumer(close_error=KafkaError(KafkaError.UNKNOWN_MEMBER_ID))
+    loop = data_loop(settings, FakeProducer(), consumer)
+    loop.process([Msg("in", b"a", 7)])  # type: ignore[list-item]
+    asyncio.run(loop.on_stop())
+    assert consumer.commits == [[("in", 0, 8)]] and consumer.closed
+    loop._on_revoke(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]  # as close() does
+    assert consumer.commits == [[("in", 0, 8)]]
+
+
+def test_stop_is_bounded_when_the_broker_never_acknowledges(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.4)
+    consumer = FakeConsumer()
+    loop = data_loop(settings, FakeProducer(lambda _t, _v, _n: "stuck"), consumer)
+    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    started = time.monotonic()
+    asyncio.run(loop.on_stop())
+    assert time.monotonic() - started < 2.0
+    assert consumer.commits == [] and consumer.closed  # not delivered: the input stays uncommitted
+
+
+# -- the outbox (controller, trainer) --------------------------------------------------------------------
+
+
+def test_outbox_delivers_through_retriable_errors_and_raises_on_a_refusal() -> None:
+    producer = FakeProducer(fails_first(KafkaError.LEADER_NOT_AVAILABLE, times=2))
+    outbox = Outbox(producer, "t")  # type: ignore[arg-type]
+    outbox.deliver(Output("versions", b"k", b"v"), timeout_s=5)
+    assert producer.acked == [("versions", b"v")]
+    refused = Outbox(FakeProducer(lambda *_: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)), "t")  # type: ignore[arg-type]
+    with pytest.raises(StreamMLError, match="refused"):
+        refused.deliver(Output("versions", b"k", b"v"), timeout_s=5)
+    stuck = Outbox(FakeProducer(lambda *_: "stuck"), "t")  # type: ignore[arg-type]
+    with pytest.raises(StreamMLError, match="not acknowledged"):
+        stuck.deliver(Output("versions", b"k", b"v"), timeout_s=0.3)
+
+
+def test_outbox_pump_keeps_retriable_failures_for_the_next_pump() -> None:
+    producer = FakeProducer(fails_first(KafkaError._TRANSPORT))
+    outbox = Outbox(producer, "t")  # type: ignore[arg-type]
+    outbox.send(Output("promotions", b"k", b"decision"))
+    assert outbox.pump(0) == 1 and producer.acked == []
+    assert outbox.pump(0) == 0 and producer.acked == [("promotions", b"decision")]
+
+
+def test_trainer_publishes_through_a_leader_change_and_fails_a_refusal(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = FakeProducer(fails_first(KafkaError.NOT_LEADER_FOR_PARTITION))
+    monkeypatch.setattr(trainer_app, "make_producer", lambda *_a, **_k: producer)
+    trainer = trainer_app.Trainer(settings, Catalogue(settings), KEY)
+    trainer._produce("p.model-versions", "k", b"version")
+    assert producer.acked == [("p.model-versions", b"version")]
+    producer.outcome = lambda *_: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+    with pytest.raises(TrainingFailedError, match="refused"):
+        trainer._produce("p.model-versions", "k", b"too big")
+
+
+def test_controller_tick_survives_not_leader_for_partition(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_app, "make_producer", lambda *_a, **_k: FakeProducer())
+    monkeypatch.setattr(controller_app, "make_consumer", lambda *_a, **_k: FakeConsumer())
+    service = controller_app.ControllerService(settings, Catalogue(settings))
+    service.logic.on_pipeline(agrawal())
+    service.logic._state("agrawal").retrain_due_at = 10
+
+    def leader_moved(_pipeline: str) -> Any:
+        raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
+
+    monkeypatch.setattr(service, "progress", leader_moved)
+    service.tick()  # logged, tried again at the next tick
+
+
+# -- the learner: size before producing -------------------------------------------------------------------
+
+
+def agrawal() -> dict[str, Any]:
+    spec = load_file(REPO / "pipelines" / "agrawal.yaml")
+    return to_definition(spec, raw_topic="p.agrawal.raw").to_avro()
+
+
+def learner_with_events(settings: Settings, monkeypatch: pytest.MonkeyPatch, n: int = 50) -> Any:
+    monkeypatch.setattr(learner_app, "ensure_topics", lambda *_a, **_k: None)
+    service = learner_app.Learner(settings, Catalogue(settings), KEY)
+    service.on_pipeline(agrawal(), None)
+    learner = service.learners["agrawal"]
+    for i in range(n):
+        x = {"salary": 50_000.0 + i, "commission": 0.0, "age": 40, "elevel": 1, "car": 3, "zipcode": 2,
+             "hvalue": 100_000.0, "hyears": 10, "loan": 20_000.0 * (i % 3)}  # fmt: skip
+        learner.learn(x, i % 2 == 0)
+    return service, learner
+
+
+def test_a_version_too_large_to_publish_becomes_an_artifact_alert_and_learning_goes_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, learner = learner_with_events(settings, monkeypatch)
+    monkeypatch.setattr(learner_app, "MODEL_VERSION_MAX_BYTES", 1000)
+    outputs = service._snapshot("agrawal", learner)
+    assert [o.topic for o in outputs] == ["p.drift-alerts"]  # no version, no AUTO promotion
+    alert = codec_for("DriftAlert").decode(outputs[0].value)
+    assert alert["kind"] == "ARTIFACT" and alert["severity"] == "CRITICAL"
+    assert alert["model_version"] == 1 and alert["threshold"] == 1000.0 and alert["statistic"] > 1000
+    assert "not published" in alert["message"] and "MiB" in alert["message"]
+    assert learner.version == 0 and ("agrawal", "online") not in service.latest
+    assert service._snapshot("agrawal", learner) == []  # still too large: logged and counted, one alert
+    learner.learn({"salary": 1.0}, True)  # learning goes on
+    monkeypatch.setattr(learner_app, "MODEL_VERSION_MAX_BYTES", runtime.MODEL_VERSION_MAX_BYTES)
+    outputs = service._snapshot("agrawal", learner)
+    assert [o.topic for o in outputs] == ["p.model-versions", "p.promotions"]
+    version = codec_for("ModelVersion").decode(outputs[0].value)
+    assert version["version"] == 1 and version["parent_version"] is None  # numbering without a gap
+
+
+def test_the_size_limit_fits_the_topic_and_every_reader() -> None:
+    from streamml import limits
+    from streamml.topics import MODEL_MAX_BYTES
+
+    assert runtime.MODEL_VERSION_MAX_BYTES <= MODEL_MAX_BYTES - 64 * 1024
+    assert runtime.MODEL_VERSION_MAX_BYTES <= limits.MAX_CONTROL_BYTES
+    topic = Catalogue(Settings(_env_file=None)).model_versions()  # type: ignore[call-arg]
+    assert int(topic.config["max.message.bytes"]) == MODEL_MAX_BYTES
+
+
+def test_the_data_loop_producer_takes_the_services_producer_config(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: dict[str, Any] = {}
+    monkeypatch.setattr(runtime, "make_consumer", lambda *_a, **_k: FakeConsumer())
+    monkeypatch.setattr(runtime, "make_producer", lambda _s, **conf: made.update(conf) or FakeProducer())
+    loop = BatchLoop(
+        settings,
+        name="learner",
+        handler=lambda _m: [],
+        topics=set,
+        producer_config={"message.max.bytes": 64 << 20},
+    )
+    asyncio.run(loop.on_start())
+    assert made["message.max.bytes"] == 64 << 20 and made["linger.ms"] == 2
+
+
+def test_slow_steps_shrink_the_batch_and_quick_full_ones_grow_it_back(settings: Settings) -> None:
+    loop = data_loop(settings, FakeProducer())
+    assert loop._batch_limit == settings.max_batch == 2000
+    now = time.monotonic()
+    loop._check_step(now - 1.0, 2000)  # a full batch held the event loop 1 s
+    loop._check_step(now - 1.0, 1000)
+    assert loop._batch_limit == 500
+    loop._check_step(now - 1.0, 3)  # slow for another reason (the broker): the batch size is not to blame
+    assert loop._batch_limit == 500
+    for _ in range(10):
+        loop._check_step(time.monotonic(), loop._batch_limit)
+    assert loop._batch_limit == 2000  # never above max_batch
+    for _ in range(10):
+        loop._check_step(time.monotonic() - 1.0, loop._batch_limit)
+    assert loop._batch_limit == runtime.MIN_BATCH
+
+
+def test_the_worker_lets_faust_send_its_producer_buffer_before_the_app_stops() -> None:
+    """Faust closes its producer before its buffer; records left there (table writes) fail the stop."""
+    from types import SimpleNamespace
+
+    from streamml import service
+
+    class Buffer:
+        def __init__(self) -> None:
+            self.left = 3
+
+        @property
+        def size(self) -> int:
+            self.left = max(0, self.left - 1)  # Faust's sender drains it meanwhile
+            return self.left
+
+    buffer = Buffer()
+    worker = SimpleNamespace(app=SimpleNamespace(_producer=SimpleNamespace(buffer=buffer)))
+    asyncio.run(service._Worker._drain_producer_buffer(worker))  # type: ignore[arg-type]
+    assert buffer.left == 0
+    no_producer = SimpleNamespace(app=SimpleNamespace(_producer=None))
+    asyncio.run(service._Worker._drain_producer_buffer(no_producer))  # type: ignore[arg-type]
