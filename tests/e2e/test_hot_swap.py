@@ -49,11 +49,19 @@ def test_ten_promotions_while_20k_events_flow(system: System) -> None:
         publish_version(system, trained_version(system, "phishing", version, 50 * version))
     promote(system, "phishing", 1)
     system.stack.start_all(["features", "predictor"])
+    # The predictor serves v1 from its bootstrap at once, but follows promotions only once its Faust
+    # agents have joined (seconds later on a loaded machine): wait for that, or the promotions below
+    # would all be applied at once after the events have been predicted.
+    promote(system, "phishing", 2)
+    deadline = time.monotonic() + 60
+    while _health(system)["live"].get("phishing", {}).get("version") != 2:
+        assert time.monotonic() < deadline, "the predictor never followed a promotion"
+        time.sleep(0.1)
     n = 20_000
     producer = threading.Thread(target=_produce, args=(system, n, 3000.0, "load"))
     producer.start()
     time.sleep(0.5)
-    for version in range(2, 12):  # ~3 s of promotions while ~6.7 s of events flow
+    for version in range(3, 12):  # ~2.7 s of promotions while ~6.7 s of events flow
         promote(system, "phishing", version)
         time.sleep(0.3)
     producer.join()
