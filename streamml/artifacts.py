@@ -49,14 +49,14 @@ def verify(record: Mapping[str, Any], key: bytes | None) -> bytes:
         raise ArtifactRejectedError(f"{where}: no inline artifact (artifact_uri is not supported yet)")
     if record.get("artifact_format") != FORMAT:
         raise ArtifactRejectedError(f"{where}: unsupported artifact format {record.get('artifact_format')!r}")
-    if not hmac.compare_digest(sha256_hex(data), str(record.get("sha256", ""))):
+    if not hmac.compare_digest(sha256_hex(data).encode(), str(record.get("sha256", "")).encode()):
         raise ArtifactRejectedError(f"{where}: SHA-256 mismatch (artifact corrupted or tampered with)")
     signature = record.get("signature")
     if not signature:
         raise ArtifactRejectedError(f"{where}: unsigned artifact")
     if key is None:
         raise ArtifactRejectedError(f"{where}: no signing key configured (set STREAMML_SIGNING_KEY)")
-    if not hmac.compare_digest(sign(data, key), str(signature)):
+    if not hmac.compare_digest(sign(data, key).encode(), str(signature).encode()):
         raise ArtifactRejectedError(f"{where}: bad signature (not signed with this deployment's key)")
     return bytes(data)
 

@@ -87,6 +87,11 @@ def _check_scalar(name: str, value: Any) -> None:
             raise DecodeError(f"field {limits.clip(name, 100)!r}: integer out of the 64-bit range")
         return
     if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): not text any codec can write
+                raise DecodeError(f"field {limits.clip(name, 100)!r}: not valid Unicode text") from exc
         if len(value) > limits.MAX_STRING_CHARS:
             raise DecodeError(
                 f"field {limits.clip(name, 100)!r}: string of {len(value)} characters "

@@ -299,8 +299,8 @@ def validate_definition(record: dict[str, Any], catalogue: Catalogue | None = No
         monitoring["concept_params"] = {k: json.loads(v) for k, v in monitoring["concept_params"].items()}
         MonitoringFile.model_validate(monitoring)
         PolicyFile.model_validate(record["policy"])
-    except ValueError as exc:  # pydantic's ValidationError and json's JSONDecodeError are ValueErrors
-        raise ValidationError(f"invalid monitoring or policy section: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # pydantic's and json's errors are ValueErrors
+        raise ValidationError(f"invalid monitoring or policy section: {limits.clip(str(exc), 300)}") from exc
 
 
 def online_model(definition: dict[str, Any]) -> dict[str, Any]:

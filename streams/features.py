@@ -24,6 +24,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRUE = {"true", "1", "yes", "t", "y"}
 _FALSE = {"false", "0", "no", "f", "n"}
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+# Numbers beyond this are refused: sums over a 100,000-event window and models' squares stay finite.
+MAX_MAGNITUDE = 1e100
 
 
 def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
@@ -50,6 +52,10 @@ def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
                 number = float(value.strip())
             except (ValueError, OverflowError):
                 number = None
+        if number is not None and math.isfinite(number) and abs(number) > MAX_MAGNITUDE:
+            raise ValidationError(
+                f"field {name!r}: {limits.clip(repr(value), 40)} is beyond ±{MAX_MAGNITUDE:g}"
+            )
         if number is not None and math.isfinite(number):
             if kind == "INT" and not number.is_integer():
                 raise ValidationError(f"field {name!r}: expected an integer, got {value!r}")
@@ -62,12 +68,13 @@ def coerce_label(task: str, value: Scalar, name: str = "label") -> Scalar:
     """A label as the pipeline's task needs it, or a ValidationError: later stages trust its type.
 
     BINARY: a bool, 0/1, or true/false-like text (text becomes a bool, numbers the int 0 or 1);
-    MULTICLASS: a class name (text up to MAX_LABEL_CHARS, a bool or an integer); REGRESSION: a finite number.
+    MULTICLASS: a class name — text up to MAX_LABEL_CHARS; integers and bools become their text, so one
+    stream never mixes class types (River sorts classes); REGRESSION: a finite number.
     """
     if task == "REGRESSION":
         return float(coerce_value(name, "FLOAT", value))
     if isinstance(value, bool):
-        return value
+        return value if task == "BINARY" else str(value).lower()
     if isinstance(value, int | float):
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise ValidationError(f"label {value!r} is not a class (classes are integers or names)")
@@ -75,7 +82,7 @@ def coerce_label(task: str, value: Scalar, name: str = "label") -> Scalar:
             raise ValidationError(f"binary label must be 0/1 or true/false, got {value!r}")
         if abs(value) > limits.MAX_INT:
             raise ValidationError("label out of the 64-bit integer range")
-        return int(value)
+        return int(value) if task == "BINARY" else str(int(value))
     if isinstance(value, str):
         if task == "BINARY":
             text = value.strip().lower()
@@ -171,13 +178,16 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
                 return  # a missing input leaves the derived feature missing (models treat it as absent)
             nums = [float(v) for v in values if v is not None]
             if op == "sum":
-                f[out] = math.fsum(nums)
+                value = math.fsum(nums)
             elif op == "product":
-                f[out] = math.prod(nums)
+                value = math.prod(nums)
             elif op == "difference":
-                f[out] = nums[0] - nums[1]
+                value = nums[0] - nums[1]
             else:
-                f[out] = nums[0] / nums[1] if nums[1] != 0 else on_zero
+                value = nums[0] / nums[1] if nums[1] != 0 else on_zero
+            if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+                raise ValidationError(f"feature step {op!r}: {out} = {value!r} is out of range")
+            f[out] = value
 
         return arith
     if op == "log1p":
@@ -261,8 +271,11 @@ class FeatureEngine:
         for step in definition["feature_steps"]:
             try:
                 params = {k: json.loads(v) for k, v in step["params"].items()}
-            except ValueError as exc:
-                raise ValidationError(f"feature step {step['op']!r}: parameters are not JSON: {exc}") from exc
+            except (ValueError, RecursionError) as exc:
+                shown = limits.clip(str(exc), 200)
+                raise ValidationError(
+                    f"feature step {step['op']!r}: parameters are not JSON: {shown}"
+                ) from exc
             missing = [i for i in step["inputs"] if i not in self.kinds]
             if missing and step["op"] not in ("fill_missing", "drop"):
                 raise ValidationError(f"feature step {step['op']!r} reads unknown feature(s) {missing}")

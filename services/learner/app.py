@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 from streamml import artifacts, metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
-from streamml.errors import ConfigError, DecodeError, ValidationError
+from streamml.errors import ConfigError, ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
 from streamml.runtime import MODEL_VERSION_MAX_BYTES, BatchLoop, Output, faust_app, read_to_end
@@ -64,7 +64,7 @@ class Learner:
             try:
                 rec = self._versions.decode(msg.value() or b"")
                 artifacts.verify(rec, self.key)  # a forged version must not set numbering or resume
-            except (DecodeError, ArtifactRejectedError) as exc:
+            except Exception as exc:  # one bad record never keeps the learner from starting
                 log.warning("ignoring %s[%d]@%d: %s", topic, msg.partition() or 0, msg.offset() or 0, exc)
                 continue
             key = (rec["pipeline"], rec["model_name"])
