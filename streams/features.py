@@ -298,8 +298,8 @@ class FeatureEngine:
                 )
             if type(value) is not kind:
                 raise ValidationError(f"feature {name!r} must be {kind.__name__}, got {type(value).__name__}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValidationError(f"feature {name!r} is not a finite number")
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_MAGNITUDE):
+                raise ValidationError(f"feature {name!r} is not a finite number within ±{MAX_MAGNITUDE:g}")
             if isinstance(value, str) and len(value) > limits.MAX_STRING_CHARS:
                 raise ValidationError(f"feature {name!r} is longer than {limits.MAX_STRING_CHARS} characters")
         label = fv["label"]

@@ -32,6 +32,7 @@ from streamml.service import (
 )
 from streamml.settings import Settings
 from streamml.topics import Catalogue
+from streams.features import FeatureEngine, coerce_label
 from streams.monitor import ModelKey, Monitor, MonitorOutput, PipelineMonitor
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class MonitorService:
         self.control = ControlFollower(settings, SERVICE)
         self.routes: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, role)
         self.definitions: dict[str, dict[str, Any]] = {}
+        self.engines: dict[str, FeatureEngine] = {}  # what each pipeline's feature vectors must look like
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._predictions = codec_for("Prediction")
@@ -67,9 +69,11 @@ class MonitorService:
         self.routes = {t: r for t, r in self.routes.items() if r[0] != name}
         if record["deleted"]:
             self.definitions.pop(name, None)
+            self.engines.pop(name, None)
             self._remove_series(name, set(self._series.get(name, {})))
             return
         self.definitions[name] = record
+        self.engines[name] = FeatureEngine(record)
         c = self.catalogue
         self.routes[c.features(name).name] = (name, "features")
         self.routes[c.predictions(name).name] = (name, "predictions")
@@ -123,10 +127,14 @@ class MonitorService:
                         raise ValidationError(
                             f"a {fv['pipeline'][:80]!r} feature vector on {pipeline}'s topic"
                         )
+                    self.engines[pipeline].check_vector(fv)
                     results = pm.on_features(fv, src, now, now_wall)
                 else:
                     label = self._labels.decode(value)
-                    results = pm.on_label(label["event_id"], label["label"], now, now_wall)
+                    task = self.definitions[pipeline]["task"]
+                    results = pm.on_label(
+                        label["event_id"], coerce_label(task, label["label"]), now, now_wall
+                    )
             except Exception as exc:  # a bad record never stops monitoring: dead-letter it, keep going
                 outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
                 continue
