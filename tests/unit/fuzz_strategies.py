@@ -332,11 +332,15 @@ def invalid_label(task: str) -> st.SearchStrategy[Any]:
 class PipelineEvents:
     """Valid and hostile raw events of one pipeline definition (a decoded PipelineDefinition)."""
 
-    def __init__(self, definition: Mapping[str, Any], *, tiny: bool = True, key: Any = None) -> None:
-        """`tiny`: floats may be subnormal; `key`: every event has this entity key (else one of a few)."""
+    def __init__(
+        self, definition: Mapping[str, Any], *, tiny: bool = True, key: Any = None, near_caps: bool = True
+    ) -> None:
+        """`tiny`: valid floats may be subnormal; `key`: every event has this entity key (else one of a
+        few); `near_caps`: extreme events may hold numbers just under the services' bound."""
         self.definition = definition
         self.tiny = tiny
         self.key = key
+        self.extreme_numbers = st.sampled_from(_EXTREME + (_NEAR_CAPS if near_caps else []))
         self.id_field: str = definition["event_id_field"]
         self.key_field: str | None = definition["key_field"]
         self.time_field: str | None = definition["event_time_field"]
@@ -478,23 +482,10 @@ def _invalid(draw: st.DrawFn, p: PipelineEvents) -> Event:
     return Event(json.dumps(fields).encode(), "invalid", how)
 
 
-# Near every limit: the float range, subnormals, and round caps a service may set (sums of two overflow them).
-_EXTREME_NUMBERS = st.sampled_from(
-    [
-        1e308,
-        -1e308,
-        1.7976931348623157e308,
-        5e-324,
-        -5e-324,
-        1e-310,
-        -0.0,
-        2**63 - 1,
-        9e99,
-        -9e99,
-        1e100,
-        6e307,
-    ]
-)
+# Near every limit: the float range, subnormals, the int64 range ...
+_EXTREME = [1e308, -1e308, 1.7976931348623157e308, 6e307, 5e-324, -5e-324, 1e-310, -0.0, 2**63 - 1]
+# ... and just under the services' ±1e100 bound on numbers (two of them sum beyond it).
+_NEAR_CAPS = [9e99, -9e99, 1e100]
 
 
 @st.composite
@@ -502,7 +493,7 @@ def _extreme(draw: st.DrawFn, p: PipelineEvents) -> Event:
     fields = draw(p.valid_fields())
     numeric = [n for n, k, _ in p.fields if k == "FLOAT"]
     for name in draw(st.lists(st.sampled_from(numeric), min_size=1, max_size=3)) if numeric else []:
-        fields[name] = draw(_EXTREME_NUMBERS)
+        fields[name] = draw(p.extreme_numbers)
     return Event(json.dumps(fields).encode(), "any", "extreme numbers")
 
 
