@@ -262,7 +262,7 @@ raw_event = st.one_of(
 raw_batches = st.integers(1, 40).flatmap(lambda n: st.lists(raw_event, min_size=n, max_size=n))
 
 
-@fuzz(80)
+@fuzz(120)
 @given(batch=raw_batches, split=st.integers(0, 40))
 def test_features_every_raw_event_is_one_feature_vector_or_one_dead_letter(
     batch: list[tuple[str, Event]], split: int
@@ -316,13 +316,15 @@ def around_a_refused_event(draw: st.DrawFn) -> tuple[str, list[Event], Event, li
     name = draw(st.sampled_from(sorted(ONE_KEY)))
     events = ONE_KEY[name]
     valid = st.lists(events.valid(), min_size=1, max_size=6)
-    hostile = [events.invalid(), events.noise(), events.extreme()]
+    # Events that get far in the engine before they are refused (random bytes rarely do): the likely ones
+    # to leave a trace.
+    hostile = [events.invalid(), events.extreme(), events.invalid(), events.extreme(), events.noise()]
     if not KNOWN_BUGS["surrogates"]:
         hostile.append(events.surrogates())
     return name, draw(valid), draw(st.one_of(hostile)), draw(valid)
 
 
-@fuzz(80)
+@fuzz(150)
 @given(case=around_a_refused_event())
 def test_a_refused_event_changes_no_later_feature_vector(
     case: tuple[str, list[Event], Event, list[Event]],
@@ -460,7 +462,7 @@ def new_learner() -> learner_app.Learner:
     return service
 
 
-@fuzz(50)
+@fuzz(60)
 @given(batch=learner_batches())
 def test_learner_learns_or_dead_letters_every_record_once(batch: list[tuple[str, str, Event]]) -> None:
     service = new_learner()
@@ -574,7 +576,7 @@ def new_monitor() -> monitor_app.MonitorService:
     return service
 
 
-@fuzz(50)
+@fuzz(80)
 @given(batch=monitor_batches())
 def test_monitor_reads_or_dead_letters_every_record_once(batch: list[tuple[str, str, Event]]) -> None:
     service = new_monitor()
@@ -647,7 +649,7 @@ def predictor_batches(draw: st.DrawFn) -> list[tuple[str, Event]]:
     return items
 
 
-@fuzz(40)
+@fuzz(50)
 @given(batch=predictor_batches())
 def test_predictor_predicts_or_dead_letters_every_vector_once(batch: list[tuple[str, Event]]) -> None:
     service = new_predictor()
@@ -724,7 +726,7 @@ def _windows(service: predictor_app.Predictor) -> dict[str, dict[Any, list[float
     return {n: {k: list(w) for k, w in e.windows.windows.items()} for n, e in service.engines.items()}
 
 
-@fuzz(60)
+@fuzz(80)
 @given(bodies=st.lists(predict_bodies(), min_size=1, max_size=5))
 def test_predict_http_answers_every_body_with_a_status_and_finite_json_and_never_moves_windows(
     bodies: list[tuple[bytes, str]],
@@ -928,7 +930,7 @@ def _checked(
     return recording
 
 
-@fuzz(80)
+@fuzz(100)
 @given(case=st.sampled_from(sorted(CONTROL_CASES)), data=st.data())
 def test_control_records_are_applied_when_valid_else_skipped_counted_and_alerted(
     case: str, data: st.DataObject
@@ -981,7 +983,7 @@ definitions = st.one_of(
 )
 
 
-@fuzz(100)
+@fuzz(120)
 @given(definition=definitions)
 def test_a_definition_validates_or_raises_validation_error_and_a_valid_one_applies_everywhere(
     definition: dict[str, Any],
