@@ -443,6 +443,21 @@ class TrainingResult(_Record):
     finished_at: int = Field(..., description="When the trainer answered.")
 
 
+class WriterClaim(_Record):
+    """An instance of a single-writer service took over a writer slot (an audit record: readers need not act on it)."""
+
+    service: str = Field(..., description="Service whose slot it is (learner, monitor, controller).")
+    slot: int = Field(..., description="Writer slot: the partition of the writers topic this record is on.")
+    instance_id: str = Field(..., description="The instance that writes for the slot from now on.")
+    transactional_id: str = Field(
+        ..., description="Its transactional id: initialising it fenced the previous writer."
+    )
+    pipelines: list[str] = Field(
+        default_factory=list, description="Pipelines the slot held when it was claimed."
+    )
+    claimed_at: int = Field(..., description="When the slot was claimed.")
+
+
 RECORD_TYPES: dict[str, type[_Record]] = {
     "DeadLetter": DeadLetter,
     "OffsetRange": OffsetRange,
@@ -463,4 +478,5 @@ RECORD_TYPES: dict[str, type[_Record]] = {
     "RawEvent": RawEvent,
     "TrainingRequest": TrainingRequest,
     "TrainingResult": TrainingResult,
+    "WriterClaim": WriterClaim,
 }

@@ -32,9 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Output:
+    """One record to produce. `partition` pins it (a changelog record goes to its state's partition);
+    `pipeline` names the pipeline it belongs to where a service routes outputs per pipeline (its writer)."""
+
     topic: str
     key: bytes | None
     value: bytes | None
+    partition: int | None = None
+    pipeline: str | None = None
 
 
 def faust_app(service: str, settings: Settings, *, app_id: str | None = None, web: bool = False) -> faust.App:
@@ -196,6 +201,14 @@ def kafka_error(exc: BaseException) -> KafkaError | None:
     return err if isinstance(err, KafkaError) else None
 
 
+def produce(producer: Producer, out: Output, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+    """Produce one Output (to its pinned partition, if it has one)."""
+    if out.partition is None:
+        producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery)
+    else:
+        producer.produce(out.topic, out.value, out.key, partition=out.partition, on_delivery=on_delivery)
+
+
 @dataclass(eq=False)  # compared by identity: two deliveries of equal outputs are two deliveries
 class Delivery:
     """One output of an Outbox: done once acknowledged or refused (`error` says why it was refused)."""
@@ -255,7 +268,7 @@ class Outbox:
             self._settle(delivery, err)
 
         try:
-            self.producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery)
+            produce(self.producer, out, on_delivery)
         except BufferError:  # local queue full: produced again by the next pump
             self._retry.append(delivery)
         except KafkaException as exc:
@@ -549,10 +562,10 @@ class BatchLoop(mode.Service):
             return
         try:
             try:
-                self._producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                produce(self._producer, out, self._on_delivery)
             except BufferError:  # local queue full: serve deliveries a moment, then try once more
                 self._producer.poll(0.1)
-                self._producer.produce(out.topic, out.value, out.key, on_delivery=self._on_delivery)
+                produce(self._producer, out, self._on_delivery)
         except BufferError:
             self._retry.append(out)
         except KafkaException as exc:
@@ -573,7 +586,7 @@ class BatchLoop(mode.Service):
             return
         if is_retriable(err) and not self.exactly_once:  # (a failed transaction aborts: see _commit)
             ERRORS.labels(self.name, "delivery_retry").inc()
-            self._retry.append(Output(msg.topic() or "", msg.key(), msg.value()))
+            self._retry.append(Output(msg.topic() or "", msg.key(), msg.value(), msg.partition()))
             return
         ERRORS.labels(self.name, "delivery").inc()
         self._delivery_errors.append(f"{msg.topic()}: {err}")

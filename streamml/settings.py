@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     )
     commit_interval_s: float = Field(0.2, gt=0, description="How often services commit offsets/transactions.")
     max_batch: int = Field(2000, ge=1, description="Most records a service processes per batch.")
+    writer_slots: int = Field(
+        6, ge=1, le=64, description="Writer slots of single-writer services (partitions of <prefix>.writers)."
+    )
     instance_id: str = Field("0", description="Distinguishes replicas of one service (group and txn ids).")
     data_dir: str = Field(".local/data", description="Folder for service-local state (Faust data dirs).")
     broker_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker at start.")

@@ -66,6 +66,7 @@ class Catalogue:
         "drift-alerts",
         "evaluations",
         "dead-letter",
+        "writers",
     )
     PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
 
@@ -73,6 +74,7 @@ class Catalogue:
         self.prefix = settings.topic_prefix
         self.partitions = settings.default_partitions
         self.rf = settings.replication_factor
+        self.writer_slots = settings.writer_slots
 
     # -- global control topics, keyed by pipeline -------------------------------------------------
     def pipelines(self) -> TopicSpec:
@@ -135,6 +137,15 @@ class Catalogue:
             1, self.rf, retention_ms=30 * DAY_MS,
         )  # fmt: skip
 
+    def writers(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.writers", "writers", "WriterClaim", "avro", "service/slot",
+            "Its partitions are the writer slots of single-writer services (learner, monitor, "
+            "controller). Each service's instances join one group on it; whoever is assigned slot k writes "
+            "for the pipelines hashed to k (and records a WriterClaim there).",
+            self.writer_slots, self.rf,
+        )  # fmt: skip
+
     # -- per-pipeline data topics -----------------------------------------------------------------
     def _data(
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
@@ -188,6 +199,7 @@ class Catalogue:
             self.drift_alerts(),
             self.evaluations(),
             self.dead_letters(),
+            self.writers(),
         ]
 
     def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:

@@ -113,7 +113,12 @@ class FakeProducer:
         self.full = full  # the next `full` produce calls raise BufferError
 
     def produce(
-        self, topic: str, value: bytes | None, key: bytes | None = None, on_delivery: Any = None
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        on_delivery: Any = None,
+        partition: int | None = None,
     ) -> None:
         if self.full > 0:
             self.full -= 1
