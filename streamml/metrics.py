@@ -51,6 +51,11 @@ SKIPPED = Counter(
     "Data records deliberately not processed (e.g. their pipeline was deleted), by reason.",
     ["service", "reason"],
 )
+WRITER_SLOTS = Gauge(
+    "streamml_writer_slots",
+    "Writer slots this instance owns (single-writer services: it alone publishes for their pipelines).",
+    ["service"],
+)
 CONTROL_SKIPPED = Counter(
     "streamml_control_records_skipped_total",
     "Control-topic records skipped as invalid (each also logged and alerted as kind CONTROL).",

@@ -1,25 +1,30 @@
-"""Composition root of the learner: pipelines follower, resume from the last version, data loop.
+"""Composition root of the learner: pipelines follower, one writer per pipeline, resume from its last version.
 
-Exactly-once learning: the learner ignores group offsets and always seeks to the offsets recorded in
-its last published version (or the beginning if none), so after any restart each event is learned once.
+One truth per pipeline: of all learner instances, only the one elected for a pipeline's writer slot
+(`streamml.election`) learns it and publishes its versions, through a producer that fenced any previous
+writer. Exactly-once learning: the writer reads the pipeline's features (and labels) by assignment from
+the offsets recorded in the last published version (or the beginning), never from group offsets, so
+across restarts and fail-overs each event is learned once in the one version lineage.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
-from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
+from confluent_kafka import Message
 
 from streamml import artifacts, metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
+from streamml.election import WriterLoop, WriterSlots, slot_of
 from streamml.errors import ConfigError, ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
-from streamml.runtime import MODEL_VERSION_MAX_BYTES, BatchLoop, Output, faust_app, read_to_end
+from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app, read_to_end
 from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
@@ -52,9 +57,14 @@ class Learner:
         self._promotions = codec_for("Promotion")
         self._alerts = codec_for("DriftAlert")
         self.oversized: dict[tuple[str, str], float] = {}  # (pipeline, model) -> when a too-large alert went
+        # Whether this instance writes for a pipeline (its writer slot); set by `build` (all, in tests).
+        self.owns: Callable[[str], bool] = lambda _pipeline: True
+        self.slot_count = settings.writer_slots
 
     # -- control --------------------------------------------------------------------------------------
     def load_versions(self) -> None:
+        """Read every version published so far (a new writer does so after fencing the previous one, so
+        the last version of its lineage is among them)."""
         topic = self.catalogue.model_versions().name
         for msg in read_to_end(self.settings, topic):
             # the follower of model-versions starts after what was read here
@@ -84,21 +94,59 @@ class Learner:
             return
         # Everything that can fail comes first, so a revision that cannot be applied changes nothing.
         engine = FeatureEngine(record)
+        learner = self._learner_for(record) if self.owns(name) else None
+        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+        self.engines[name] = engine
+        self.pipelines[name] = record
+        if learner is not None:
+            self.learners[name] = learner
+            self.joins[name] = LabelJoin(ttl_s=record["label"]["ttl_seconds"])
+        self.topic_roles[self.catalogue.features(name).name] = (name, "features")
+        if record["label"]["source"] == "TOPIC":
+            self.topic_roles[self.catalogue.labels(name).name] = (name, "labels")
+
+    def _learner_for(self, record: dict[str, Any]) -> OnlineLearner:
+        """The pipeline's online learner: the current one if its model is unchanged, else one resuming the
+        lineage from the last version."""
+        name = record["name"]
         model = online_model(record)
         regression = record["task"] == "REGRESSION"
         current = self.learners.get(name)
         same = current is not None and (current.model_name, current.estimator_spec, current.params) == (
             model["name"], model["estimator_spec"], dict(model["params"])
         )  # fmt: skip
-        learner = current if same and current is not None else self._new_learner(name, model, regression)
-        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
-        self.engines[name] = engine
-        self.pipelines[name] = record
-        self.learners[name] = learner
-        self.joins[name] = LabelJoin(ttl_s=record["label"]["ttl_seconds"])
-        self.topic_roles[self.catalogue.features(name).name] = (name, "features")
-        if record["label"]["source"] == "TOPIC":
-            self.topic_roles[self.catalogue.labels(name).name] = (name, "labels")
+        return current if same and current is not None else self._new_learner(name, model, regression)
+
+    def in_slot(self, slot: int) -> list[str]:
+        return sorted(p for p in self.pipelines if slot_of(p, self.slot_count) == slot)
+
+    def on_gain(self, slots: list[int]) -> None:
+        """This instance now writes for `slots` (their previous writers are fenced): resume each of their
+        pipelines from the last version published, wherever it was published from."""
+        self.load_versions()
+        for name in (p for slot in slots for p in self.in_slot(slot)):
+            self.learners.pop(name, None)  # never keep state from an earlier turn as writer
+            definition = self.pipelines[name]
+            self.learners[name] = self._learner_for(definition)
+            self.joins[name] = LabelJoin(ttl_s=definition["label"]["ttl_seconds"])
+
+    def on_lose(self, slots: list[int]) -> None:
+        for name in (p for slot in slots for p in self.in_slot(slot)):
+            self.learners.pop(name, None)
+            self.joins.pop(name, None)
+
+    def inputs(self) -> dict[str, dict[int, int]]:
+        """What the writer reads: each learning pipeline's topics, from its last version's positions."""
+        wanted: dict[str, dict[int, int]] = {}
+        for topic, (pipeline, _kind) in self.topic_roles.items():
+            learner = self.learners.get(pipeline)
+            if learner is not None:
+                wanted[topic] = {p: o for (t, p), o in learner.positions.items() if t == topic}
+        return wanted
+
+    def pipeline_of(self, topic: str) -> str | None:
+        role = self.topic_roles.get(topic)
+        return role[0] if role else None
 
     def on_version(self, record: dict[str, Any] | None, _msg: Any) -> None:
         """Remember which versions exist; a decision that was waiting for its version now counts."""
@@ -188,18 +236,6 @@ class Learner:
         return learner
 
     # -- data path ------------------------------------------------------------------------------------
-    def topics(self) -> set[str]:
-        return set(self.topic_roles)
-
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """Seek to the resume point of the last version (or the beginning), never to group offsets."""
-        for tp in partitions:
-            role = self.topic_roles.get(tp.topic)
-            learner = self.learners.get(role[0]) if role else None
-            position = learner.positions.get((tp.topic, tp.partition)) if learner else None
-            tp.offset = position if position is not None else OFFSET_BEGINNING
-        return partitions
-
     def handle(self, msgs: list[Message]) -> list[Output]:
         now = time.monotonic()
         outputs: list[Output] = []
@@ -209,7 +245,9 @@ class Learner:
             if role is None:
                 continue
             pipeline, kind = role
-            learner = self.learners[pipeline]
+            learner = self.learners.get(pipeline)
+            if learner is None:  # another instance writes for this pipeline
+                continue
             partition, offset = msg.partition() or 0, msg.offset() or 0
             learner.consumed(topic, partition, offset)
             try:  # the record boundary: a record that cannot be learned is dead-lettered, never fatal
@@ -266,7 +304,7 @@ class Learner:
         self.oversized.pop((name, learner.model_name), None)
         self.latest[(name, learner.model_name)] = record
         self.known_versions.add((name, learner.model_name, int(record["version"])))
-        outputs = [Output(self.catalogue.model_versions().name, key, encoded)]
+        outputs = [Output(self.catalogue.model_versions().name, key, encoded, pipeline=name)]
         metrics.VERSIONS_PUBLISHED.labels(name, learner.model_name).inc()
         for metric, value in record["metrics"].items():
             metrics.LEARNER_METRIC.labels(name, metric).set(value)
@@ -311,19 +349,35 @@ class Learner:
             "message": message,
             "detected_at": now_ms(),
         }
-        return [Output(self.catalogue.drift_alerts().name, name.encode(), self._alerts.encode(alert))]
+        value = self._alerts.encode(alert)
+        return [Output(self.catalogue.drift_alerts().name, name.encode(), value, pipeline=name)]
 
     def _auto_promotion(self, version: dict[str, Any]) -> Output:
         record = auto_promotion(version, now_ms())
         key = f"{version['pipeline']}/{version['model_name']}/{record['decided_at']}".encode()
-        return Output(self.catalogue.promotions().name, key, self._promotions.encode(record))
+        return Output(
+            self.catalogue.promotions().name,
+            key,
+            self._promotions.encode(record),
+            pipeline=version["pipeline"],
+        )
 
 
-def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
+def build(settings: Settings) -> tuple[faust.App, Learner, WriterLoop]:
     if settings.signing_key is None:
         raise ConfigError("the learner signs model versions: set STREAMML_SIGNING_KEY")
     catalogue = prepare(settings)
     service = Learner(settings, catalogue, settings.signing_key.get_secret_value().encode())
+    slots = WriterSlots(
+        settings,
+        SERVICE,
+        on_gain=service.on_gain,
+        on_lose=service.on_lose,
+        # versions carry artifacts up to what the model-versions topic takes (librdkafka's default is 1 MB)
+        producer_config={"message.max.bytes": MODEL_MAX_BYTES},
+    )
+    slots.pipelines_of = service.in_slot
+    service.owns = slots.owns  # no slot is owned before the loop joins the writers group
     service.load_versions()
     service.control.bootstrap(catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
     service.control.bootstrap(catalogue.promotions().name, "Promotion", service.on_promotion)
@@ -333,16 +387,15 @@ def build(settings: Settings) -> tuple[faust.App, Learner, BatchLoop]:
     service.control.follow(app, catalogue.promotions().name, "Promotion", service.on_promotion)
     service.control.follow(app, catalogue.model_versions().name, "ModelVersion", service.on_version)
     service.control.follow(app, catalogue.drift_alerts().name, "DriftAlert", service.on_alert)
-    loop = BatchLoop(
+    loop = WriterLoop(
         settings,
         name=SERVICE,
-        handler=service.handle,
-        topics=service.topics,
-        on_assign=service.on_assign,
+        slots=slots,
+        handler=lambda _pipeline, msgs: service.handle(msgs),
+        inputs=service.inputs,
+        pipeline_of=service.pipeline_of,
         on_idle=service.snapshots,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
-        # versions carry artifacts up to what the model-versions topic takes (librdkafka's default is 1 MB)
-        producer_config={"message.max.bytes": MODEL_MAX_BYTES},
     )
     return app, service, loop
 

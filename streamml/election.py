@@ -1,0 +1,426 @@
+"""Single writers: which instance of a service writes for which pipeline, elected and fenced by Kafka.
+
+Election: the instances of a service join one consumer group on `<prefix>.writers`; its partitions are
+writer slots, and a pipeline belongs to slot `slot_of(name)`. The group protocol gives each slot to exactly
+one live member (cooperative-sticky: a rebalance moves only the slots that must move), so pipelines spread
+over instances and a crashed member's slots move on after its session times out.
+
+Fencing: the owner of slot k publishes only through a transactional producer whose `transactional.id` is
+`<prefix>-<service>-writer-<k>`. Initialising it bumps that id's epoch and aborts whatever the previous
+owner left open, so a previous owner that still believes it writes (paused, cut off) fails its next commit
+with a fencing error, and read_committed readers never see its records.
+
+Hand-over: a new owner restores its pipelines (the service's `on_gain`) only after fencing, so whatever the
+previous owner committed is on the topics by then; a slot given up in a rebalance commits its open
+transaction first (`on_revoke`), so its last outputs are part of what the next owner restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import mode
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from streamml.codec import codec_for
+from streamml.errors import StreamMLError
+from streamml.kafka import make_consumer, make_producer
+from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS
+from streamml.runtime import Output, is_permanent, kafka_error, produce
+from streamml.settings import Settings
+from streamml.topics import Catalogue
+
+log = logging.getLogger(__name__)
+
+INIT_TIMEOUT_S = 30.0  # init_transactions waits this long for the coordinator (it aborts the old epoch)
+COMMIT_TIMEOUT_S = 5.0
+
+
+def slot_of(pipeline: str, slots: int) -> int:
+    """The writer slot of a pipeline: stable across processes, versions and restarts (CRC-32)."""
+    return zlib.crc32(pipeline.encode()) % slots
+
+
+def transactional_id(settings: Settings, service: str, slot: int) -> str:
+    return f"{settings.topic_prefix}-{service}-writer-{slot}"
+
+
+class Fenced(StreamMLError):
+    """Another instance owns the slot now: this one must stop writing for it."""
+
+
+class WriterSlots:
+    """The slots this instance writes for, each with its fenced transactional producer.
+
+    `on_gain(slots)` runs after fencing (restore the slots' pipelines from durable state); `on_lose(slots)`
+    when slots go (drop their state). Both run on the thread that calls `poll`/`commit`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: str,
+        *,
+        on_gain: Callable[[list[int]], None],
+        on_lose: Callable[[list[int]], None],
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.count = settings.writer_slots
+        self.topic = Catalogue(settings).writers().name
+        self.group_id = f"{settings.topic_prefix}-{service}-writers"
+        self.on_gain = on_gain
+        self.on_lose = on_lose
+        self._producer_config = dict(producer_config or {})
+        self.producers: dict[int, Producer] = {}
+        self._open: set[int] = set()  # slots with an open transaction
+        self._consumer: Consumer | None = None
+        self._claims = codec_for("WriterClaim")
+        self.pipelines_of: Callable[[int], list[str]] = lambda _slot: []
+        self.changes = 0  # bumped at every gain or loss: readers of the slots' inputs seek again
+
+    # -- membership -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._consumer = make_consumer(
+            self.settings,
+            self.group_id,
+            **{
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": 10_000,  # a crashed writer's slots move on within ~10 s
+                "heartbeat.interval.ms": 1_000,
+                "auto.offset.reset": "latest",  # the claims on the topic are for people, not for us
+            },
+        )
+        self._consumer.subscribe(
+            [self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def poll(self) -> None:
+        """Serve the group (heartbeats, rebalances: gains and losses happen inside this call)."""
+        if self._consumer is not None:
+            self._consumer.consume(100, 0)
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Commit what is open and leave the group (the slots move on at once, not after a timeout)."""
+        for slot in list(self.producers):
+            try:
+                self.commit(slot, timeout_s)
+            except StreamMLError as exc:
+                log.warning("%s: slot %d: final commit failed: %s", self.service, slot, exc)
+        if self._consumer is not None:
+            try:
+                self._consumer.close()  # revokes every slot (the callback commits nothing new now)
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("%s: leaving the writers group: %s", self.service, exc)
+            self._consumer = None
+
+    def owns(self, pipeline: str) -> bool:
+        return slot_of(pipeline, self.count) in self.producers
+
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._gain([tp.partition for tp in partitions])
+
+    def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        slots = [tp.partition for tp in partitions if tp.partition in self.producers]
+        for slot in slots:
+            try:
+                self.commit(slot, COMMIT_TIMEOUT_S)  # the next owner restores from this
+            except StreamMLError as exc:
+                log.warning("%s: slot %d: commit at hand-over failed: %s", self.service, slot, exc)
+        self._drop(slots, "revoked")
+
+    def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop([tp.partition for tp in partitions if tp.partition in self.producers], "lost")
+
+    def _gain(self, slots: list[int]) -> None:
+        """Fence every previous writer of `slots` first, then restore their pipelines (all at once)."""
+        if not slots:
+            return
+        started = time.monotonic()
+        for slot in slots:
+            tid = transactional_id(self.settings, self.service, slot)
+            producer = make_producer(self.settings, **{"transactional.id": tid, **self._producer_config})
+            producer.init_transactions(INIT_TIMEOUT_S)  # fences the previous owner, aborts its open txn
+            self.producers[slot] = producer
+        self.changes += 1
+        WRITER_SLOTS.labels(self.service).set(len(self.producers))
+        try:
+            self.on_gain(slots)
+        except Exception:  # restoring failed: write nothing rather than from stale state
+            log.exception(
+                "%s: slots %s: restoring failed; retrying at the next assignment", self.service, slots
+            )
+            self._drop(slots, "restore failed")
+            return
+        for slot in slots:
+            self._claim(slot, transactional_id(self.settings, self.service, slot))
+        pipelines = [p for slot in slots for p in self.pipelines_of(slot)]
+        log.info(
+            "%s: writing for slots %s (%s) from now on; fenced and restored in %.1f s",
+            self.service,
+            slots,
+            ", ".join(pipelines) or "no pipelines yet",
+            time.monotonic() - started,
+        )
+
+    def _claim(self, slot: int, tid: str) -> None:
+        """An audit record of the take-over, on the slot's own partition (and a first fencing check)."""
+        record = {
+            "service": self.service,
+            "slot": slot,
+            "instance_id": self.settings.instance_id,
+            "transactional_id": tid,
+            "pipelines": self.pipelines_of(slot),
+            "claimed_at": time.time_ns() // 1_000_000,
+        }
+        key = f"{self.service}/{slot}".encode()
+        self.send(slot, Output(self.topic, key, self._claims.encode(record), partition=slot))
+
+    def _drop(self, slots: list[int], why: str) -> None:
+        if not slots:
+            return
+        producers = [self.producers.pop(slot, None) for slot in slots]
+        self._open.difference_update(slots)
+        self.changes += 1
+        WRITER_SLOTS.labels(self.service).set(len(self.producers))
+        try:
+            self.on_lose(slots)
+        except Exception:
+            log.exception("%s: slots %s: dropping their state failed", self.service, slots)
+        for producer in producers:
+            if producer is not None:
+                producer.flush(0)  # an open transaction is aborted by the next owner's init_transactions
+        log.info("%s: slots %s %s: no longer writing for them", self.service, slots, why)
+
+    # -- writing --------------------------------------------------------------------------------------
+    def send(self, slot: int, output: Output) -> bool:
+        """Produce inside the slot's open transaction; False (dropped, counted) if this instance does not
+        own the slot (any more)."""
+        producer = self.producers.get(slot)
+        if producer is None:
+            ERRORS.labels(self.service, "not_writer").inc()
+            return False
+        if slot not in self._open:
+            producer.begin_transaction()
+            self._open.add(slot)
+        try:
+            produce(producer, output)
+        except BufferError:
+            producer.poll(0.5)
+            produce(producer, output)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or not is_permanent(err):
+                raise
+            ERRORS.labels(self.service, "output_refused").inc()
+            log.error("%s: an output to %s was refused and is dropped: %s", self.service, output.topic, err)
+        return True
+
+    def commit(self, slot: int, timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
+        """Commit the slot's open transaction: True when done. A retriable failure leaves it open (False,
+        try again); a fenced producer drops the slot and raises Fenced; an abortable failure aborts and
+        restores the slot from durable state again (its in-memory state had run ahead of what was
+        committed), then raises StreamMLError."""
+        producer = self.producers.get(slot)
+        if producer is None or slot not in self._open:
+            return True
+        try:
+            producer.commit_transaction(timeout_s)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is not None and err.retriable() and not err.txn_requires_abort() and not err.fatal():
+                ERRORS.labels(self.service, "commit_retry").inc()
+                return False
+            if err is not None and err.txn_requires_abort() and not err.fatal():
+                ERRORS.labels(self.service, "txn_aborted").inc()
+                try:
+                    producer.abort_transaction(timeout_s)
+                except KafkaException:
+                    log.exception("%s: slot %d: abort failed", self.service, slot)
+                self._open.discard(slot)
+                self.changes += 1
+                self.on_lose([slot])
+                self.on_gain([slot])
+                raise StreamMLError(
+                    f"{self.service}: slot {slot}: transaction aborted ({err}); restored from durable state"
+                ) from exc
+            ERRORS.labels(self.service, "fenced").inc()
+            self._drop([slot], f"fenced ({err or exc})")
+            raise Fenced(f"{self.service}: slot {slot}: {err or exc}") from exc
+        self._open.discard(slot)
+        return True
+
+    def commit_all(self, timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
+        done = True
+        for slot in list(self._open):
+            try:
+                done = self.commit(slot, timeout_s) and done
+            except StreamMLError as exc:
+                log.error("%s", exc)
+        return done
+
+
+Handler = Callable[[str, list[Message]], Iterable[Output]]
+
+
+class WriterLoop(mode.Service):
+    """The data path of a single-writer service: reads every partition of the topics of the pipelines
+    this instance writes for (by assignment, from where the service's durable state says), hands each
+    pipeline's records to `handler(pipeline, msgs)`, and publishes the outputs in the slot's transaction,
+    committed every `commit_interval_s`. No consumer offsets: the service's durable state (a published
+    version, a snapshot) records how far it got, so a new owner resumes exactly there.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        slots: WriterSlots,
+        handler: Handler,
+        inputs: Callable[[], dict[str, dict[int, int]]],
+        pipeline_of: Callable[[str], str | None],
+        on_idle: Callable[[], Iterable[Output]] | None = None,
+        dead_letter: Callable[[Message, BaseException], Output] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.slots = slots
+        self.handler = handler
+        self.inputs = inputs
+        self.pipeline_of = pipeline_of
+        self._on_idle = on_idle
+        self._dead_letter = dead_letter
+        self._consumer: Consumer | None = None
+        self._assigned: set[tuple[str, int]] = set()
+        self._changes = -1  # the slots' change count the assignment was made for
+        self._partitions: dict[str, list[int]] = {}
+        self._last_commit = time.monotonic()
+        self._pending = False  # a commit that met a retriable error: retried before new input
+        self.processed = 0
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        self._consumer = make_consumer(
+            self.settings,
+            f"{self.settings.topic_prefix}-{self.name}-writer-data",  # never joined, never committed
+            **{"isolation.level": "read_committed", "fetch.wait.max.ms": 10},
+        )
+        self.slots.start()
+
+    async def on_stop(self) -> None:
+        self.slots.close()
+        if self._consumer is not None:
+            self._consumer.close()
+
+    @mode.Service.task
+    async def _run(self) -> None:
+        while not self.should_stop:
+            self.slots.poll()
+            if self._pending or time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
+                if self._on_idle is not None:
+                    self._send(self._on_idle(), None)
+                self._last_commit = time.monotonic()
+                self._pending = not self.slots.commit_all(1.0)
+                if self._pending:
+                    await asyncio.sleep(0.1)
+                    continue
+            self._reassign()
+            msgs = self._consumer.consume(self.settings.max_batch, 0) if self._assigned else []  # type: ignore[union-attr]
+            if msgs:
+                self.process(msgs)
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.01)
+
+    def _reassign(self) -> None:
+        """Read exactly the partitions of the owned pipelines' topics, from the service's resume points."""
+        assert self._consumer is not None
+        wanted = self.inputs()
+        targets: dict[tuple[str, int], int] = {}
+        for topic, starts in wanted.items():
+            parts = self._partitions.get(topic)
+            if parts is None:
+                meta = self._consumer.list_topics(topic, timeout=5).topics.get(topic)
+                if meta is None or meta.error is not None or not meta.partitions:
+                    continue
+                parts = self._partitions[topic] = sorted(meta.partitions)
+            for p in parts:
+                targets[(topic, p)] = starts.get(p, OFFSET_BEGINNING)
+        if self.slots.changes != self._changes:  # a slot came or went: every input seeks to its resume point
+            self._changes = self.slots.changes
+            if self._assigned:
+                self._consumer.incremental_unassign([TopicPartition(t, p) for t, p in self._assigned])
+                self._assigned = set()
+        gone = self._assigned - set(targets)
+        new = set(targets) - self._assigned
+        if gone:
+            self._consumer.incremental_unassign([TopicPartition(t, p) for t, p in gone])
+        if new:
+            self._consumer.incremental_assign([TopicPartition(t, p, targets[(t, p)]) for t, p in new])
+        if gone or new:
+            self._assigned = set(targets)
+            log.info("%s: reading %d partitions (+%d, -%d)", self.name, len(targets), len(new), len(gone))
+
+    def process(self, msgs: list[Message]) -> None:
+        started = time.perf_counter()
+        groups: dict[str, list[Message]] = defaultdict(list)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    ERRORS.labels(self.name, "consume").inc()
+                    log.warning("%s: consume error %s", self.name, err)
+                continue
+            pipeline = self.pipeline_of(msg.topic() or "")
+            if pipeline is not None and self.slots.owns(pipeline):
+                groups[pipeline].append(msg)
+        for pipeline, group in groups.items():
+            self._send(self._handle(pipeline, group), pipeline)
+            topic = group[0].topic() or ""
+            EVENTS_IN.labels(self.name, topic, pipeline).inc(len(group))
+            self.processed += len(group)
+        BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _handle(self, pipeline: str, msgs: list[Message]) -> list[Output]:
+        """The handler's outputs; if it fails on the batch, each record alone, and a record that still
+        fails is dead-lettered: no record can stop the loop."""
+        try:
+            return list(self.handler(pipeline, msgs))
+        except Exception:
+            ERRORS.labels(self.name, "handler").inc()
+            log.exception("%s: handler failed on %d records; retrying one by one", self.name, len(msgs))
+        outputs: list[Output] = []
+        for msg in msgs:
+            try:
+                outputs.extend(self.handler(pipeline, [msg]))
+            except Exception as exc:
+                ERRORS.labels(self.name, "record").inc()
+                if self._dead_letter is not None:
+                    outputs.append(self._dead_letter(msg, exc))
+        return outputs
+
+    def _send(self, outputs: Iterable[Output], pipeline: str | None) -> None:
+        for out in outputs:
+            owner = out.pipeline or pipeline
+            if owner is None:
+                log.error("%s: an output to %s names no pipeline; dropped", self.name, out.topic)
+                ERRORS.labels(self.name, "unrouted").inc()
+                continue
+            self.slots.send(slot_of(owner, self.slots.count), out)
