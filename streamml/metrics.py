@@ -51,6 +51,15 @@ SKIPPED = Counter(
     "Data records deliberately not processed (e.g. their pipeline was deleted), by reason.",
     ["service", "reason"],
 )
+MONITOR_SNAPSHOT_BYTES = Gauge(
+    "streamml_monitor_snapshot_bytes", "Size of the monitor's last state snapshot.", ["pipeline"]
+)
+MONITOR_SNAPSHOT_SECONDS = Histogram(
+    "streamml_monitor_snapshot_seconds",
+    "Time to serialize one monitor state snapshot.",
+    ["pipeline"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 WRITER_SLOTS = Gauge(
     "streamml_writer_slots",
     "Writer slots this instance owns (single-writer services: it alone publishes for their pipelines).",

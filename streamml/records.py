@@ -177,6 +177,30 @@ class ModelVersion(_Record):
     created_at: int = Field(..., description="When the version was created.")
 
 
+class InputPosition(_Record):
+    """The next offset to read of one input partition."""
+
+    topic: str = Field(..., description="Input topic.")
+    partition: int = Field(..., description="Partition.")
+    offset: int = Field(..., description="Next offset to read (everything before it is in the state).")
+
+
+class MonitorSnapshot(_Record):
+    """The monitor's state for one pipeline (label join, metrics, drift detectors, challenger comparison) and how far it has read, written by the pipeline's writer in the same transaction as its alerts and evaluations. A new writer resumes from the latest one."""
+
+    pipeline: str = Field(..., description="Pipeline whose state this is.")
+    positions: list[InputPosition] = Field(..., description="Where each input partition resumes.")
+    promotions_offset: int = Field(
+        0, description="Promotions-topic offset up to which decisions are in the state."
+    )
+    state_format: str = Field("pickle", description="Serialization of `state`.")
+    state: bytes = Field(..., description="The serialized state; loaded only if `signature` verifies.")
+    sha256: str = Field(..., description="SHA-256 of `state` (hex).")
+    signature: str = Field(..., description="HMAC-SHA256 of `state` with the deployment's signing key (hex).")
+    writer: str = Field("", description="Instance that wrote it.")
+    taken_at: int = Field(..., description="When it was taken.")
+
+
 class FieldSpec(_Record):
     """One raw input field and its type."""
 
@@ -466,6 +490,8 @@ RECORD_TYPES: dict[str, type[_Record]] = {
     "FeatureVector": FeatureVector,
     "Label": Label,
     "ModelVersion": ModelVersion,
+    "InputPosition": InputPosition,
+    "MonitorSnapshot": MonitorSnapshot,
     "FieldSpec": FieldSpec,
     "LabelSource": LabelSource,
     "FeatureStep": FeatureStep,

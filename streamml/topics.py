@@ -67,6 +67,7 @@ class Catalogue:
         "evaluations",
         "dead-letter",
         "writers",
+        "monitor-state",
     )
     PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
 
@@ -146,6 +147,15 @@ class Catalogue:
             self.writer_slots, self.rf,
         )  # fmt: skip
 
+    def monitor_state(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.monitor-state", "monitor-state", "MonitorSnapshot", "avro", "pipeline",
+            "The monitor's signed state per pipeline and where its inputs resume: how a new writer takes "
+            "over without repeating or missing an alert.",
+            1, self.rf, cleanup_policy="compact", retention_ms=-1,
+            config={"max.message.bytes": str(MODEL_MAX_BYTES)},
+        )  # fmt: skip
+
     # -- per-pipeline data topics -----------------------------------------------------------------
     def _data(
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
@@ -200,6 +210,7 @@ class Catalogue:
             self.evaluations(),
             self.dead_letters(),
             self.writers(),
+            self.monitor_state(),
         ]
 
     def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:

@@ -1,9 +1,11 @@
-"""Composition root of the monitor: pipelines and promotions followers, the data loop, alerts out.
+"""Composition root of the monitor: pipelines and promotions followers, one writer per pipeline, alerts out.
 
-The data loop reads every active pipeline's predictions, shadow predictions, feature vectors and (for
-label source TOPIC) labels; `streams.monitor` joins them by event id and returns DriftAlert and
-Evaluation records. Monitoring state lives in memory: after a restart the join, metrics and detectors
-start again from the committed offsets.
+Of all monitor instances, the one elected for a pipeline's writer slot (`streamml.election`) reads all its
+predictions, shadow predictions, feature vectors and (label source TOPIC) labels; `streams.monitor` joins
+them by event id and returns DriftAlert and Evaluation records. Its state (join, metrics, detectors,
+challenger comparison) and input positions are snapshotted, signed, to `<prefix>.monitor-state` in the
+same transaction as every alert or evaluation (and every few seconds): a new writer fences the old one,
+restores the latest snapshot and reads on from its positions, so no alert is repeated or missed.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import faust
 from confluent_kafka import Message
 
-from streamml import metrics
+from streamml import artifacts, metrics
 from streamml.codec import codec_for
-from streamml.errors import ValidationError
+from streamml.election import WriterLoop, WriterSlots, slot_of
+from streamml.errors import ConfigError, ValidationError
 from streamml.kafka import ensure_topics
-from streamml.runtime import BatchLoop, Output, faust_app
+from streamml.runtime import Output, faust_app, read_to_end
 from streamml.service import (
     ControlFollower,
     check_declared_model,
@@ -31,21 +37,32 @@ from streamml.service import (
     run_service,
 )
 from streamml.settings import Settings
-from streamml.topics import Catalogue
+from streamml.topics import MODEL_MAX_BYTES, Catalogue
 from streams.features import FeatureEngine, coerce_label
 from streams.monitor import ModelKey, Monitor, MonitorOutput, PipelineMonitor
 
 log = logging.getLogger(__name__)
 SERVICE = "monitor"
+SNAPSHOT_EVERY_S = 5.0  # besides every transaction with an alert or evaluation: bounds the replay
+PROMOTIONS_KEPT = 200  # per pipeline, to bring a restored state up to date
 
 
 class MonitorService:
     """The monitor's state and handlers, wired by `build`."""
 
-    def __init__(self, settings: Settings, catalogue: Catalogue) -> None:
+    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes | None = None) -> None:
         self.settings = settings
         self.catalogue = catalogue
+        self.key = key  # signs the state snapshots (none without a key: single-process tests)
         self.monitor = Monitor()
+        # Whether this instance writes for a pipeline (its writer slot); set by `build` (all, in tests).
+        self.owns: Callable[[str], bool] = lambda _pipeline: True
+        self.slot_count = settings.writer_slots
+        self.positions: dict[str, dict[tuple[str, int], int]] = {}  # pipeline -> next offset per input
+        self.promotion_log: dict[str, deque[tuple[int, dict[str, Any]]]] = {}  # (offset, decision)
+        self._snapshot_at: dict[str, float] = {}
+        self._snapshot_positions: dict[str, dict[tuple[str, int], int]] = {}
+        self._snapshots = codec_for("MonitorSnapshot")
         self.control = ControlFollower(settings, SERVICE)
         self.routes: dict[str, tuple[str, str]] = {}  # topic -> (pipeline, role)
         self.definitions: dict[str, dict[str, Any]] = {}
@@ -65,7 +82,8 @@ class MonitorService:
         name = record["name"]
         if not record["deleted"]:
             ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
-        self.monitor.on_pipeline(record)
+        if record["deleted"] or self.owns(name):
+            self.monitor.on_pipeline(record)
         self.routes = {t: r for t, r in self.routes.items() if r[0] != name}
         if record["deleted"]:
             self.definitions.pop(name, None)
@@ -84,7 +102,11 @@ class MonitorService:
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
             check_declared_model(self.definitions, record)
-            self.monitor.on_promotion(record)
+            offset = self.control.applied.get((self.catalogue.promotions().name, 0), 1) - 1
+            log_ = self.promotion_log.setdefault(record["pipeline"], deque(maxlen=PROMOTIONS_KEPT))
+            log_.append((offset, record))
+            if self.owns(record["pipeline"]):
+                self.monitor.on_promotion(record)
 
     def bootstrap(self) -> None:
         c = self.catalogue
@@ -97,14 +119,128 @@ class MonitorService:
         self.control.follow(app, c.pipelines().name, "PipelineDefinition", self.on_pipeline)
         self.control.follow(app, c.promotions().name, "Promotion", self.on_promotion)
 
+    # -- writer hand-over ------------------------------------------------------------------------------
+    def in_slot(self, slot: int) -> list[str]:
+        return sorted(p for p in self.definitions if slot_of(p, self.slot_count) == slot)
+
+    def on_gain(self, slots: list[int]) -> None:
+        """This instance now writes for `slots` (their previous writers are fenced, so their last
+        snapshots are on the topic): resume each pipeline from its latest snapshot."""
+        names = [p for slot in slots for p in self.in_slot(slot)]
+        if not names:
+            return
+        latest: dict[str, dict[str, Any]] = {}
+        topic = self.catalogue.monitor_state().name
+        for msg in read_to_end(self.settings, topic):
+            name = (msg.key() or b"").decode(errors="replace")
+            if msg.value() is None:
+                latest.pop(name, None)
+                continue
+            if name in names:
+                try:
+                    latest[name] = self._snapshots.decode(msg.value() or b"")
+                except Exception as exc:  # a bad snapshot is skipped: an older one or a fresh start
+                    log.error("ignoring %s[0]@%s: %s", topic, msg.offset(), exc)
+        for name in names:
+            self.restore(name, latest.get(name))
+
+    def restore(self, name: str, snapshot: dict[str, Any] | None) -> None:
+        definition = self.definitions[name]
+        pm, positions, since = None, {}, -1
+        if snapshot is not None:
+            try:
+                pm = self._load(snapshot)
+                pm.configure(definition)
+                positions = {(p["topic"], p["partition"]): p["offset"] for p in snapshot["positions"]}
+                since = int(snapshot["promotions_offset"])
+                log.info(
+                    "%s: resuming from the snapshot of %s (%d inputs)",
+                    name,
+                    snapshot["writer"],
+                    len(positions),
+                )
+            except Exception as exc:  # verification or loading failed: start afresh from the beginning
+                log.error("%s: cannot resume from its snapshot (%s); starting afresh", name, exc)
+                pm, positions, since = None, {}, -1
+        if pm is None:
+            pm = PipelineMonitor(definition, self.monitor.max_pending)
+        for offset, decision in self.promotion_log.get(name, ()):
+            if offset >= since:  # decisions made after the snapshot
+                pm.on_promotion(decision)
+        self.monitor.early.pop(name, None)
+        self.monitor.pipelines[name] = pm
+        self.positions[name] = positions
+        self._snapshot_positions[name] = dict(positions)
+        self._snapshot_at[name] = time.monotonic()
+
+    def _load(self, snapshot: dict[str, Any]) -> PipelineMonitor:
+        """Unpickle a snapshot's state, only once its checksum and signature verify with our key."""
+        if snapshot["state_format"] != "pickle":
+            raise ValidationError(f"unsupported state format {snapshot['state_format']!r}")
+        record = {
+            "pipeline": snapshot["pipeline"], "model_name": "monitor-state", "version": 0,
+            "artifact": snapshot["state"], "artifact_format": "pickle",
+            "sha256": snapshot["sha256"], "signature": snapshot["signature"],
+        }  # fmt: skip
+        state = artifacts.load(record, self.key)
+        if not isinstance(state, PipelineMonitor):
+            raise ValidationError(f"a {type(state).__name__}, not a monitor state")
+        return state
+
+    def on_lose(self, slots: list[int]) -> None:
+        for name in (p for slot in slots for p in self.in_slot(slot)):
+            self.monitor.pipelines.pop(name, None)
+            self.positions.pop(name, None)
+            self._remove_series(name, set(self._series.get(name, {})))
+
+    def snapshot(self, name: str) -> Output | None:
+        """The pipeline's state and positions as a signed record for `<prefix>.monitor-state`."""
+        pm = self.monitor.pipelines.get(name)
+        if self.key is None or pm is None:
+            return None
+        started = time.perf_counter()
+        state = pickle.dumps(pm, protocol=pickle.HIGHEST_PROTOCOL)
+        metrics.MONITOR_SNAPSHOT_BYTES.labels(name).set(len(state))
+        metrics.MONITOR_SNAPSHOT_SECONDS.labels(name).observe(time.perf_counter() - started)
+        positions = self.positions.get(name, {})
+        record = {
+            "pipeline": name,
+            "positions": [
+                {"topic": t, "partition": p, "offset": o} for (t, p), o in sorted(positions.items())
+            ],
+            "promotions_offset": self.control.applied.get((self.catalogue.promotions().name, 0), 0),
+            "state_format": "pickle",
+            "state": state,
+            "sha256": artifacts.sha256_hex(state),
+            "signature": artifacts.sign(state, self.key),
+            "writer": self.settings.instance_id,
+            "taken_at": now_ms(),
+        }
+        self._snapshot_at[name] = time.monotonic()
+        self._snapshot_positions[name] = dict(positions)
+        topic = self.catalogue.monitor_state().name
+        return Output(topic, name.encode(), self._snapshots.encode(record), pipeline=name)
+
     # -- data path ------------------------------------------------------------------------------------
-    def topics(self) -> set[str]:
-        return set(self.routes)
+    def inputs(self) -> dict[str, dict[int, int]]:
+        """What the writer reads: the monitored pipelines' topics, from where their state resumes."""
+        wanted: dict[str, dict[int, int]] = {}
+        for topic, (pipeline, _role) in self.routes.items():
+            if pipeline in self.monitor.pipelines:
+                positions = self.positions.get(pipeline, {})
+                wanted[topic] = {p: o for (t, p), o in positions.items() if t == topic}
+        return wanted
+
+    def pipeline_of(self, topic: str) -> str | None:
+        route = self.routes.get(topic)
+        return route[0] if route else None
 
     def handle(self, msgs: list[Message]) -> list[Output]:
-        now, now_wall = time.monotonic(), now_ms()
+        # Wall-clock seconds (not monotonic): the join's entries move between processes in snapshots.
+        now, now_wall = time.time(), now_ms()
         outputs: list[Output] = []
         routes, pipelines = self.routes, self.monitor.pipelines
+        emitted: set[str] = set()
         for msg in msgs:
             topic = msg.topic() or ""
             route = routes.get(topic)
@@ -115,6 +251,8 @@ class MonitorService:
             if pm is None:
                 continue
             src = (topic, msg.partition() or 0, msg.offset() or 0)
+            self.positions.setdefault(pipeline, {})[(src[0], src[1])] = src[2] + 1
+            before = len(outputs)
             try:
                 value = msg.value() or b""
                 if role == "predictions":
@@ -137,8 +275,17 @@ class MonitorService:
                     )
             except Exception as exc:  # a bad record never stops monitoring: dead-letter it, keep going
                 outputs.append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
+                emitted.add(pipeline)
                 continue
             outputs.extend(self._output(r) for r in results)
+            if len(outputs) > before:
+                emitted.add(pipeline)
+        # Whatever is published goes with the state that produced it (one transaction): a new writer
+        # never repeats it.
+        for name in sorted(emitted):
+            snap = self.snapshot(name)
+            if snap is not None:
+                outputs.append(snap)
         return outputs + self.housekeeping()
 
     def check_prediction(self, pipeline: str, topic: str, record: dict[str, Any]) -> None:
@@ -163,18 +310,28 @@ class MonitorService:
             raise ValidationError("a score, probability or prediction is not a finite number")
 
     def housekeeping(self) -> list[Output]:
-        """Expire the join at the label TTL and refresh the metrics (also run when the topics are idle)."""
-        self.monitor.expire(time.monotonic())
+        """Expire the join at the label TTL, refresh the metrics and snapshot pipelines that moved on for
+        a while (also run when the topics are idle)."""
+        self.monitor.expire(time.time())
+        outputs: list[Output] = []
+        now = time.monotonic()
         for name, pm in self.monitor.pipelines.items():
             self._export(name, pm)
-        return []
+            due = now - self._snapshot_at.get(name, 0.0) >= SNAPSHOT_EVERY_S
+            if due and self.positions.get(name) != self._snapshot_positions.get(name):
+                snap = self.snapshot(name)
+                if snap is not None:
+                    outputs.append(snap)
+        return outputs
 
     def _output(self, result: MonitorOutput) -> Output:
         record = result.record
         if result.kind == "alert":
             metrics.DRIFT_ALERTS.labels(result.pipeline, record["kind"], record["detector"]).inc()
             value = self._alerts.encode(record)
-            return Output(self.catalogue.drift_alerts().name, result.pipeline.encode(), value)
+            return Output(
+                self.catalogue.drift_alerts().name, result.pipeline.encode(), value, pipeline=result.pipeline
+            )
         metrics.EVALUATIONS.labels(result.pipeline).inc()
         log.info(
             "%s: %s champion %s v%d %.4f, challenger %s v%d %.4f over %d labels",
@@ -183,7 +340,9 @@ class MonitorService:
             record["challenger_value"], record["labels"],
         )  # fmt: skip
         value = self._evaluations.encode(record)
-        return Output(self.catalogue.evaluations().name, result.pipeline.encode(), value)
+        return Output(
+            self.catalogue.evaluations().name, result.pipeline.encode(), value, pipeline=result.pipeline
+        )
 
     # -- metrics --------------------------------------------------------------------------------------
     def _count(self, counter: Any, labels: tuple[str, ...], total: int) -> None:
@@ -225,17 +384,30 @@ class MonitorService:
                     metrics.MODEL_METRIC.remove(name, key[0], str(key[1]), metric, window)
 
 
-def build(settings: Settings) -> tuple[faust.App, MonitorService, BatchLoop]:
+def build(settings: Settings) -> tuple[faust.App, MonitorService, WriterLoop]:
+    if settings.signing_key is None:
+        raise ConfigError("the monitor signs its state snapshots: set STREAMML_SIGNING_KEY")
     catalogue = prepare(settings)
-    service = MonitorService(settings, catalogue)
+    service = MonitorService(settings, catalogue, settings.signing_key.get_secret_value().encode())
+    slots = WriterSlots(
+        settings,
+        SERVICE,
+        on_gain=service.on_gain,
+        on_lose=service.on_lose,
+        producer_config={"message.max.bytes": MODEL_MAX_BYTES},  # what the monitor-state topic takes
+    )
+    slots.pipelines_of = service.in_slot
+    service.owns = slots.owns  # no slot is owned before the loop joins the writers group
     service.bootstrap()
     app = faust_app(SERVICE, settings)
     service.follow(app)
-    loop = BatchLoop(
+    loop = WriterLoop(
         settings,
         name=SERVICE,
-        handler=service.handle,
-        topics=service.topics,
+        slots=slots,
+        handler=lambda _pipeline, msgs: service.handle(msgs),
+        inputs=service.inputs,
+        pipeline_of=service.pipeline_of,
         on_idle=service.housekeeping,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )

@@ -471,8 +471,8 @@ def test_service_handler_routes_records_dead_letters_and_exports_live_versions(
     full = {"revision": 1, "event_id_field": "id", "key_field": None, "event_time_field": None,
             "fields": [{"name": "x", "type": "FLOAT", "required": True, "default": None}]}  # fmt: skip
     service.on_pipeline({**definition(data_window=50, cooldown_events=1000), **full, "name": name}, None)
-    assert service.topics() == {catalogue.features(name).name, catalogue.predictions(name).name,
-                                catalogue.shadow_predictions(name).name}  # fmt: skip
+    assert set(service.inputs()) == {catalogue.features(name).name, catalogue.predictions(name).name,
+                                     catalogue.shadow_predictions(name).name}  # fmt: skip
     features, predictions = codec_for("FeatureVector"), codec_for("Prediction")
     msgs: list[Any] = []
     for i in range(300):
