@@ -29,6 +29,25 @@ class _Record(BaseModel):
         return self.model_dump()
 
 
+class ControllerSnapshot(_Record):
+    """The controller's open work for one pipeline (a retrain waiting for data, requests waiting for results) and how far it had read its inputs, written by the pipeline's writer in the same transaction as each request or decision it publishes. A new writer resumes from the latest one."""
+
+    pipeline: str = Field(..., description="Pipeline whose state this is.")
+    retrain_due_at: int | None = Field(
+        None, description="Features-topic progress (records) at which the pending retrain is requested."
+    )
+    alert_json: str | None = Field(None, description="The drift alert (JSON) behind the pending retrain.")
+    in_flight_json: str = Field(
+        "{}",
+        description="Requests waiting for their result: request id -> the alert behind it (JSON object).",
+    )
+    alerts_offset: int = Field(..., description="Next drift-alerts offset not reflected in this state.")
+    results_offset: int = Field(..., description="Next training-results offset not reflected in this state.")
+    evaluations_offset: int = Field(..., description="Next evaluations offset not reflected in this state.")
+    writer: str = Field("", description="Instance that wrote it.")
+    taken_at: int = Field(..., description="When it was taken.")
+
+
 class DeadLetter(_Record):
     """A record a service could not process, kept with its original bytes and the reason so nothing is lost."""
 
@@ -483,6 +502,7 @@ class WriterClaim(_Record):
 
 
 RECORD_TYPES: dict[str, type[_Record]] = {
+    "ControllerSnapshot": ControllerSnapshot,
     "DeadLetter": DeadLetter,
     "OffsetRange": OffsetRange,
     "DriftAlert": DriftAlert,

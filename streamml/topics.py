@@ -68,6 +68,7 @@ class Catalogue:
         "dead-letter",
         "writers",
         "monitor-state",
+        "controller-state",
     )
     PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
 
@@ -156,6 +157,14 @@ class Catalogue:
             config={"max.message.bytes": str(MODEL_MAX_BYTES)},
         )  # fmt: skip
 
+    def controller_state(self) -> TopicSpec:
+        return TopicSpec(
+            f"{self.prefix}.controller-state", "controller-state", "ControllerSnapshot", "avro", "pipeline",
+            "The controller's open work per pipeline and where its inputs resume: how a new writer takes "
+            "over without a second request or decision for one alert.",
+            1, self.rf, cleanup_policy="compact", retention_ms=-1,
+        )  # fmt: skip
+
     # -- per-pipeline data topics -----------------------------------------------------------------
     def _data(
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
@@ -211,6 +220,7 @@ class Catalogue:
             self.dead_letters(),
             self.writers(),
             self.monitor_state(),
+            self.controller_state(),
         ]
 
     def pipeline_topics(self, pipeline: str) -> list[TopicSpec]:

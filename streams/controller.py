@@ -7,6 +7,7 @@ TrainingRequest and Promotion records it returns.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,6 +30,22 @@ class LoopState:
     challenger: tuple[str, int] | None = None
     champion: tuple[str, int] | None = None
     decided: set[tuple[str, int]] = field(default_factory=set)
+
+
+def open_work(st: LoopState) -> dict[str, Any]:
+    """What a new writer needs of a pipeline's loop to carry on (the rest follows from the promotions,
+    which every instance reads): the pending retrain and the requests waiting for results."""
+    return {
+        "retrain_due_at": st.retrain_due_at,
+        "alert_json": None if st.alert is None else json.dumps(st.alert, sort_keys=True),
+        "in_flight_json": json.dumps(st.in_flight, sort_keys=True),
+    }
+
+
+def resume_work(st: LoopState, snapshot: Mapping[str, Any]) -> None:
+    st.retrain_due_at = snapshot["retrain_due_at"]
+    st.alert = None if snapshot["alert_json"] is None else json.loads(snapshot["alert_json"])
+    st.in_flight = json.loads(snapshot["in_flight_json"])
 
 
 class Controller:

@@ -336,9 +336,9 @@ def test_trainer_publishes_through_a_leader_change_and_fails_a_refusal(
 def test_controller_tick_survives_not_leader_for_partition(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(controller_app, "make_producer", lambda *_a, **_k: FakeProducer())
     monkeypatch.setattr(controller_app, "make_consumer", lambda *_a, **_k: FakeConsumer())
     service = controller_app.ControllerService(settings, Catalogue(settings))
+    monkeypatch.setattr(service, "owns", lambda _pipeline: True)
     service.logic.on_pipeline(agrawal())
     service.logic._state("agrawal").retrain_due_at = 10
 
