@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 
 INIT_TIMEOUT_S = 30.0  # init_transactions waits this long for the coordinator (it aborts the old epoch)
 COMMIT_TIMEOUT_S = 5.0
+# A transaction left open by a crashed writer holds back read_committed readers of its topics until the
+# next writer fences it (within a session timeout) or the broker aborts it after this long.
+TRANSACTION_TIMEOUT_MS = 15_000
+# A slot dropped while the group still gives it to this instance (fenced by a transaction timeout, or a
+# restore that failed) is claimed again after this long: enough for a real zombie to learn from the group
+# that it is out (its session has timed out by then), so two live instances never fence each other in turn.
+REGAIN_AFTER_S = 12.0
 
 
 def slot_of(pipeline: str, slots: int) -> int:
@@ -93,6 +100,7 @@ class WriterSlots:
         self._claims = codec_for("WriterClaim")
         self.pipelines_of: Callable[[int], list[str]] = lambda _slot: []
         self.changes = 0  # bumped at every gain or loss: readers of the slots' inputs seek again
+        self._dropped_at: dict[int, float] = {}
 
     # -- membership -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,8 +120,18 @@ class WriterSlots:
 
     def poll(self) -> None:
         """Serve the group (heartbeats, rebalances: gains and losses happen inside this call)."""
-        if self._consumer is not None:
-            self._consumer.consume(100, 0)
+        if self._consumer is None:
+            return
+        self._consumer.consume(100, 0)
+        if self._dropped_at:  # dropped, yet still ours by the group's word: claim it again after a while
+            now = time.monotonic()
+            assigned = {tp.partition for tp in self._consumer.assignment()}
+            again = [s for s, at in self._dropped_at.items() if now - at >= REGAIN_AFTER_S and s in assigned]
+            for slot in [s for s in self._dropped_at if s not in assigned or s in again]:
+                del self._dropped_at[slot]
+            if again:
+                log.warning("%s: slots %s are still assigned here: claiming them again", self.service, again)
+                self._gain(again)
 
     def close(self, timeout_s: float = 3.0) -> None:
         """Commit what is open and leave the group (the slots move on at once, not after a timeout)."""
@@ -142,10 +160,12 @@ class WriterSlots:
                 self.commit(slot, COMMIT_TIMEOUT_S)  # the next owner restores from this
             except StreamMLError as exc:
                 log.warning("%s: slot %d: commit at hand-over failed: %s", self.service, slot, exc)
-        self._drop(slots, "revoked")
+        self._drop(slots, "revoked", regain=False)
 
     def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._drop([tp.partition for tp in partitions if tp.partition in self.producers], "lost")
+        self._drop(
+            [tp.partition for tp in partitions if tp.partition in self.producers], "lost", regain=False
+        )
 
     def _gain(self, slots: list[int]) -> None:
         """Fence every previous writer of `slots` first, then restore their pipelines (all at once)."""
@@ -154,7 +174,8 @@ class WriterSlots:
         started = time.monotonic()
         for slot in slots:
             tid = transactional_id(self.settings, self.service, slot)
-            producer = make_producer(self.settings, **{"transactional.id": tid, **self._producer_config})
+            conf = {"transactional.id": tid, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
+            producer = make_producer(self.settings, **{**conf, **self._producer_config})
             producer.init_transactions(INIT_TIMEOUT_S)  # fences the previous owner, aborts its open txn
             self.producers[slot] = producer
         self.changes += 1
@@ -191,9 +212,11 @@ class WriterSlots:
         key = f"{self.service}/{slot}".encode()
         self.send(slot, Output(self.topic, key, self._claims.encode(record), partition=slot))
 
-    def _drop(self, slots: list[int], why: str) -> None:
+    def _drop(self, slots: list[int], why: str, regain: bool = True) -> None:
         if not slots:
             return
+        if regain:
+            self._dropped_at.update({slot: time.monotonic() for slot in slots})
         producers = [self.producers.pop(slot, None) for slot in slots]
         self._open.difference_update(slots)
         self.changes += 1

@@ -382,6 +382,9 @@ class BatchLoop(mode.Service):
         overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
         if self.exactly_once:
             overrides["transactional.id"] = f"{self.group_id}-{self.settings.instance_id}"
+            # A crashed instance's open transaction holds back read_committed readers of its outputs until
+            # the broker aborts it (librdkafka's default: 60 s) or the instance comes back.
+            overrides.setdefault("transaction.timeout.ms", 10_000)
         self._producer = make_producer(self.settings, **overrides)
         if self.exactly_once:
             self._producer.init_transactions(30)
