@@ -111,6 +111,9 @@ class WriterSlots:
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": 10_000,  # a crashed writer's slots move on within ~10 s
                 "heartbeat.interval.ms": 1_000,
+                # An instance whose event loop stalls this long (librdkafka heartbeats from its own thread)
+                # leaves the group: its slots move on, and it is fenced if it writes again.
+                "max.poll.interval.ms": 30_000,
                 "auto.offset.reset": "latest",  # the claims on the topic are for people, not for us
             },
         )
@@ -190,6 +193,10 @@ class WriterSlots:
             return
         for slot in slots:
             self._claim(slot, transactional_id(self.settings, self.service, slot))
+            try:
+                self.commit(slot)
+            except StreamMLError as exc:  # fenced already: someone newer owns it
+                log.error("%s", exc)
         pipelines = [p for slot in slots for p in self.pipelines_of(slot)]
         log.info(
             "%s: writing for slots %s (%s) from now on; fenced and restored in %.1f s",
