@@ -303,6 +303,12 @@ class MonitorService:
             )
         if not 0 <= record["model_version"] <= 2**53:
             raise ValidationError(f"model version {record['model_version']} out of range")
+        prediction = record["prediction"]
+        task = self.definitions.get(pipeline, {}).get("task")
+        if task == "REGRESSION" and not (
+            prediction is None or (isinstance(prediction, int | float) and not isinstance(prediction, bool))
+        ):
+            raise ValidationError(f"a regression prediction must be a number, got {type(prediction).__name__}")
         numbers = [record["score"], *record["probabilities"].values()]
         if isinstance(record["prediction"], float):
             numbers.append(record["prediction"])

@@ -52,10 +52,8 @@ KNOWN_BUGS = {
     "huge features": False,  # test_huge_finite_features_do_not_stop_the_learner
     "non-ascii digest": False,  # test_a_version_with_a_non_ascii_checksum_is_rejected_not_raised, ...
     "deep params": False,  # test_deeply_nested_parameters_are_a_validation_error
+    "monitor records": False,  # test_a_prediction_the_monitor_dead_letters_leaves_no_trace
     # Open (strict xfail):
-    # test_a_prediction_the_monitor_dead_letters_leaves_no_trace: leaves out records of the right schema
-    # with hostile values on the monitor's topics.
-    "monitor records": True,
     # test_an_event_refused_by_a_derived_feature_leaves_no_trace_in_rolling_windows: leaves out numbers just
     # under the ±1e100 bound (sums of two are refused after the windows changed).
     "refused after windows": True,
@@ -1207,13 +1205,12 @@ def test_an_event_refused_by_a_derived_feature_leaves_no_trace_in_rolling_window
     assert fv["features"]["amount_mean_5"] == 10.0  # today 4.5e+99
 
 
-@pytest.mark.xfail(strict=True, reason="monitor: a dead-lettered prediction has already joined the event")
 def test_a_prediction_the_monitor_dead_letters_leaves_no_trace() -> None:
     record = prediction("trump-labels", "v1", "not a number")  # a text prediction for a regression
     hostile = (CATALOGUE.predictions("trump-labels").name, codec_for("Prediction").encode(record))
     outputs = new_monitor().handle(messages(_trump_event_after(hostile)))
-    # expected: the hostile prediction only; today it is dead-lettered after it took the event's served
-    # slot, so the valid prediction (2) is dropped as a duplicate and the valid label (3) is dead-lettered
+    # the hostile prediction only: it is refused before it joins (it used to take the event's served slot,
+    # so the valid prediction (2) was dropped as a duplicate and the valid label (3) dead-lettered)
     assert _dead_offsets(outputs) == [0]
 
 
