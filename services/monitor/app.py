@@ -308,7 +308,9 @@ class MonitorService:
         if task == "REGRESSION" and not (
             prediction is None or (isinstance(prediction, int | float) and not isinstance(prediction, bool))
         ):
-            raise ValidationError(f"a regression prediction must be a number, got {type(prediction).__name__}")
+            raise ValidationError(
+                f"a regression prediction must be a number, got {type(prediction).__name__}"
+            )
         numbers = [record["score"], *record["probabilities"].values()]
         if isinstance(record["prediction"], float):
             numbers.append(record["prediction"])
