@@ -372,6 +372,14 @@ class Run:
                  "" if action.kind != "stop" else f"{action.sig} -> exit {done.exit_code}")  # fmt: skip
         return done
 
+    def follow(self, actions: Sequence[Action], targets: dict[str, int]) -> None:
+        """Do each action at its time (late if the one before took long), recording what happened."""
+        for action in actions:
+            delay = self.started_at + action.at - time.time()
+            if self._stop.wait(max(0.0, delay)):
+                return
+            self.done.append(self.act(action, targets))
+
     def run(self) -> dict[str, Any]:
         cfg = self.config
         t0 = time.monotonic()
@@ -385,15 +393,19 @@ class Run:
         producer.start()
         while not self.started_at:
             time.sleep(0.01)
-        targets: dict[str, int] = {}
+        # Broker actions on a thread of their own: a controlled shutdown or a restart under load takes tens
+        # of seconds, which must not delay the instance stops scheduled meanwhile.
+        brokers = [a for a in cfg.schedule if a.kind.startswith("broker")]
+        broker_thread = threading.Thread(target=self.follow, args=(brokers, {}), name="brokers", daemon=True)
+        broker_thread.start()
         try:
-            for action in cfg.schedule:
-                time.sleep(max(0.0, self.started_at + action.at - time.time()))
-                self.done.append(self.act(action, targets))
+            self.follow([a for a in cfg.schedule if not a.kind.startswith("broker")], {})
             producer.join()
+            broker_thread.join()
         finally:
             self._stop.set()
             producer.join()
+            broker_thread.join()
         self.timings["produce + chaos"] = time.monotonic() - t1
         t2 = time.monotonic()
         self.drain()
@@ -465,10 +477,17 @@ class Run:
             promotions,
         )
         # stalls and take-overs, per stop
-        times: dict[int, list[float]] = collections.defaultdict(list)
-        for m, p in pairs:
+        # Output times per input stream: per raw partition (a dead reader of it stalls them all) and per
+        # entity key (a dead owner of its window stalls the key); predictions partitions would hide both,
+        # as they are chosen by event id.
+        times: dict[tuple[str, Any], list[float]] = collections.defaultdict(list)
+        for p in preds:
             if not p["shadow"]:
-                times[m.partition() or 0].append(p["prediction_time"] / 1000)
+                spot = inv.where_of(p.get("source"))
+                if spot is not None:
+                    times[("raw", spot[1])].append(p["prediction_time"] / 1000)
+                times[("key", p.get("key"))].append(p["prediction_time"] / 1000)
+        self.done.sort(key=lambda x: x.at)
         stops = [d for d in self.done if d.action.kind in ("stop", "broker-stop") and not d.error]
         stall: dict[str, float] = {}
         takeovers: list[float] = []
@@ -495,6 +514,8 @@ class Run:
             "loop": loop, "per_stop": per_stop, "stuck": stuck, "exits": exits, "dead": unasked,
             "alerts_by_kind": collections.Counter(a["kind"] for a in alerts),
             "requests": len(requests), "claims": len(claims),
+            "decisions": [f"{p['action']} {p['model_name']} v{p['version']}" for p in promotions
+                          if p["actor"] == "controller"],
         }  # fmt: skip
         self.result = {
             "events": len(self.acked),
@@ -537,7 +558,8 @@ class Run:
             ["training requests (1 expected)", f"{loop.requests}",
              f"{loop.results} results, {loop.answered_twice} answered twice"],
             ["controller SHADOW / verdicts", f"{loop.shadows} / {loop.verdicts}",
-             f"challenger {loop.challenger}, verdict {loop.verdict}, completed once: {loop.completed_once}"],
+             f"challenger {loop.challenger}, verdict {loop.verdict}, completed once: {loop.completed_once}; "
+             + ", ".join(d["decisions"])],
             ["writer claims", f"{d['claims']}", ""],
             ["partitions not readable to the end", str(sum(len(p) for p in d["stuck"].values())),
              str(r["stuck_partitions"])],
