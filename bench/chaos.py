@@ -70,9 +70,9 @@ INVALID = b"{not json"  # a malformed raw event: dead-lettered, never predicted
 
 @dataclass(frozen=True)
 class Action:
-    """One thing done to the running system, `at` seconds after the first event is produced."""
+    """One thing done to the running system, `at` seconds after predictions started to flow."""
 
-    at: float
+    at: float  # seconds after the first prediction (the flow) was seen
     kind: str  # "stop" (an instance, with `sig`), "start" (it again), "broker-stop", "broker-start"
     service: str = ""
     index: int | None = None  # None: the current writer of a single-writer service, else instance 0
@@ -101,12 +101,12 @@ class Config:
 def fixed_schedule(down_s: float = 12.0) -> list[Action]:
     """The e2e test's schedule: each stateful service's writer (or instance 0) SIGKILLed once, restarted
     after `down_s` (longer than the 10 s session timeout, so a sibling takes over), and broker 2 stopped
-    for 15 s; spread over the first ~40 s, around the drift."""
+    for 15 s; within ~20 s of the first prediction, around the drift."""
     out: list[Action] = []
-    for at, service in ((6.0, "features"), (10.0, "learner"), (19.0, "monitor"), (24.0, "controller"),
-                        (28.0, "trainer")):  # fmt: skip
+    for at, service in ((3.0, "features"), (6.0, "learner"), (12.0, "monitor"), (16.0, "controller"),
+                        (20.0, "trainer")):  # fmt: skip
         out += [Action(at, "stop", service), Action(at + down_s, "start", service)]
-    out += [Action(14.0, "broker-stop"), Action(29.0, "broker-start")]
+    out += [Action(9.0, "broker-stop"), Action(24.0, "broker-start")]
     return sorted(out, key=lambda a: a.at)
 
 
@@ -266,6 +266,7 @@ class Run:
         self.produce_errors: list[str] = []
         self.invalid_sent = 0
         self.started_at = 0.0  # wall clock of the first event
+        self.flow_at = 0.0  # wall clock of the first prediction seen: the schedule's time 0
         self.produced_s = 0.0
         self.done: list[Done] = []
         self.timings: dict[str, float] = {}
@@ -350,7 +351,7 @@ class Run:
                 self.kafka.stop_node(action.node)
                 done.label = f"broker {action.node}"
             elif action.kind == "broker-start":
-                self.kafka.start_node(action.node, timeout_s=90)
+                self.kafka.start_node(action.node, timeout_s=240)  # a JVM start on 2 busy cores
                 done.label = f"broker {action.node}"
             elif action.kind == "stop":
                 index = action.index
@@ -368,14 +369,29 @@ class Run:
         except Exception as exc:  # recorded: a harness action that failed is a finding, not a crash
             done.error = f"{type(exc).__name__}: {exc}"
             log.warning("%s %s failed: %s", action.kind, done.label or action.service, done.error)
-        log.info("t=%5.1f s %s %s %s", done.at - self.started_at, action.kind, done.label,
+        log.info("t=%5.1f s %s %s %s", done.at - self.flow_at, action.kind, done.label,
                  "" if action.kind != "stop" else f"{action.sig} -> exit {done.exit_code}")  # fmt: skip
         return done
+
+    def wait_for_flow(self, timeout_s: float = 180.0) -> None:
+        """The schedule's clock starts when predictions flow: stops before that would interrupt nothing
+        (the predictor serves once the first version is live) and their stalls could not be measured."""
+        tail = Tail(self.settings, self.c.predictions(PIPELINE).name)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline and not tail.poll(0.5):
+                pass
+        finally:
+            tail.close()
+        while not self.started_at:
+            time.sleep(0.01)
+        self.flow_at = time.time()
+        self.timings["first prediction"] = self.flow_at - self.started_at
 
     def follow(self, actions: Sequence[Action], targets: dict[str, int]) -> None:
         """Do each action at its time (late if the one before took long), recording what happened."""
         for action in actions:
-            delay = self.started_at + action.at - time.time()
+            delay = self.flow_at + action.at - time.time()
             if self._stop.wait(max(0.0, delay)):
                 return
             self.done.append(self.act(action, targets))
@@ -391,8 +407,7 @@ class Run:
         producer = threading.Thread(target=self.produce, args=(events,), name="producer", daemon=True)
         t1 = time.monotonic()
         producer.start()
-        while not self.started_at:
-            time.sleep(0.01)
+        self.wait_for_flow()
         # Broker actions on a thread of their own: a controlled shutdown or a restart under load takes tens
         # of seconds, which must not delay the instance stops scheduled meanwhile.
         brokers = [a for a in cfg.schedule if a.kind.startswith("broker")]
@@ -495,7 +510,8 @@ class Run:
         for d in stops:
             key = d.action.sig if d.action.kind == "stop" else "broker"
             gap = inv.max_stall(times, d.at, horizon_s=60.0)
-            stall[key] = max(stall.get(key, 0.0), gap)
+            if gap is not None:
+                stall[key] = max(stall.get(key, 0.0), gap)
             took: float | None = None
             if d.action.kind == "stop" and d.action.service in SINGLE_WRITER:
                 took = inv.first_after(
@@ -571,9 +587,10 @@ class Run:
                  f"{self.config.drift_position:,}")  # fmt: skip
         out = _noted(["measure", "value", "notes"], rows, title)
         stop_rows = [
-            [f"{dd.at - self.started_at:6.1f}", dd.action.kind, dd.label, dd.action.sig
+            [f"{dd.at - self.flow_at:6.1f}", dd.action.kind, dd.label, dd.action.sig
              if dd.action.kind == "stop" else "", "" if dd.exit_code is None else str(dd.exit_code),
-             f"{gap:.2f}", "n/a" if took is None else f"{took:.2f}", dd.error[:60]]
+             "n/a" if gap is None else f"{gap:.2f}", "n/a" if took is None else f"{took:.2f}",
+             dd.error[:60]]
             for dd, gap, took in d["per_stop"]
         ]  # fmt: skip
         out += "\n\n" + report.table(

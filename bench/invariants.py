@@ -334,17 +334,21 @@ def loop_outcome(
 
 
 # -- stalls ------------------------------------------------------------------------------------------------
-def max_stall(times_by_partition: Mapping[Any, Sequence[float]], at: float, horizon_s: float = 60.0) -> float:
+def max_stall(
+    times_by_partition: Mapping[Any, Sequence[float]], at: float, horizon_s: float = 60.0
+) -> float | None:
     """Longest pause in output, in any partition, from `at` (a kill) on: the longest gap between
     consecutive output times (seconds) that ends after `at` and starts within `horizon_s` of it, counted
-    from `at` at the earliest. A partition that produced nothing after `at` counts up to `at + horizon_s`."""
-    worst = 0.0
+    from `at` at the earliest. A partition that produced nothing after `at` counts up to `at + horizon_s`.
+    None when no partition had produced anything before `at` (there was no flow to interrupt)."""
+    worst: float | None = None
     for times in times_by_partition.values():
         ordered = sorted(times)
         before = [t for t in ordered if t <= at]
         previous = before[-1] if before else None
         if previous is None:
             continue  # the partition never produced before the kill: nothing to stall
+        worst = worst or 0.0
         for t in ordered[len(before) :]:
             if previous > at + horizon_s:
                 break
