@@ -268,6 +268,7 @@ class Run:
         self.started_at = 0.0  # wall clock of the first event
         self.flow_at = 0.0  # wall clock of the first prediction seen: the schedule's time 0
         self.produced_s = 0.0
+        self.produced_at = math.inf  # wall clock when the last event was acknowledged
         self.done: list[Done] = []
         self.timings: dict[str, float] = {}
         self.result: dict[str, Any] = {}
@@ -312,6 +313,7 @@ class Run:
         if left:
             self.produce_errors.append(f"{left} records not acknowledged")
         self.produced_s = time.monotonic() - start
+        self.produced_at = time.time()
 
     def _acked(self, event: dict[str, Any]) -> Callable[[KafkaError | None, Message], None]:
         def done(err: KafkaError | None, msg: Message) -> None:
@@ -509,7 +511,7 @@ class Run:
         per_stop = []
         for d in stops:
             key = d.action.sig if d.action.kind == "stop" else "broker"
-            gap = inv.max_stall(times, d.at, horizon_s=60.0)
+            gap = inv.max_stall(times, d.at, horizon_s=60.0, end=self.produced_at)
             if gap is not None:
                 stall[key] = max(stall.get(key, 0.0), gap)
             took: float | None = None

@@ -335,12 +335,16 @@ def loop_outcome(
 
 # -- stalls ------------------------------------------------------------------------------------------------
 def max_stall(
-    times_by_partition: Mapping[Any, Sequence[float]], at: float, horizon_s: float = 60.0
+    times_by_partition: Mapping[Any, Sequence[float]],
+    at: float,
+    horizon_s: float = 60.0,
+    end: float | None = None,
 ) -> float | None:
     """Longest pause in output, in any partition, from `at` (a kill) on: the longest gap between
     consecutive output times (seconds) that ends after `at` and starts within `horizon_s` of it, counted
     from `at` at the earliest. A partition that produced nothing after `at` counts up to `at + horizon_s`.
-    None when no partition had produced anything before `at` (there was no flow to interrupt)."""
+    None when no partition had produced anything before `at` (there was no flow to interrupt). `end` is
+    when the input ended: a partition silent after a stop at or after it has nothing left to say."""
     worst: float | None = None
     for times in times_by_partition.values():
         ordered = sorted(times)
@@ -355,7 +359,7 @@ def max_stall(
             worst = max(worst, t - max(previous, at))
             previous = t
         else:
-            if previous <= at:
+            if previous <= at and (end is None or at < end):
                 worst = max(worst, horizon_s)
     return worst
 
