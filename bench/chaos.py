@@ -54,7 +54,7 @@ from bench import report
 from streamml import control, pipelines
 from streamml.codec import codec_for
 from streamml.kafka import ensure_topics
-from streamml.localkafka import LocalKafka, free_port_block
+from streamml.localkafka import LocalKafka, LocalKafkaError, free_port_block
 from streamml.settings import Settings
 from streamml.sources import open_source
 from streamml.stack import SERVICES, STATEFUL, Stack
@@ -682,8 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run.run()
                 finally:
                     stack.stop_all()
-                    kafka.start()  # every broker up again for the next run, whatever happened
                 print(run.text(guarantee) + "\n", flush=True)
+                try:  # every broker up again for the next run, whatever happened in this one
+                    kafka.start(timeout_s=240)
+                except LocalKafkaError as exc:
+                    log.error("could not bring every broker back (%s); going on with the others", exc)
         finally:
             kafka.stop()
     keys = ("lost_events", "duplicate_predictions", "conflicting_versions", "served_regressions",
