@@ -173,9 +173,10 @@ def check_rolling_features(
     from different source partitions may interleave in any way. So the events of a key form one queue per
     source (topic, partition), sorted by offset, and the reference is the merge of those queues the service
     made: it is rebuilt step by step, taking next the queue head whose own record matches the reference
-    window plus its value. Equal input values give equal windows whatever their order, so this greedy merge
-    finds the service's order whenever one exists. When no head matches, the record is a mismatch and the
-    head closest to its record is taken, so the reference goes on as a correct service would have.
+    window plus its value. Equal input values give equal windows whatever their order, so ties between heads
+    do not matter; only a coincidentally equal mean of two different windows could mislead the merge. When
+    no head matches, the record is a mismatch and the head closest to its record is taken, so the reference
+    goes on as a correct service would have (a lost window shows until it has refilled).
 
     Repeated records of one event (an at-least-once replay) must each carry the value at that event's
     place: a window that counted the event twice, or lost events on a fail-over, makes mismatches. When
