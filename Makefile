@@ -21,6 +21,8 @@ DEMO_EVENTS ?= 50000
 # `make demo`: how long `streamml top` watches, and where the Agrawal stream drifts from concept 0 to 4
 # (by default halfway through the view; DEMO_RATE must then be a whole number).
 DEMO_SECONDS ?= 120
+# `make demo INSTANCES=2`: processes per service (N, or e.g. INSTANCES=learner=2,features=3).
+INSTANCES ?= 1
 DEMO_DRIFT_AT ?= $$(( $(DEMO_RATE) * $(DEMO_SECONDS) / 2 ))
 DEMO_DRIFT_WIDTH ?= 1000
 DEMO_SOURCE = drift:agrawal?position=$(DEMO_DRIFT_AT)&width=$(DEMO_DRIFT_WIDTH)&before=0&after=4&seed=42
@@ -41,7 +43,7 @@ REQUIRE_JAVA = { command -v java >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexis
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
-        test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz
+        test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz chaos
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -108,13 +110,13 @@ test-integration: kafka-jars ## Integration tests against a real Kafka broker st
 test-e2e: kafka-jars ## End-to-end tests of whole services against a real broker
 	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
-demo: kafka-up ## Whole system live: broker, services, a drifting Agrawal stream and `streamml top`
+demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each), a drifting Agrawal stream and `streamml top`
 	@mkdir -p .local/logs
 	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
 		(umask 077 && $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
 		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
 	$(DEMO_ENV) $(BIN)/streamml topics create --pipeline agrawal
-	$(DEMO_ENV) $(PY) -m streamml.stack up
+	$(DEMO_ENV) $(PY) -m streamml.stack up --instances $(INSTANCES)
 	@# Debian's `prometheus` scraping the services just started (skipped with a note if not installed).
 	$(PY) -m streamml.promstack up --optional
 	$(DEMO_ENV) $(BIN)/streamml pipeline apply pipelines/agrawal.yaml
@@ -144,6 +146,9 @@ bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner,
 
 fuzz: kafka-jars ## Hostile-input benchmark (not a test): >=100k hostile records + 10k HTTP bodies against the running stack; JSON last line
 	$(PY) -m bench.fuzz
+
+chaos: kafka-jars ## Fail-over benchmark (not a test): 3 brokers, 2 instances of each service, kills and a broker restart, both guarantees; JSON last line (CHAOS_EVENTS=, CHAOS_RATE=)
+	$(PY) -m bench.chaos
 
 prometheus-check: $(VENV_STAMP) ## Check the Prometheus configs and rules, run the alert unit tests, check the dashboards are generated
 	@command -v promtool >/dev/null 2>&1 || { echo "error: promtool is not installed (e.g. apt-get install prometheus)" >&2; exit 1; }

@@ -16,10 +16,12 @@ from confluent_kafka import Consumer, Message, Producer
 from streamml import control, pipelines
 from streamml.codec import codec_for
 from streamml.kafka import ensure_topics
+from streamml.localkafka import LocalKafka
 from streamml.runtime import end_offsets
 from streamml.settings import Settings
 from streamml.stack import Stack
 from streamml.topics import Catalogue
+from tests.conftest import _SESSION_KAFKA, LocalKafkaFactory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -210,3 +212,61 @@ def promote(system: System, pipeline: str, version: int, model_name: str = "onli
     )
     assert system.control_producer.flush(10) == 0
     return decided / 1000
+
+
+# -- scale-out: a 3-broker cluster of the test's own, and deployments with N instances per service ----------
+@pytest.fixture
+def kafka3(request: pytest.FixtureRequest, local_kafka_factory: LocalKafkaFactory) -> Iterator[LocalKafka]:
+    """A 3-broker KRaft cluster started for this test and stopped (by pid) after it, so the test may stop
+    and start brokers. The session broker, if this session started one, is stopped meanwhile and started
+    again afterwards (same folder and ports, its topics intact): one cluster at a time on a small machine."""
+    session = request.config.stash.get(_SESSION_KAFKA, None)
+    paused = session is not None and bool(session.node_pids())
+    if paused:
+        assert session is not None
+        session.stop()
+    kafka = local_kafka_factory(brokers=3)
+    try:
+        kafka.start(timeout_s=180)
+        yield kafka
+    finally:
+        kafka.stop()
+        if paused:
+            assert session is not None
+            session.start(timeout_s=120)
+
+
+@pytest.fixture
+def make_cluster_system(
+    kafka3: LocalKafka, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., System]]:
+    """Deployments on the 3-broker cluster: StreamML topics with replication factor 3 and
+    min.insync.replicas 2 (STREAMML_REPLICATION_FACTOR / STREAMML_MIN_INSYNC_REPLICAS), `instances`
+    processes per service. Services are stopped at teardown; every instance's log is shown on failure."""
+    from bench.chaos import cluster_env, settings_of
+
+    made: list[System] = []
+
+    def make(
+        partitions: int = 4,
+        instances: int | dict[str, int] = 2,
+        guarantee: str = "exactly_once",
+        **env_overrides: str,
+    ) -> System:
+        prefix = f"s{uuid.uuid4().hex[:8]}"
+        key = secrets.token_hex(16)
+        env = {**cluster_env(kafka3.bootstrap, prefix, key, tmp_path / prefix, partitions, guarantee),
+               **env_overrides}  # fmt: skip
+        settings = settings_of(env)
+        ensure_topics(settings, Catalogue(settings).global_topics())
+        system = System(settings, Stack.create(env, tmp_path / prefix / "logs", instances), key.encode())
+        made.append(system)
+        return system
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for system in made:
+        system.stack.stop_all()
+        if report is not None and report.failed:
+            for label in system.stack.services:
+                print(f"\n===== {label} log (last 40 lines) =====\n{system.stack.tail(label, 40)}")
