@@ -40,7 +40,7 @@ from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS
-from streamml.runtime import Output, is_permanent, kafka_error, produce
+from streamml.runtime import RETRIABLE, Output, is_permanent, kafka_error, produce
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 
@@ -273,7 +273,8 @@ class WriterSlots:
             producer.commit_transaction(timeout_s)
         except KafkaException as exc:
             err = kafka_error(exc)
-            if err is not None and err.retriable() and not err.txn_requires_abort() and not err.fatal():
+            passing = err is not None and (err.retriable() or err.code() in RETRIABLE)
+            if passing and err is not None and not err.txn_requires_abort() and not err.fatal():
                 ERRORS.labels(self.service, "commit_retry").inc()
                 return False
             if err is not None and err.txn_requires_abort() and not err.fatal():

@@ -56,6 +56,7 @@ class ControllerService:
         self.watermarks = make_consumer(settings, f"{settings.topic_prefix}-{SERVICE}-watermarks")
         self._snapshots = codec_for("ControllerSnapshot")
         self._open: dict[str, dict[str, Any]] = {}  # pipeline -> open work as last snapshotted
+        self._progress: dict[str, int] = {}  # pipeline -> last features-topic progress read
 
     def owns(self, pipeline: str) -> bool:
         return self.slots.owns(pipeline)
@@ -201,6 +202,22 @@ class ControllerService:
         marks = watermarks(self.watermarks, self.catalogue.features(pipeline).name) or {}
         return sum(high for _low, high in marks.values()), marks
 
+    def current_progress(self, pipeline: str) -> int:
+        """The features-topic progress now; while the broker cannot say (a leader moving), the last known
+        one (the retrain then comes a little early), never a skipped alert."""
+        for attempt in range(3):
+            try:
+                total = self.progress(pipeline)[0]
+                self._progress[pipeline] = total
+                return total
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or not is_retriable(err):
+                    raise
+                log.warning("%s: cannot read the progress (%s); attempt %d of 3", pipeline, err, attempt + 1)
+                time.sleep(0.5)
+        return self._progress.get(pipeline, 0)
+
     def tick(self) -> None:
         """Issue the training requests that are due (for the pipelines this instance writes for)."""
         self.slots.commit_all(0.5)  # commits that met a retriable error go again
@@ -210,6 +227,7 @@ class ControllerService:
                 continue
             try:
                 total, marks = self.progress(pipeline)
+                self._progress[pipeline] = total
             except KafkaException as exc:  # e.g. NOT_LEADER_FOR_PARTITION while a broker comes back
                 err = kafka_error(exc)
                 if err is None or not is_retriable(err):
