@@ -65,6 +65,9 @@ class ControllerService:
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:
             self.logic.on_pipeline(record)
+            name = record["name"]
+            if not record["deleted"] and name not in self._open and self.owns(name):
+                self._publish(name, [], force=True)  # a new pipeline of ours: where its inputs start
 
     def on_promotion(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None:  # every instance tracks champions and challengers of every pipeline
@@ -110,8 +113,8 @@ class ControllerService:
         for name in names:
             snapshot = latest.get(name)
             st = self.logic._state(name)
-            if snapshot is None:
-                self._open[name] = open_work(st)
+            if snapshot is None:  # first writer of the pipeline: record where its inputs start, so a
+                self._publish(name, [], force=True)  # successor replays whatever comes after
                 continue
             resume_work(st, snapshot)
             self._open[name] = open_work(st)
@@ -173,11 +176,11 @@ class ControllerService:
         }
         return Output(c.controller_state().name, name.encode(), self._snapshots.encode(record), pipeline=name)
 
-    def _publish(self, pipeline: str, outputs: list[Output]) -> None:
+    def _publish(self, pipeline: str, outputs: list[Output], force: bool = False) -> None:
         """Publish outputs with the pipeline's open work, in one transaction of its writer slot; nothing
-        (not even a snapshot) when neither changed."""
+        (not even a snapshot) when neither changed, unless `force`."""
         work = open_work(self.logic._state(pipeline))
-        if not outputs and work == self._open.get(pipeline):
+        if not outputs and not force and work == self._open.get(pipeline):
             return
         slot = slot_of(pipeline, self.slots.count)
         for out in [*outputs, self.snapshot(pipeline)]:
