@@ -85,11 +85,11 @@ class ControllerService:
 
     def on_result(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None and self.owns(record["pipeline"]):
-            self._publish_decisions(record["pipeline"], self.logic.on_training_result(record))
+            self._publish_decisions(record["pipeline"], self.logic.on_training_result(record), force=True)
 
     def on_evaluation(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is not None and self.owns(record["pipeline"]):
-            self._publish_decisions(record["pipeline"], self.logic.on_evaluation(record))
+            self._publish_decisions(record["pipeline"], self.logic.on_evaluation(record), force=True)
 
     # -- writer hand-over ------------------------------------------------------------------------------
     def in_slot(self, slot: int) -> list[str]:
@@ -130,7 +130,8 @@ class ControllerService:
 
     def _replay(self, name: str, snapshot: dict[str, Any]) -> None:
         """The inputs between the snapshot and what the followers have applied: the previous writer did not
-        act on them (acting would have snapshotted), so this writer does, in the order they were written."""
+        handle them (every input it handled moved the snapshot on, in the transaction of what it did), so
+        this writer does, in the order they were written."""
         c = self.catalogue
         sources = (
             (c.drift_alerts().name, "DriftAlert", snapshot["alerts_offset"], self.on_alert),
@@ -268,7 +269,7 @@ class ControllerService:
                 metrics.TRAINING_REQUESTS.labels(pipeline, "controller").inc()
             self._publish(pipeline, outputs)
 
-    def _publish_decisions(self, pipeline: str, decisions: list[dict[str, Any]]) -> None:
+    def _publish_decisions(self, pipeline: str, decisions: list[dict[str, Any]], force: bool = False) -> None:
         outputs = []
         for decision in decisions:
             log.info("%s: %s %s v%s: %s", decision["pipeline"], decision["action"], decision["model_name"],
@@ -283,7 +284,7 @@ class ControllerService:
             )
             metrics.CONTROLLER_DECISIONS.labels(decision["pipeline"], decision["action"]).inc()
             self.logic.on_promotion(decision)
-        self._publish(pipeline, outputs)
+        self._publish(pipeline, outputs, force=force)
 
 
 def _read_from(settings: Settings, topic: str, starts: dict[tuple[str, int], int]) -> list[Message]:
