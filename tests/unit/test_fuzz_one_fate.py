@@ -331,7 +331,9 @@ def test_a_refused_event_changes_no_later_feature_vector(
 ) -> None:
     name, before, hostile, after = case
     topic = RAW_TOPICS[name]
-    with_it = new_features_service().handle_through(messages([(topic, e.value) for e in [*before, hostile, *after]]))
+    with_it = new_features_service().handle_through(
+        messages([(topic, e.value) for e in [*before, hostile, *after]])
+    )
     assume(with_it[len(before)].topic.endswith("dead-letter"))  # refused (noise may be a valid event)
     without = new_features_service().handle_through(messages([(topic, e.value) for e in [*before, *after]]))
 
