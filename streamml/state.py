@@ -14,12 +14,12 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError
 from streamml.kafka import make_consumer
-from streamml.runtime import Output
+from streamml.runtime import Output, is_retriable, kafka_error
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -191,14 +191,14 @@ def read_changelog(
         **{"isolation.level": "read_committed", "enable.auto.offset.store": False},
     )
     try:
+        deadline = time.monotonic() + timeout_s
         ends: dict[int, int] = {}
         for p in wanted:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            low, high = _watermarks(consumer, TopicPartition(topic, p), deadline)
             if high > low:
                 ends[p] = high
         if ends:
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        deadline = time.monotonic() + timeout_s
         while ends:
             if time.monotonic() > deadline:
                 raise StreamMLError(f"timed out restoring {topic} partitions {sorted(ends)}")
@@ -212,3 +212,16 @@ def read_changelog(
     finally:
         consumer.close()
     return {inp: got[chg] for inp, chg in partitions.items()}
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
+    """(low, high) of a partition; retriable errors (a new topic without a leader yet) are tried again."""
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=max(1.0, deadline - time.monotonic()))
+            return int(low), int(high)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or not is_retriable(err) or time.monotonic() > deadline:
+                raise StreamMLError(f"cannot read the end of {tp.topic}[{tp.partition}]: {exc}") from exc
+            time.sleep(0.2)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import KafkaException, Message, Producer
 
 from services.features.app import Features
 from streamml.codec import codec_for, decode_raw
@@ -107,9 +107,12 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
         assert producer.flush(30) == 0
 
     def done() -> int:
-        return sum(end_offsets(settings, catalogue.features(PIPELINE).name).values()) + sum(
-            end_offsets(settings, catalogue.dead_letter(PIPELINE).name).values()
-        )
+        try:
+            return sum(end_offsets(settings, catalogue.features(PIPELINE).name).values()) + sum(
+                end_offsets(settings, catalogue.dead_letter(PIPELINE).name).values()
+            )
+        except KafkaException:  # e.g. a partition of a new topic has no leader yet
+            return -1
 
     def data_loop(service: Recorded) -> BatchLoop:
         return BatchLoop(
@@ -128,6 +131,13 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
             assert asyncio.get_running_loop().time() < deadline, f"{done()} of {target} records handled"
             await asyncio.sleep(0.3)
 
+    async def wait_assigned(service: Recorded, timeout_s: float = 60.0) -> None:
+        """Until the group gave `service` input partitions (and it restored them)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while service.restores == 0:
+            assert asyncio.get_running_loop().time() < deadline, "no partitions assigned"
+            await asyncio.sleep(0.1)
+
     services: list[Recorded] = []
 
     async def scenario() -> None:
@@ -139,10 +149,12 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
 
         first = data_loop(new_service())
         await first.start()
+        await wait_assigned(services[0])
         produce(raw_events(0, 600))
         await wait_until(300, 60)
         second = data_loop(new_service())  # joins: partitions move from the first to the second
         await second.start()
+        await wait_assigned(services[1])
         produce(raw_events(600, 900))
         await wait_until(900)
         await first.stop()  # mid-stream: the second takes every partition and restores the rest
@@ -150,6 +162,7 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
         await wait_until(1700)
         third = data_loop(new_service())  # and some move back to a newcomer
         await third.start()
+        await wait_assigned(services[2])
         produce(raw_events(2100, 900))
         await wait_until(produced)
         await second.stop()
