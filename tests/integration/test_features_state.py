@@ -16,12 +16,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaException, Message, Producer
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Message, Producer, TopicPartition
 
 from services.features.app import Features
 from streamml.codec import codec_for, decode_raw
+from streamml.kafka import make_consumer
 from streamml.pipelines import load_file, to_definition
-from streamml.runtime import BatchLoop, Output, end_offsets, read_to_end
+from streamml.runtime import BatchLoop, Output, read_to_end
 from streamml.service import dead_letter
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -81,8 +83,9 @@ def raw_events(start: int, n: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_rolling_features_match_a_per_key_reference_while_partitions_move(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, guarantee: str
 ) -> None:
     settings = Settings(
         bootstrap_servers=kafka_bootstrap,
@@ -90,6 +93,7 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
         default_partitions=PARTITIONS,
         commit_interval_s=0.1,
         max_batch=200,
+        processing_guarantee=guarantee,
     )  # type: ignore[call-arg]
     catalogue = Catalogue(settings)
     spec = tmp_path / "roll.yaml"
@@ -106,17 +110,26 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
             produced += 1
         assert producer.flush(30) == 0
 
+    # Records out so far (feature vectors + dead letters), committed ones only: with exactly_once, offsets
+    # also count transaction markers.
+    committed_only = {"isolation.level": "read_committed"}
+    counter = make_consumer(settings, f"{settings.topic_prefix}-counter", **committed_only)
+    seen = 0
+
     def done() -> int:
-        try:
-            return sum(end_offsets(settings, catalogue.features(PIPELINE).name).values()) + sum(
-                end_offsets(settings, catalogue.dead_letter(PIPELINE).name).values()
-            )
-        except KafkaException:  # e.g. a partition of a new topic has no leader yet
-            return -1
+        nonlocal seen
+        if not counter.assignment():
+            outs = [catalogue.features(PIPELINE).name, catalogue.dead_letter(PIPELINE).name]
+            counter.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in outs for p in range(PARTITIONS)])
+        while batch := counter.consume(1000, 0.1):
+            seen += sum(1 for m in batch if m.error() is None)
+        return seen
 
     def data_loop(service: Recorded) -> BatchLoop:
+        # one transactional.id per instance, as each replica has its own STREAMML_INSTANCE_ID
+        instance = settings.model_copy(update={"instance_id": str(len(services))})
         return BatchLoop(
-            settings,
+            instance,
             name="features",
             handler=service.handle,
             topics=service.topics,
@@ -168,7 +181,10 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
         await second.stop()
         await third.stop()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        counter.close()
 
     # -- what came out ------------------------------------------------------------------------------------
     fv_codec = codec_for("FeatureVector")

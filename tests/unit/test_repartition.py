@@ -12,6 +12,7 @@ from confluent_kafka import TopicPartition
 
 from services.features import app as features_app
 from streamml.codec import codec_for
+from streamml.errors import ValidationError
 from streamml.pipelines import load_file, to_definition
 from streamml.runtime import Output
 from streamml.settings import Settings
@@ -191,3 +192,16 @@ def test_assignment_restores_exactly_the_new_partitions_and_revocation_drops_the
     assert counts == [3.0, 4.0]
     reader.on_revoke([TopicPartition(HOP, partition), TopicPartition(RAW, 0)])
     assert reader.stores[HOP].owned() == {(partition + 1) % 4}
+
+
+# -- the declaration --------------------------------------------------------------------------------------
+def test_a_pipeline_file_declares_its_raw_topic_keyed_only_with_a_key_field(tmp_path: Path) -> None:
+    text = (REPO / "pipelines" / "agrawal.yaml").read_text()
+    assert agrawal()["raw_keyed"] is False  # the default: the hop
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(text + "\nraw_keyed: true\n")
+    assert to_definition(load_file(keyed), raw_topic=RAW).to_avro()["raw_keyed"] is True
+    unkeyed = tmp_path / "unkeyed.yaml"
+    unkeyed.write_text(text.replace("key_field: zipcode\n", "") + "\nraw_keyed: true\n")
+    with pytest.raises(ValidationError, match="raw_keyed: true needs a key_field"):
+        load_file(unkeyed)
