@@ -93,6 +93,8 @@ class PipelineFile(BaseModel):
     raw_topic: str | None = None
     event_id_field: str = "event_id"
     key_field: str | None = None
+    # The raw topic is already keyed by key_field (one key, one raw partition): no repartition hop.
+    raw_keyed: bool = False
     event_time_field: str | None = None
     fields: dict[str, FieldTypeName | FieldFile]
     label: LabelFile = Field(default_factory=lambda: LabelFile(source="none"))
@@ -116,6 +118,8 @@ class PipelineFile(BaseModel):
     def _consistent(self) -> PipelineFile:
         if self.label.field and self.label.field in self.fields:
             raise ValueError(f"label field {self.label.field!r} must not also be an input field")
+        if self.raw_keyed and not self.key_field:
+            raise ValueError("raw_keyed: true needs a key_field (the field the raw topic is keyed by)")
         if not any(m.kind == "online" for m in self.models):
             raise ValueError("a pipeline needs at least one online (River) model")
         names = [m.name for m in self.models]
@@ -151,6 +155,7 @@ def to_definition(spec: PipelineFile, raw_topic: str, revision: int = 1) -> Pipe
         raw_topic=spec.raw_topic or raw_topic,
         event_id_field=spec.event_id_field,
         key_field=spec.key_field,
+        raw_keyed=spec.raw_keyed,
         event_time_field=spec.event_time_field,
         fields=_field_specs(spec.fields),  # type: ignore[arg-type]
         label={

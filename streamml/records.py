@@ -332,6 +332,10 @@ class PipelineDefinition(_Record):
     )
     event_id_field: str = Field(..., description="Raw field holding the unique event id.")
     key_field: str | None = Field(None, description="Raw field holding the entity key, if any.")
+    raw_keyed: bool = Field(
+        False,
+        description="True: producers key the raw topic by the key field (every event of one key in one raw partition), so the features service keeps per-key windows per raw partition without the repartition hop.",
+    )
     event_time_field: str | None = Field(
         None,
         description="Raw field holding the event time (ms since epoch or ISO-8601); null = Kafka timestamp.",
@@ -486,6 +490,30 @@ class TrainingResult(_Record):
     finished_at: int = Field(..., description="When the trainer answered.")
 
 
+class WindowState(_Record):
+    """The rolling windows of one entity key of one pipeline, as of the last event applied to them: the features service's changelog record (compacted topic <prefix>.<pipeline>.windows), read back when the key's input partition is assigned to an instance."""
+
+    pipeline: str = Field(..., description="Pipeline the windows belong to.")
+    input_topic: str = Field(
+        ...,
+        description="Topic the windows' events were read from (the repartition topic, or the raw topic when it is keyed or the pipeline has no key field); records of another input topic are ignored on restore.",
+    )
+    partition: int = Field(
+        ...,
+        description="Input partition that owns the key; the changelog partition is the same number (modulo the changelog's partition count, for a keyed raw topic with more partitions than the catalogue's).",
+    )
+    key: str = Field(
+        ..., description="Entity key (the key field's value as text; empty for events without a key)."
+    )
+    offset: int = Field(
+        ...,
+        description="Input offset of the last event applied to these windows: an event at this offset or before is not applied again (replay after a crash).",
+    )
+    windows: dict[str, list[float]] = Field(
+        ..., description="Values of each rolling window of the key by output feature name, oldest first."
+    )
+
+
 class WriterClaim(_Record):
     """An instance of a single-writer service took over a writer slot (an audit record: readers need not act on it)."""
 
@@ -524,5 +552,6 @@ RECORD_TYPES: dict[str, type[_Record]] = {
     "RawEvent": RawEvent,
     "TrainingRequest": TrainingRequest,
     "TrainingResult": TrainingResult,
+    "WindowState": WindowState,
     "WriterClaim": WriterClaim,
 }

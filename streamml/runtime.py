@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Output:
     """One record to produce. `partition` pins it (a changelog record goes to its state's partition);
-    `pipeline` names the pipeline it belongs to where a service routes outputs per pipeline (its writer)."""
+    `pipeline` names the pipeline it belongs to where a service routes outputs per pipeline (its writer);
+    `headers` travel with the record (a repartitioned event names its source record in one)."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     partition: int | None = None
     pipeline: str | None = None
+    headers: list[tuple[str, bytes]] | None = None
 
 
 def faust_app(service: str, settings: Settings, *, app_id: str | None = None, web: bool = False) -> faust.App:
@@ -203,10 +206,12 @@ def kafka_error(exc: BaseException) -> KafkaError | None:
 
 def produce(producer: Producer, out: Output, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
     """Produce one Output (to its pinned partition, if it has one)."""
-    if out.partition is None:
-        producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery)
-    else:
-        producer.produce(out.topic, out.value, out.key, partition=out.partition, on_delivery=on_delivery)
+    extra: dict[str, Any] = {}
+    if out.partition is not None:
+        extra["partition"] = out.partition
+    if out.headers:
+        extra["headers"] = out.headers
+    producer.produce(out.topic, out.value, out.key, on_delivery=on_delivery, **extra)
 
 
 @dataclass(eq=False)  # compared by identity: two deliveries of equal outputs are two deliveries
@@ -330,6 +335,7 @@ class BatchLoop(mode.Service):
         handler: Handler,
         topics: Callable[[], set[str]],
         on_assign: Callable[[list[TopicPartition]], list[TopicPartition]] | None = None,
+        on_revoke: Callable[[list[TopicPartition]], None] | None = None,
         on_idle: Callable[[], Iterable[Output]] | None = None,
         ready: asyncio.Event | None = None,
         dead_letter: Callable[[Message, BaseException], Output] | None = None,
@@ -343,6 +349,7 @@ class BatchLoop(mode.Service):
         self.handler = handler
         self.topics = topics
         self._on_assign_hook = on_assign
+        self._on_revoke_hook = on_revoke
         self._on_idle = on_idle
         self.ready = ready
         self._dead_letter = dead_letter
@@ -436,6 +443,8 @@ class BatchLoop(mode.Service):
         for p in partitions:
             self._positions.pop((p.topic, p.partition), None)
             self._committed.pop((p.topic, p.partition), None)
+        if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
+            self._on_revoke_hook(partitions)
 
     # -- the loop -------------------------------------------------------------------------------------
     @mode.Service.task
@@ -565,10 +574,10 @@ class BatchLoop(mode.Service):
             return
         try:
             try:
-                produce(self._producer, out, self._on_delivery)
+                produce(self._producer, out, partial(self._on_delivery, out))
             except BufferError:  # local queue full: serve deliveries a moment, then try once more
                 self._producer.poll(0.1)
-                produce(self._producer, out, self._on_delivery)
+                produce(self._producer, out, partial(self._on_delivery, out))
         except BufferError:
             self._retry.append(out)
         except KafkaException as exc:
@@ -581,7 +590,7 @@ class BatchLoop(mode.Service):
             else:
                 raise StreamMLError(f"{self.name}: the producer failed: {err}") from exc
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, out: Output, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             return
         if is_permanent(err):  # retrying or restarting cannot deliver it: count it, go on
@@ -589,7 +598,8 @@ class BatchLoop(mode.Service):
             return
         if is_retriable(err) and not self.exactly_once:  # (a failed transaction aborts: see _commit)
             ERRORS.labels(self.name, "delivery_retry").inc()
-            self._retry.append(Output(msg.topic() or "", msg.key(), msg.value(), msg.partition()))
+            # the same output (headers, pipeline) to the partition it was given, so a key keeps its order
+            self._retry.append(replace(out, partition=msg.partition()))
             return
         ERRORS.labels(self.name, "delivery").inc()
         self._delivery_errors.append(f"{msg.topic()}: {err}")

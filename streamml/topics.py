@@ -70,7 +70,16 @@ class Catalogue:
         "monitor-state",
         "controller-state",
     )
-    PIPELINE_ROLES = ("raw", "features", "labels", "predictions", "shadow-predictions", "dead-letter")
+    PIPELINE_ROLES = (
+        "raw",
+        "features",
+        "labels",
+        "predictions",
+        "shadow-predictions",
+        "dead-letter",
+        "repartition",
+        "windows",
+    )
 
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.topic_prefix
@@ -207,6 +216,22 @@ class Catalogue:
         )  # fmt: skip
         return TopicSpec(**{**spec.__dict__, "retention_ms": 30 * DAY_MS})
 
+    def repartition(self, pipeline: str) -> TopicSpec:
+        return self._data(
+            pipeline, "repartition", "RawEvent", "json-or-avro", "key field value (text); none: partition 0",
+            "Internal to the features service: the raw events, bytes unchanged, keyed by the pipeline's key "
+            "field so all events of one key meet in one partition; header streamml-source names the raw "
+            "record (topic/partition/offset/timestamp).",
+        )  # fmt: skip
+
+    def windows(self, pipeline: str) -> TopicSpec:
+        spec = self._data(
+            pipeline, "windows", "WindowState", "avro", "input partition/entity key",
+            "Changelog of the features service's per-key rolling windows: each record goes to the partition "
+            "number of the input partition that owns the key; the latest per key is its state.",
+        )  # fmt: skip
+        return TopicSpec(**{**spec.__dict__, "cleanup_policy": "compact", "retention_ms": -1})
+
     # -- listings -------------------------------------------------------------------------------------
     def global_topics(self) -> list[TopicSpec]:
         return [
@@ -231,6 +256,8 @@ class Catalogue:
             self.predictions(pipeline),
             self.shadow_predictions(pipeline),
             self.dead_letter(pipeline),
+            self.repartition(pipeline),
+            self.windows(pipeline),
         ]
 
     def resolve(self, topic: str) -> TopicSpec | None:

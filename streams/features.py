@@ -1,21 +1,22 @@
 """Raw event → feature vector: validation, type coercion, missing values, derived fields, per-key windows.
 
-Pure logic (no Kafka, no Faust): the features service wraps it. Per-key rolling state lives in a
-`KeyedWindows` object that the service persists in a Faust table.
+Pure logic (no Kafka, no Faust): the features service wraps it. Per-key rolling state lives in
+`KeyedWindows` objects (streamml.state): the service keeps one per input partition, backed by a changelog.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from streamml import limits
 from streamml.errors import ValidationError
+from streamml.state import KeyedWindows
+
+__all__ = ["FeatureEngine", "KeyedWindows", "coerce_label", "coerce_value"]
 
 Scalar = bool | int | float | str | None
 Features = dict[str, float | str]
@@ -93,35 +94,6 @@ def coerce_label(task: str, value: Scalar, name: str = "label") -> Scalar:
             raise ValidationError(f"a class label is 1..{limits.MAX_LABEL_CHARS} characters")
         return value
     raise ValidationError(f"label must be a scalar, got {type(value).__name__}")
-
-
-@dataclass
-class KeyedWindows:
-    """Rolling windows of the last N values per (step output, entity key)."""
-
-    windows: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
-    dirty: set[tuple[str, str]] = field(default_factory=set)
-
-    frozen: bool = False  # set while scoring a request that is not part of the stream (POST /predict)
-
-    def push(self, output: str, key: str, value: float, size: int) -> deque[float]:
-        if self.frozen:  # the window as it would be with `value`, leaving the state unchanged
-            return deque([*self.windows.get((output, key), ()), value], maxlen=size)
-        window = self.windows.get((output, key))
-        if window is None:
-            window = self.windows[(output, key)] = deque(maxlen=size)
-        window.append(value)
-        self.dirty.add((output, key))
-        return window
-
-    def take_dirty(self) -> dict[tuple[str, str], list[float]]:
-        """The windows changed since the last call (what the service writes to its table)."""
-        out = {k: list(self.windows[k]) for k in self.dirty}
-        self.dirty.clear()
-        return out
-
-    def restore(self, output: str, key: str, values: list[float], size: int) -> None:
-        self.windows[(output, key)] = deque(values, maxlen=size)
 
 
 Step = Callable[[Features, str | None, KeyedWindows], None]
@@ -315,12 +287,21 @@ class FeatureEngine:
             self.windows.frozen = False
 
     def transform(
-        self, raw: Mapping[str, Any], *, timestamp_ms: int, now_ms: int, source: dict[str, Any] | None = None
+        self,
+        raw: Mapping[str, Any],
+        *,
+        timestamp_ms: int,
+        now_ms: int,
+        source: dict[str, Any] | None = None,
+        windows: KeyedWindows | None = None,
+        offset: int | None = None,
     ) -> dict[str, Any]:
         """The FeatureVector record of one raw event; raises ValidationError with the reason if invalid.
 
         Everything that can refuse the event is checked before the per-key windows change, so a refused
-        event leaves no trace in them.
+        event leaves no trace in them. `windows` (default: the engine's own) are those of the event's input
+        partition; with `offset`, the event's input offset, an event those windows already hold for its key
+        (read again after a crash) is not applied twice: its rolling features are the windows as they stand.
         """
         values: Mapping[str, Scalar] = raw["fields"]
         event_id = values.get(self.id_field)
@@ -352,8 +333,11 @@ class FeatureEngine:
             event_time = _event_time(values[self.time_field])
         else:
             event_time = raw.get("event_time") or timestamp_ms
+        state = self.windows if windows is None else windows
+        if not state.frozen:
+            state.begin(key_str or "", offset)
         for step in self.steps:
-            step(features, key_str, self.windows)
+            step(features, key_str, state)
         return {
             "event_id": event_id,
             "key": key_str,

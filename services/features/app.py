@@ -1,18 +1,24 @@
-"""Composition root of the features service: pipelines follower, data loop, per-key windows table.
+"""Composition root of the features service: pipelines follower, and one data loop with two stages.
 
-The per-key rolling windows are kept in a Faust table (changelog-backed, so they survive restarts): the
-data loop updates them in memory and writes the windows it changed to the table once per batch.
+1. Repartition: a pipeline with a key field whose raw topic is not declared keyed (`raw_keyed`) has its raw
+   events forwarded, bytes unchanged, to `<prefix>.<pipeline>.repartition`, keyed by the key field, so all
+   events of one key meet in one partition (header `streamml-source` names the raw record).
+2. Features: the state input topic (the repartition topic, or the raw topic itself when it is keyed or the
+   pipeline has no key field) is turned into feature vectors. Its rolling windows are kept per input
+   partition (streamml.state), restored from the compacted changelog `<prefix>.<pipeline>.windows` when a
+   partition is assigned (before any of its records is processed) and dropped when it is revoked; the
+   windows a batch changed go to the changelog with the batch's outputs, before its offsets commit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import faust
-from confluent_kafka import Message
+from confluent_kafka import Message, TopicPartition
 
 from streamml import metrics
 from streamml.codec import codec_for, decode_raw
@@ -26,11 +32,28 @@ from streamml.service import (
     run_service,
 )
 from streamml.settings import Settings
+from streamml.state import PartitionedStore, read_changelog
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
+from streams.repartition import Source, key_of, partition_for
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Stage 1 of one pipeline: its raw topic is read and forwarded to its repartition topic."""
+
+    engine: FeatureEngine
+    key_field: str
+    topic: str
+    partitions: int
+
+
+def needs_repartition(definition: dict[str, Any]) -> bool:
+    """Rolling windows are per key: a key field whose raw topic is not keyed by it needs the hop."""
+    return bool(definition["key_field"]) and not definition.get("raw_keyed", False)
 
 
 class Features:
@@ -39,11 +62,12 @@ class Features:
         self.catalogue = catalogue
         self.control = ControlFollower(settings, SERVICE)
         self.engines: dict[str, FeatureEngine] = {}
-        self.by_topic: dict[str, FeatureEngine] = {}
-        self.table: Any = None  # the Faust table of windows, set by `build`
-        self._last_persist = 0.0
-        self._out_topic: dict[str, str] = {}
+        self.hops: dict[str, Hop] = {}  # raw topic → stage 1
+        self.by_input: dict[str, FeatureEngine] = {}  # state input topic → stage 2
+        self.stores: dict[str, PartitionedStore] = {}  # state input topic → windows per partition
+        self.hop_inputs: set[str] = set()  # state input topics that are repartition topics
         self._features = codec_for("FeatureVector")
+        self._loopback: dict[tuple[str, int], int] = {}  # handle_through's next offset per partition
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is None:
@@ -55,82 +79,189 @@ class Features:
             ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
         old = self.engines.pop(name, None)
         if old is not None:
-            self.by_topic = {t: e for t, e in self.by_topic.items() if e is not old}
+            self.hops = {t: h for t, h in self.hops.items() if h.engine is not old}
+            self.by_input = {t: e for t, e in self.by_input.items() if e is not old}
+            self.hop_inputs = {h.topic for h in self.hops.values()}
+        old_stores = {t: s for t, s in self.stores.items() if s.pipeline == name}
+        for topic in old_stores:
+            del self.stores[topic]
         if engine is None:
             log.info("pipeline %s deleted", name)
             return
-        if old is not None:
-            engine.windows = old.windows  # a new revision keeps the per-key history
-        elif self.table is not None:
-            self._restore_windows(engine)
+        raw_topic = record["raw_topic"]
+        if needs_repartition(record):
+            hop = self.catalogue.repartition(name)
+            self.hops[raw_topic] = Hop(engine, record["key_field"], hop.name, hop.partitions)
+            input_topic = hop.name
+            self.hop_inputs.add(hop.name)
+        else:
+            input_topic = raw_topic
+        self.by_input[input_topic] = engine
+        # A new revision keeps the per-key history, unless its events now come from another input topic
+        # (then the data loop's next assignment restores that topic's partitions).
+        store = old_stores.get(input_topic)
+        if store is None:
+            changelog = self.catalogue.windows(name)
+            store = PartitionedStore(name, input_topic, changelog.name, changelog.partitions)
+        self.stores[input_topic] = store
         self.engines[name] = engine
-        self.by_topic[record["raw_topic"]] = engine
-        log.info("pipeline %s revision %s: reading %s", name, record["revision"], record["raw_topic"])
-
-    def _restore_windows(self, engine: FeatureEngine) -> None:
-        prefix = f"{engine.pipeline}|"
-        for key, values in self.table.items():
-            if isinstance(key, str) and key.startswith(prefix):
-                _, output, entity = key.split("|", 2)
-                engine.windows.restore(output, entity, list(values), max(len(values), 1))
+        log.info(
+            "pipeline %s revision %s: reading %s%s",
+            name,
+            record["revision"],
+            raw_topic,
+            f" through {input_topic}" if input_topic != raw_topic else "",
+        )
 
     def topics(self) -> set[str]:
-        return set(self.by_topic)
+        return set(self.hops) | set(self.by_input)
 
+    # -- assignment -----------------------------------------------------------------------------------
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Restore the windows of each newly assigned input partition from its changelog partition. Runs
+        inside the consumer's rebalance callback, so before any record of these partitions is returned."""
+        wanted: dict[str, list[int]] = {}
+        for tp in partitions:
+            store = self.stores.get(tp.topic)
+            if store is not None and tp.partition not in store.owned():
+                wanted.setdefault(tp.topic, []).append(tp.partition)
+        for topic, parts in wanted.items():
+            store = self.stores[topic]
+            started = time.monotonic()
+            values = read_changelog(
+                self.settings, store.changelog, {p: store.changelog_partition(p) for p in parts}
+            )
+            keys = {p: store.restore(p, values[p]) for p in parts}
+            log.info(
+                "%s: restored windows of %s partitions %s from %s in %.2f s (keys per partition %s)",
+                store.pipeline, topic, sorted(parts), store.changelog, time.monotonic() - started, keys,
+            )  # fmt: skip
+        return partitions
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Drop the windows of partitions taken away (the data loop has committed what it processed)."""
+        for tp in partitions:
+            store = self.stores.get(tp.topic)
+            if store is not None:
+                store.drop(tp.partition)
+
+    # -- records --------------------------------------------------------------------------------------
     def handle(self, msgs: list[Message]) -> list[Output]:
         now = now_ms()
         outputs: list[Output] = []
-        encode = self._features.encode
-        counts: dict[str, int] = {}
+        counts: dict[tuple[str, str], int] = {}
         for msg in msgs:
             topic = msg.topic() or ""
-            engine = self.by_topic.get(topic)
-            if engine is None:  # pipeline deleted while its records were in flight
-                metrics.SKIPPED.labels(SERVICE, "pipeline_deleted").inc()
-                continue
-            try:
-                raw = decode_raw(msg.value())
-                partition, offset = msg.partition() or 0, msg.offset() or 0
-                source = {
-                    "topic": topic,
-                    "partition": partition,
-                    "start_offset": offset,
-                    "end_offset": offset + 1,
-                }
-                fv = engine.transform(raw, timestamp_ms=msg.timestamp()[1], now_ms=now, source=source)
-                value = encode(fv)
-            except Exception as exc:  # the record boundary: any failure dead-letters this record only
-                outputs.append(dead_letter(self.catalogue, SERVICE, engine.pipeline, msg, exc))
-                continue
-            outputs.append(
-                Output(self.catalogue.features(engine.pipeline).name, fv["event_id"].encode(), value)
-            )
-            counts[engine.pipeline] = counts.get(engine.pipeline, 0) + 1
-        for pipeline, n in counts.items():
-            metrics.EVENTS_OUT.labels(SERVICE, self.catalogue.features(pipeline).name, pipeline).inc(n)
-        self._persist_windows()
+            engine = self.by_input.get(topic)
+            if engine is not None:
+                out = self._features_of(engine, topic, msg, now)
+            else:
+                hop = self.hops.get(topic)
+                if hop is None:  # pipeline deleted while its records were in flight
+                    metrics.SKIPPED.labels(SERVICE, "pipeline_deleted").inc()
+                    continue
+                engine = hop.engine
+                out = self._repartition(hop, msg)
+            outputs.append(out)
+            if out.pipeline is not None:  # (dead letters carry none)
+                counts[(out.topic, engine.pipeline)] = counts.get((out.topic, engine.pipeline), 0) + 1
+        for (topic, pipeline), n in counts.items():
+            metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(n)
+        for store in self.stores.values():  # once per batch: the windows it changed, at their partitions
+            outputs.extend(store.changes())
         return outputs
 
-    def _persist_windows(self) -> None:
-        """Write the windows changed since the last write to the Faust table (its changelog: durable).
+    def _repartition(self, hop: Hop, msg: Message) -> Output:
+        """Stage 1: the raw record, unchanged, to the partition of its key; undecodable → dead letter."""
+        try:
+            raw = decode_raw(msg.value())
+        except Exception as exc:  # the record boundary: any failure dead-letters this record only
+            return dead_letter(self.catalogue, SERVICE, hop.engine.pipeline, msg, exc)
+        key = key_of(raw, hop.key_field)
+        source = Source(
+            msg.topic() or "", msg.partition() or 0, msg.offset() or 0, msg.timestamp()[1], msg.key()
+        )
+        partition = partition_for(key, hop.partitions)
+        return Output(hop.topic, key, msg.value(), partition, hop.engine.pipeline, source.headers())
 
-        At most once a second: Faust's changelog producer is pure Python, and a hot key changes every event.
-        """
-        now = time.monotonic()
-        if self.table is None or now - self._last_persist < 1.0:
-            return
-        self._last_persist = now
-        for engine in self.engines.values():
-            changed = engine.windows.take_dirty()
-            for i, ((output, entity), values) in enumerate(changed.items()):
-                try:
-                    self.table[f"{engine.pipeline}|{output}|{entity}"] = values
-                except (TypeError, KeyError, AssertionError) as exc:
-                    # Right after start Faust may not know the changelog topic's partitions yet: keep
-                    # the rest dirty and write them with the next batch (the in-memory windows are exact).
-                    log.debug("windows table not writable yet (%s); retrying next batch", exc)
-                    engine.windows.dirty.update(list(changed)[i:])
-                    return
+    def _features_of(self, engine: FeatureEngine, topic: str, msg: Message, now: int) -> Output:
+        """Stage 2: the feature vector of one event, with its input partition's windows."""
+        partition, offset = msg.partition() or 0, msg.offset() or 0
+        origin: Message = msg
+        source = Source(topic, partition, offset, msg.timestamp()[1])
+        if topic in self.hop_inputs:  # the raw record it was, as stage 1 named it
+            named = Source.from_headers(msg.headers())
+            if named is not None:
+                source = named
+                origin = cast(Message, named.as_message(msg.value()))
+        try:
+            raw = decode_raw(msg.value())
+            fv = engine.transform(
+                raw,
+                timestamp_ms=source.timestamp,
+                now_ms=now,
+                source={
+                    "topic": source.topic,
+                    "partition": source.partition,
+                    "start_offset": source.offset,
+                    "end_offset": source.offset + 1,
+                },
+                windows=self.stores[topic].get(partition),
+                offset=offset,
+            )
+            value = self._features.encode(fv)
+        except Exception as exc:  # the record boundary: any failure dead-letters this record only
+            return dead_letter(self.catalogue, SERVICE, engine.pipeline, origin, exc)
+        return Output(
+            self.catalogue.features(engine.pipeline).name, fv["event_id"].encode(), value,
+            pipeline=engine.pipeline,
+        )  # fmt: skip
+
+    def handle_through(self, msgs: list[Message]) -> list[Output]:
+        """Both stages in one call, without a broker (tests, benchmarks): repartition records are read
+        back at once, at consecutive offsets per partition. Returns what leaves the service (feature
+        vectors, dead letters), not its internal records (repartition, changelog)."""
+        internal = self.hop_inputs
+        changelogs = {s.changelog for s in self.stores.values()}
+        visible: list[Output] = []
+        for out in self.handle(msgs):
+            if out.topic not in internal:
+                visible.append(out)
+                continue
+            partition = out.partition or 0
+            offset = self._loopback.get((out.topic, partition), 0)
+            self._loopback[(out.topic, partition)] = offset + 1
+            back = _Loopback(out, partition, offset)
+            visible.extend(self.handle([cast(Message, back)]))
+        return [o for o in visible if o.topic not in changelogs]
+
+
+class _Loopback:
+    """A repartition Output as the consumer would read it back (for `handle_through`)."""
+
+    def __init__(self, out: Output, partition: int, offset: int) -> None:
+        self._out, self._partition, self._offset = out, partition, offset
+
+    def topic(self) -> str:
+        return self._out.topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._out.key
+
+    def value(self) -> bytes | None:
+        return self._out.value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._out.headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
 
 
 def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
@@ -138,32 +269,17 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
     service = Features(settings, catalogue)
     service.control.bootstrap(catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
     app = faust_app(SERVICE, settings)
-    service.table = app.Table("windows", default=list, partitions=1, use_partitioner=True)
     service.control.follow(app, catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
-    ready = app_ready(app, service)
     loop = BatchLoop(
         settings,
         name=SERVICE,
         handler=service.handle,
         topics=service.topics,
-        ready=ready,
+        on_assign=service.on_assign,
+        on_revoke=service.on_revoke,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
     )
     return app, service, loop
-
-
-def app_ready(app: faust.App, service: Features) -> asyncio.Event:
-    """An event set once Faust has recovered the windows table, so windows resume where they were."""
-    ready = asyncio.Event()
-
-    @app.task
-    async def _when_recovered() -> None:
-        await app.tables.recovery.completed.wait()  # type: ignore[attr-defined]
-        for engine in service.engines.values():
-            service._restore_windows(engine)
-        ready.set()
-
-    return ready
 
 
 def main() -> None:

@@ -267,7 +267,7 @@ def test_features_every_raw_event_is_one_feature_vector_or_one_dead_letter(
 ) -> None:
     service = new_features_service()
     msgs = messages([(RAW_TOPICS[name], e.value) for name, e in batch])
-    outputs = service.handle(msgs[:split]) + service.handle(msgs[split:])  # never raises
+    outputs = service.handle_through(msgs[:split]) + service.handle_through(msgs[split:])  # never raises
 
     vectors: dict[int, dict[str, Any]] = {}
     for out in outputs:
@@ -329,9 +329,11 @@ def test_a_refused_event_changes_no_later_feature_vector(
 ) -> None:
     name, before, hostile, after = case
     topic = RAW_TOPICS[name]
-    with_it = new_features_service().handle(messages([(topic, e.value) for e in [*before, hostile, *after]]))
+    with_it = new_features_service().handle_through(
+        messages([(topic, e.value) for e in [*before, hostile, *after]])
+    )
     assume(with_it[len(before)].topic.endswith("dead-letter"))  # refused (noise may be a valid event)
-    without = new_features_service().handle(messages([(topic, e.value) for e in [*before, *after]]))
+    without = new_features_service().handle_through(messages([(topic, e.value) for e in [*before, *after]]))
 
     def vectors(outputs: list[Output]) -> list[dict[str, Any]]:
         out = [codec_for("FeatureVector").decode(o.value or b"") for o in outputs[-len(after) :]]
@@ -1103,7 +1105,7 @@ def _dead_offsets(outputs: list[Output]) -> list[int]:
 def test_lone_surrogate_in_a_refused_event_leaves_no_trace_in_rolling_windows() -> None:
     # "\ud800" is a valid JSON escape and Python text, but not UTF-8: transform accepts the event and
     # pushes its amount into the window, then the Avro encoding fails and the event is dead-lettered.
-    outputs = new_features_service().handle(
+    outputs = new_features_service().handle_through(
         messages(
             [
                 ("shop-events", _raw({**SHOP_EVENT, "id": "\ud800", "amount": 1000.0})),
@@ -1117,7 +1119,7 @@ def test_lone_surrogate_in_a_refused_event_leaves_no_trace_in_rolling_windows() 
 
 
 def test_huge_finite_values_do_not_refuse_later_valid_events_of_the_key() -> None:
-    outputs = new_features_service().handle(
+    outputs = new_features_service().handle_through(
         messages(
             [
                 ("shop-events", _raw({**SHOP_EVENT, "id": "a", "amount": 1e308})),
@@ -1132,7 +1134,7 @@ def test_huge_finite_values_do_not_refuse_later_valid_events_of_the_key() -> Non
 def test_the_features_service_publishes_only_vectors_the_learner_accepts() -> None:
     service = new_features_service()
     raw = _raw({**AGRAWAL_EVENT, "salary": 5e-324, "loan": 1e6})  # loan_per_salary = 1e6 / 5e-324 = inf
-    (out,) = service.handle(messages([(AGRAWAL["raw_topic"], raw)]))
+    (out,) = service.handle_through(messages([(AGRAWAL["raw_topic"], raw)]))
     if out.topic == CATALOGUE.features("agrawal").name:  # the learner and the predictor dead-letter it
         service.engines["agrawal"].check_vector(codec_for("FeatureVector").decode(out.value or b""))
 
@@ -1197,7 +1199,7 @@ def test_an_event_refused_by_a_derived_feature_leaves_no_trace_in_rolling_window
     # Both numbers are within ±1e100, their sum (step 'total', after the rolling steps) is not: the event
     # is dead-lettered, but its 9e99 is already in customer c1's window.
     event = {**SHOP_EVENT, "amount": 9e99, "discount": 9e99}
-    outputs = new_features_service().handle(
+    outputs = new_features_service().handle_through(
         messages([("shop-events", _raw(event)), ("shop-events", _raw({**SHOP_EVENT, "id": "b"}))])
     )
     assert outputs[0].topic == CATALOGUE.dead_letter("shop").name  # "total = 1.8e+100 is out of range"

@@ -115,7 +115,7 @@ def test_features_dead_letters_each_hostile_raw_event_and_keeps_going(settings: 
     msgs = [Msg("p.agrawal.raw", json.dumps(valid_event(1)).encode(), 0)]
     msgs.append(Msg("p.agrawal.raw", HOSTILE_RAW[name] or None, 1))
     msgs.append(Msg("p.agrawal.raw", json.dumps(valid_event(2)).encode(), 2))
-    outputs = service.handle(msgs)  # type: ignore[arg-type]
+    outputs = service.handle_through(msgs)  # type: ignore[arg-type]
     assert [o.topic for o in outputs] == ["p.agrawal.features", "p.agrawal.dead-letter", "p.agrawal.features"]
     letter = codec_for("DeadLetter").decode(outputs[1].value or b"")
     assert letter["source_offset"] == 1 and letter["error"] and letter["service"] == "features"
