@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
@@ -23,6 +24,9 @@ from streamml.runtime import Output, is_retriable, kafka_error
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+_NOTHING = object()  # an append that pushed nothing out
 
 
 @dataclass
@@ -38,10 +42,12 @@ class KeyedWindows:
     outputs: dict[str, list[str]] = field(default_factory=dict)  # entity key → outputs it has windows of
     _offset: int | None = None  # input offset of the event being applied (None: no offsets kept)
     _replay: bool = False  # the event being applied is already in its key's windows
+    _undo: list[tuple[Any, ...]] = field(default_factory=list)  # how to take the current event back out
 
     def begin(self, key: str, offset: int | None) -> bool:
         """Start applying the event at `offset` to `key`'s windows; False if they already hold it."""
         self._offset = offset
+        self._undo = []
         last = self.offsets.get(key)
         self._replay = offset is not None and last is not None and offset <= last
         if self._replay:
@@ -54,16 +60,45 @@ class KeyedWindows:
         window = self.windows.get((output, key))
         if self._replay:  # already applied: the window as it stands (it holds the event, maybe later ones)
             return window if window is not None else deque([value], maxlen=size)
+        undo: tuple[Any, ...]
         if window is None:
+            undo = ("new", None)
             window = self.windows[(output, key)] = deque(maxlen=size)
             self.outputs.setdefault(key, []).append(output)
         elif window.maxlen != size:  # restored from the changelog, or the revision changed the size
+            undo = ("replaced", window)
             window = self.windows[(output, key)] = deque(window, maxlen=size)
+        else:  # what the append pushes out, to put it back if the event is refused later (O(1))
+            undo = ("appended", window[0] if len(window) == window.maxlen else _NOTHING)
+        self._undo.append((output, key, *undo, (output, key) in self.dirty, self.offsets.get(key)))
         window.append(value)
         self.dirty.add((output, key))
         if self._offset is not None:
             self.offsets[key] = self._offset
         return window
+
+    def rollback(self) -> None:
+        """Take the event being applied back out of every window it entered (it was refused later)."""
+        for output, key, how, old, was_dirty, offset in reversed(self._undo):
+            if how == "new":
+                del self.windows[(output, key)]
+                self.outputs[key].remove(output)
+                if not self.outputs[key]:
+                    del self.outputs[key]
+            elif how == "replaced":
+                self.windows[(output, key)] = old
+            else:
+                window = self.windows[(output, key)]
+                window.pop()
+                if old is not _NOTHING:
+                    window.appendleft(old)
+            if not was_dirty:
+                self.dirty.discard((output, key))
+            if offset is None:
+                self.offsets.pop(key, None)
+            else:
+                self.offsets[key] = offset
+        self._undo = []
 
     def take_dirty(self) -> dict[tuple[str, str], list[float]]:
         """The windows changed since the last call (what the service writes to its changelog)."""

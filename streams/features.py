@@ -336,8 +336,13 @@ class FeatureEngine:
         state = self.windows if windows is None else windows
         if not state.frozen:
             state.begin(key_str or "", offset)
-        for step in self.steps:
-            step(features, key_str, state)
+        try:
+            for step in self.steps:
+                step(features, key_str, state)
+        except Exception:  # refused by a later step (e.g. a derived value out of range): no trace left
+            if not state.frozen:
+                state.rollback()
+            raise
         return {
             "event_id": event_id,
             "key": key_str,

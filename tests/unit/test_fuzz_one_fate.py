@@ -53,10 +53,7 @@ KNOWN_BUGS = {
     "non-ascii digest": False,  # test_a_version_with_a_non_ascii_checksum_is_rejected_not_raised, ...
     "deep params": False,  # test_deeply_nested_parameters_are_a_validation_error
     "monitor records": False,  # test_a_prediction_the_monitor_dead_letters_leaves_no_trace
-    # Open (strict xfail):
-    # test_an_event_refused_by_a_derived_feature_leaves_no_trace_in_rolling_windows: leaves out numbers just
-    # under the ±1e100 bound (sums of two are refused after the windows changed).
-    "refused after windows": True,
+    "refused after windows": False,  # test_an_event_refused_by_a_derived_feature_leaves_no_trace_...
 }
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1194,7 +1191,6 @@ def test_monitor_dead_letters_a_label_that_does_not_fit_the_task() -> None:
     assert _dead_offsets(outputs) == [0]
 
 
-@pytest.mark.xfail(strict=True, reason="features: a derived feature refuses the event after windows changed")
 def test_an_event_refused_by_a_derived_feature_leaves_no_trace_in_rolling_windows() -> None:
     # Both numbers are within ±1e100, their sum (step 'total', after the rolling steps) is not: the event
     # is dead-lettered, but its 9e99 is already in customer c1's window.

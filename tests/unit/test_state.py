@@ -141,3 +141,18 @@ def test_preview_leaves_windows_and_offsets_alone() -> None:
     assert list(w.push("mean", "k", 5.0, 3)) == [1.0, 5.0]
     w.frozen = False
     assert list(w.windows[("mean", "k")]) == [1.0] and w.offsets == {"k": 3} and not w.dirty
+
+
+def test_rollback_takes_a_refused_event_out_of_every_window_it_entered() -> None:
+    windows = KeyedWindows()
+    windows.begin("k", 0)
+    windows.push("a", "k", 1.0, 2)
+    windows.begin("k", 1)
+    windows.push("a", "k", 2.0, 2)
+    windows.take_dirty()
+    windows.begin("k", 2)  # a full window (pushes 1.0 out), a new one, then the event is refused
+    windows.push("a", "k", 3.0, 2)
+    windows.push("b", "k", 9.0, 5)
+    windows.rollback()
+    assert windows.state_of("k") == {"a": [1.0, 2.0]}
+    assert windows.offsets["k"] == 1 and windows.take_dirty() == {}
