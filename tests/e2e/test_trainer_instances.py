@@ -154,3 +154,46 @@ def test_two_trainers_answer_a_burst_once_with_unique_versions_through_a_failove
         )
     finally:
         second.stop_all()
+
+
+def test_sigterm_during_a_long_fit_stops_at_once_and_the_request_is_answered_once_after_restart(
+    make_system: SystemFactory,
+) -> None:
+    system = make_system(partitions=2)
+    system.apply("phishing", promotion="manual")
+    data_range = _vectors(system, "phishing")
+    system.stack.start("trainer")
+    system.stack.wait_ready("trainer")
+    hgb = "sklearn.ensemble.HistGradientBoostingClassifier"
+    slow = {
+        **_request(f"slow-{uuid.uuid4().hex[:6]}", "phishing", data_range),
+        "estimator_spec": hgb,
+        "params": {
+            hgb: '{"max_iter": 400, "early_stopping": false, "max_leaf_nodes": 63, "min_samples_leaf": 2}'
+        },
+        "param_grid": {f"{hgb}.learning_rate": ["0.01", "0.02", "0.05", "0.1", "0.2", "0.3", "0.4", "0.5"]},
+    }
+    _send(system, [slow])
+    svc = system.stack.services["trainer"]
+    deadline = time.monotonic() + 60
+    while f"request {slow['request_id']}: " not in svc.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, system.stack.tail("trainer")
+        time.sleep(0.1)
+    time.sleep(0.5)  # training now, in the worker thread
+    started = time.monotonic()
+    assert svc.proc is not None
+    svc.proc.send_signal(signal.SIGTERM)
+    code = svc.proc.wait(30)
+    took = time.monotonic() - started
+    assert (code, took < 10) == (0, True), (code, took, system.stack.tail("trainer"))
+    log_text = svc.log_path.read_text(errors="replace")
+    assert f"request {slow['request_id']} (" not in log_text, "the fit ended before the stop: make it slower"
+
+    system.stack.start("trainer")  # the request was not committed: answered now, once
+    results = _answers(system, {slow["request_id"]})
+    time.sleep(1.0)
+    results = _answers(system, {slow["request_id"]})
+    assert [r["status"] for r in results if r["request_id"] == slow["request_id"]] == ["SUCCEEDED"]
+    print(
+        f"stopped in {took:.2f} s during a fit; answered after the restart in {results[-1]['duration_ms']} ms"
+    )
