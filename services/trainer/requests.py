@@ -61,6 +61,18 @@ class TxnProducer(Protocol):
     def abort_transaction(self, timeout: float) -> None: ...
 
 
+# The group moved on (this instance lost the partition in a rebalance): the offsets cannot commit here.
+_GROUP_MOVED = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+    }
+)
+MAX_ATTEMPTS = 3  # transactions tried (each after aborting the previous one) before the answer is given up
+
+
 def transact(
     producer: TxnProducer,
     outputs: Sequence[Output],
@@ -68,16 +80,19 @@ def transact(
     group_metadata: Any,
     timeout_s: float,
 ) -> None:
-    """Produce `outputs` and commit `offsets` in one transaction, trying again through retriable errors
-    for up to `timeout_s` (blocking: for a worker thread). Raises OwnershipLostError when the producer is
-    fenced or fails for good, or when the time is up; then nothing of it is visible to read_committed
-    readers."""
+    """Produce `outputs` and commit `offsets` in one transaction (blocking: for a worker thread). A commit
+    that fails with a retriable error is tried again for up to `timeout_s`; an abortable failure aborts
+    and starts over, up to MAX_ATTEMPTS times. Raises OwnershipLostError when the producer is fenced or
+    fails for good, when the group has moved the partition, or when it gives up; then nothing of the
+    transaction is visible to read_committed readers."""
     deadline = time.monotonic() + timeout_s
 
     def left() -> float:
         return max(0.5, deadline - time.monotonic())
 
+    attempt = 0
     while True:
+        attempt += 1
         try:
             producer.begin_transaction()
             for out in outputs:
@@ -87,13 +102,16 @@ def transact(
             return
         except KafkaException as exc:
             err = kafka_error(exc)
-            if err is None or err.fatal() or not err.txn_requires_abort() or time.monotonic() >= deadline:
+            if err is None or err.fatal() or not err.txn_requires_abort():
                 raise OwnershipLostError(f"transaction failed: {err or exc}") from exc
-            log.warning("transaction failed (%s); aborting it and trying again", err)
             try:
                 producer.abort_transaction(left())
             except KafkaException as abort_exc:
                 raise OwnershipLostError(f"aborting the transaction failed: {abort_exc}") from abort_exc
+            if err.code() in _GROUP_MOVED or attempt >= MAX_ATTEMPTS or time.monotonic() >= deadline:
+                raise OwnershipLostError(f"transaction aborted: {err}") from exc
+            log.warning("transaction failed (%s); aborted it, trying again", err)
+            time.sleep(0.2)
 
 
 def _produce(producer: TxnProducer, out: Output, deadline: float) -> None:
@@ -225,6 +243,7 @@ class RequestLoop(mode.Service):
                 self.settings,
                 **{"transactional.id": tid, "linger.ms": 0, "message.max.bytes": MODEL_MAX_BYTES},
             )
+            owned.producer = producer  # disposed with `owned` if anything below fails
             while True:
                 try:
                     await loop.run_in_executor(None, producer.init_transactions, KAFKA_TIMEOUT_S)
@@ -235,9 +254,7 @@ class RequestLoop(mode.Service):
                         raise
                     log.warning("partition %d: init_transactions: %s; trying again", owned.partition, err)
             if not self._is_current(owned):
-                self._dispose(producer)
                 return
-            owned.producer = producer
             for topic in self.catch_up_topics:
                 while not await self.trainer.control.caught_up(topic, CATCH_UP_TIMEOUT_S):
                     if not self._is_current(owned):
@@ -254,6 +271,9 @@ class RequestLoop(mode.Service):
         except Exception:  # e.g. the broker away for long: give the partition another try later
             metrics.ERRORS.labels("trainer", "ownership").inc()
             log.exception("partition %d: taking ownership failed; trying again", owned.partition)
+            if owned.producer is not None:
+                self._dispose(owned.producer)
+                owned.producer = None
             if self._is_current(owned):
                 self.add_future(self._prepare(owned, REPREPARE_DELAY_S))
 

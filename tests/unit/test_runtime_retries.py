@@ -368,6 +368,17 @@ def test_trainer_answer_commits_through_a_leader_change_and_gives_up_when_fenced
     assert producer.committed == [b"version", b"result"]  # both again, in a new transaction
     assert producer.calls == ["begin", "offsets", "commit", "abort", "begin", "offsets", "commit"]
 
+    moved = KafkaError(KafkaError.ILLEGAL_GENERATION, txn_requires_abort=True)  # a rebalance took it
+    producer = FakeTxnProducer([moved])
+    with pytest.raises(OwnershipLostError, match="aborted"):
+        transact(producer, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert producer.committed == [] and producer.calls[-1] == "abort"  # not tried again with stale metadata
+
+    always = FakeTxnProducer([abortable] * 10)
+    with pytest.raises(OwnershipLostError, match="aborted"):
+        transact(always, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert always.calls.count("begin") == 3
+
     fenced = KafkaError(KafkaError._FENCED, fatal=True)
     producer = FakeTxnProducer([fenced])
     with pytest.raises(OwnershipLostError, match="transaction failed"):
