@@ -20,6 +20,7 @@ from confluent_kafka import Message
 from streamml import limits
 from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError, ValidationError
+from streamml.follow import ControlTail, start_offsets
 from streamml.kafka import check_broker, ensure_topics, make_producer
 from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
 from streamml.pipelines import validate_definition
@@ -122,8 +123,10 @@ class ControlFollower:
     """Applies control-topic records once each: first all existing ones (bootstrap), then new ones.
 
     The bootstrap reads each topic to its end before the data path starts ("load the live state before
-    consuming"); a Faust agent then follows the topic, and records it already applied are skipped by
-    offset, so replays after a restart or rebalance change nothing.
+    consuming"); `follow` then reads on from there. Control topics are broadcast: every instance reads
+    every partition itself, by assignment (`streamml.follow.ControlTail`), never through a consumer group
+    shared with its siblings, which would hand each new record to one instance only. Records already
+    applied are skipped by offset, so a replay changes nothing.
 
     Every record has one fate: applied, or skipped with a logged reason, the `streamml_control_skipped_total`
     metric and a DriftAlert of kind CONTROL. A record is validated in full before it is applied (so a bad
@@ -137,6 +140,8 @@ class ControlFollower:
     validators: dict[str, Validate] = field(default_factory=dict)
     skipped: int = 0
     _alerts: Any = None
+    _handlers: dict[str, tuple[str, Apply]] = field(default_factory=dict, repr=False)
+    _tail: ControlTail | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         catalogue = Catalogue(self.settings)
@@ -154,17 +159,46 @@ class ControlFollower:
             self.applied[(topic, msg_partition)] = high
 
     def follow(self, app: faust.App, topic: str, schema: str, apply: Apply) -> None:
-        """Register a Faust agent that applies new records of `topic`."""
-        channel = app.topic(topic, value_serializer="raw", key_serializer="raw")
+        """Apply the new records of `topic` as they come, from where the bootstrap stopped.
 
-        async def agent(stream: faust.StreamT[bytes]) -> None:
-            async for event in stream.events():
-                message = event.message
-                self._apply(topic, schema, message.partition, message.offset, event.value, apply, message)
+        Every partition is read by this instance itself (assigned, read_committed, never committed), in a
+        task on the app's event loop; the consumer closes when the app stops.
+        """
+        if topic in self._handlers:
+            raise ValueError(f"{topic} is followed already")
+        self._handlers[topic] = (schema, apply)
+        if self._tail is None:
+            self._tail = ControlTail(
+                self.settings,
+                self.service or self.settings.client_id,
+                self._deliver,
+                lambda t, parts: start_offsets(self.applied, t, parts),
+            )
+            tail = self._tail
 
-        agent.__name__ = f"follow_{topic.replace('.', '_').replace('-', '_')}"
-        agent.__qualname__ = agent.__name__
-        app.agent(channel, name=agent.__name__)(agent)
+            async def follow_control_topics() -> None:
+                await tail.run()
+
+            app.task(follow_control_topics)
+        self._tail.add(topic)
+
+    def _deliver(self, msg: Message) -> None:
+        topic = msg.topic() or ""
+        handler = self._handlers.get(topic)
+        if handler is not None:
+            schema, apply = handler
+            self._apply(topic, schema, msg.partition() or 0, msg.offset() or 0, msg.value(), apply, msg)
+
+    def position(self, topic: str) -> dict[int, int]:
+        """Per partition of a followed topic, the offset up to which every record has been applied."""
+        return {} if self._tail is None else self._tail.position(topic)
+
+    async def caught_up(self, topic: str, timeout_s: float) -> bool:
+        """Wait until every record written to a followed `topic` before the call has been applied
+        (False if that takes longer than `timeout_s`). For a single writer that has just taken a role."""
+        if self._tail is None:
+            raise ValueError(f"{topic} is not followed")
+        return await self._tail.caught_up(topic, timeout_s)
 
     def _apply(
         self,
@@ -246,6 +280,8 @@ class ControlFollower:
             log.exception("could not publish the CONTROL alert for %s[%d]@%d", topic, partition, offset)
 
     def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
         if self._alerts is not None:
             self._alerts.flush(5)
 

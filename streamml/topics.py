@@ -114,8 +114,9 @@ class Catalogue:
     def training_requests(self) -> TopicSpec:
         return TopicSpec(
             f"{self.prefix}.training-requests", "training-requests", "TrainingRequest", "avro", "pipeline",
-            "Requests to train a batch model on an exact slice of a topic.",
-            1, self.rf, retention_ms=30 * DAY_MS,
+            "Requests to train a batch model on an exact slice of a topic. Trainer instances share its "
+            "partitions; keyed by pipeline, so one instance at a time answers (and numbers) a pipeline's.",
+            self.partitions, self.rf, retention_ms=30 * DAY_MS,
         )  # fmt: skip
 
     def training_results(self) -> TopicSpec:

@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.base import is_classifier, is_regressor
@@ -76,11 +77,46 @@ class TrainerState:
         if record["action"] in ("PROMOTE", "ROLLBACK"):  # what the predictor serves from now on
             self.live[record["pipeline"]] = int(record["version"])
 
-    def reserve_version(self, pipeline: str, model_name: str) -> int:
-        """The next version number of a model (highest seen + 1), taken so the next request gets another."""
-        version = self.versions.get((pipeline, model_name), 0) + 1
-        self.versions[(pipeline, model_name)] = version
-        return version
+    def next_version(self, pipeline: str, model_name: str) -> int:
+        """The number the next version of (pipeline, model) gets: the highest published + 1.
+
+        Numbers are unique because one instance at a time allocates them for a pipeline (the owner of its
+        requests partition, see `owner_partition`), after it has read every version published before, and
+        records each one it publishes (`on_version`) once its transaction commits. A number taken by an
+        answer that was never committed is free again. The learner numbers its ONLINE model, under
+        another name, itself.
+        """
+        return self.versions.get((pipeline, model_name), 0) + 1
+
+
+# -- who answers a request --------------------------------------------------------------------------------
+def owner_partition(pipeline: str, partitions: int) -> int:
+    """The requests partition whose owner answers (and numbers versions) for `pipeline`: the partition
+    librdkafka's default partitioner (CRC-32 of the key) gives a request keyed by its pipeline."""
+    return zlib.crc32(pipeline.encode()) % partitions
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the owner of a requests partition does with one request."""
+
+    action: Literal["answer", "skip", "forward"]
+    partition: int  # where it is answered (forward: the partition it is produced to)
+    reason: str = ""
+
+
+def route_request(
+    request_id: str, pipeline: str, partition: int, partitions: int, answered: Container[str]
+) -> Route:
+    """Answer it here; skip it (answered before, e.g. a replay after a failover); or forward it to the
+    partition of its pipeline when a producer keyed it otherwise, so one pipeline's versions are always
+    numbered by one owner."""
+    owner = owner_partition(pipeline, partitions)
+    if request_id in answered:
+        return Route("skip", owner, f"request {request_id} was answered before")
+    if owner != partition:
+        return Route("forward", owner, f"pipeline {pipeline} is answered on partition {owner}")
+    return Route("answer", partition)
 
 
 # -- checking a request --------------------------------------------------------------------------------

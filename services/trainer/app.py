@@ -1,36 +1,39 @@
-"""Composition root of the trainer: control-topic state, training requests one at a time, publishing.
+"""Composition root of the trainer: control-topic state, training requests by partition, publishing.
 
-Requests are few and each is seconds of CPU, so a Faust agent takes them one by one (concurrency 1)
-and runs the slice read and the fit in a worker thread: the event loop keeps following pipelines,
-versions and promotions and keeps Faust's consumer alive while a model trains. (A BatchLoop would fit
-on the event loop itself and stall every agent for the length of a fit.)
+Requests are few and each is seconds of CPU. The requests topic is partitioned and keyed by pipeline; the
+trainer instances share its partitions in a consumer group, and each takes the requests of its partitions
+one at a time (`services.trainer.requests.RequestLoop`): the slice read and the fit run in a worker thread,
+so the event loop keeps following pipelines, versions, promotions and results, and the consumer keeps its
+place in the group while a model trains.
 
-Requests already answered on the training-results topic are skipped, so a restart that re-reads
-uncommitted requests does not train them twice.
+Each request is answered once across instances: the owner of a partition fences its previous owner and
+reads the control topics to their end before it takes requests there, skips requests already answered on
+the training-results topic, and publishes the version and the result in one transaction.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from threadpoolctl import threadpool_limits
 
+from services.trainer.requests import RequestLoop
 from streamml import artifacts, metrics
 from streamml.codec import codec_for
-from streamml.errors import ConfigError, DecodeError, StreamMLError
-from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import MODEL_VERSION_MAX_BYTES, Outbox, Output, faust_app, read_to_end
+from streamml.errors import ConfigError, StreamMLError
+from streamml.kafka import make_consumer
+from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app
 from streamml.runtime import watermarks as runtime_watermarks
-from streamml.service import ControlFollower, check_record_pipeline, now_ms, prepare, run_service
+from streamml.service import ControlFollower, now_ms, prepare, run_service
 from streamml.settings import Settings
-from streamml.topics import MODEL_MAX_BYTES, Catalogue
+from streamml.topics import Catalogue
 from streams.trainer import (
     Dataset,
     Outcome,
@@ -53,7 +56,6 @@ log = logging.getLogger(__name__)
 SERVICE = "trainer"
 READ_TIMEOUT_S = 120.0  # reading one request's slice; a stuck read answers FAILED instead of hanging
 KAFKA_TIMEOUT_S = 10.0
-PUBLISH_TIMEOUT_S = 120.0  # a version or result waits this long for a broker that is away (in a thread)
 # OpenMP threads of a fit (HistGradientBoosting). The trainer shares its cores with the rest of the stack,
 # and OpenMP threads spinning beside busy processes made a 3k-record fit 15x slower (measured 5 s vs
 # 0.33 s on one thread, 2 cores under load); on an idle machine one thread costs little.
@@ -61,7 +63,7 @@ TRAINING_THREADS = 1
 
 
 def _record_key(msg: Any) -> str | None:
-    """The key of a confluent-kafka message (bootstrap) or a Faust message (follower)."""
+    """The key of a control record (a confluent-kafka message; a Faust message's key is an attribute)."""
     key = getattr(msg, "key", None)
     if callable(key):
         key = key()
@@ -155,6 +157,19 @@ def read_slice(
     return values
 
 
+@dataclass
+class Answer:
+    """What a request is answered with: its outputs (the version, then the result), in one transaction."""
+
+    status: str
+    version: int | None
+    reason: str
+    outputs: list[Output]
+
+
+InThread = Callable[..., Awaitable[Any]]
+
+
 class Trainer:
     """The trainer's state and handlers, wired by `build`."""
 
@@ -165,9 +180,7 @@ class Trainer:
         self.state = TrainerState()
         self.control = ControlFollower(settings, SERVICE)
         self.answered: set[str] = set()
-        self.producer = make_producer(settings, **{"linger.ms": 0, "message.max.bytes": MODEL_MAX_BYTES})
-        self.outbox = Outbox(self.producer, SERVICE)
-        self._requests = codec_for("TrainingRequest")
+        self.requests_codec = codec_for("TrainingRequest")
         self._results = codec_for("TrainingResult")
         self._versions = codec_for("ModelVersion")
 
@@ -184,17 +197,17 @@ class Trainer:
         if record is not None:
             self.state.on_promotion(record)
 
+    def on_result(self, record: dict[str, Any] | None, _msg: Any) -> None:
+        if record is not None:  # answered, by this instance or another: never answered again
+            self.answered.add(record["request_id"])
+
     def bootstrap(self) -> None:
         """Pipelines, versions, live versions and already-answered requests, before taking any request."""
         c = self.catalogue
         self.control.bootstrap(c.pipelines().name, "PipelineDefinition", self.on_pipeline)
         self.control.bootstrap(c.model_versions().name, "ModelVersion", self.on_version)
         self.control.bootstrap(c.promotions().name, "Promotion", self.on_promotion)
-        for msg in read_to_end(self.settings, c.training_results().name):
-            try:
-                self.answered.add(self._results.decode(msg.value() or b"")["request_id"])
-            except DecodeError:
-                continue
+        self.control.bootstrap(c.training_results().name, "TrainingResult", self.on_result)
         log.info(
             "bootstrap done: %d pipelines, %d models, %d requests already answered",
             len(self.state.pipelines),
@@ -207,77 +220,72 @@ class Trainer:
         self.control.follow(app, c.pipelines().name, "PipelineDefinition", self.on_pipeline)
         self.control.follow(app, c.model_versions().name, "ModelVersion", self.on_version)
         self.control.follow(app, c.promotions().name, "Promotion", self.on_promotion)
-        channel = app.topic(c.training_requests().name, value_serializer="raw", key_serializer="raw")
-
-        async def training_requests(stream: faust.StreamT[bytes]) -> None:
-            async for event in stream.events():
-                message = event.message
-                try:
-                    await self.on_request(event.value, message.partition, message.offset)
-                except Exception:  # the record boundary: the agent must outlive any request
-                    metrics.ERRORS.labels(SERVICE, "request").inc()
-                    log.exception("request at %s[%d]@%d failed", channel, message.partition, message.offset)
-
-        app.agent(channel, name="training_requests", concurrency=1)(training_requests)
+        self.control.follow(app, c.training_results().name, "TrainingResult", self.on_result)
 
     # -- requests -------------------------------------------------------------------------------------
-    async def on_request(self, value: bytes | None, partition: int = 0, offset: int = -1) -> None:
-        """Answer one request with a TrainingResult (after its ModelVersion on success).
+    async def answer(
+        self, request: dict[str, Any], in_thread: InThread, still_ours: Callable[[], bool]
+    ) -> Answer | None:
+        """The answer to one request: a TrainingResult, after its ModelVersion on success. None if the
+        request's partition moved to another instance while it trained (that owner answers it).
 
-        A record that is not a request of a valid pipeline name is skipped with a CONTROL alert (an answer
-        would carry the bad name on to the controller); everything else gets an answer.
+        The version number is taken after the fit, by the owner of the pipeline's requests partition,
+        from every version published before (it read them all when it took the partition).
         """
         started = time.monotonic()
-        try:
-            request = self._requests.decode(value or b"")
-            check_record_pipeline(request)
-        except Exception as exc:
-            self.control.skip(self.catalogue.training_requests().name, partition, offset, exc, None)
-            return
-        request_id = request["request_id"]
-        if request_id in self.answered:
-            log.info("request %s was answered before; skipping it", request_id)
-            return
-        loop = asyncio.get_running_loop()
-        status, reason, version, outcome = "FAILED", "", None, None
+        status, reason, version, outcome, version_output = "FAILED", "", None, None, None
         try:
             plan = plan_request(request, self.state, self.catalogue)
-            ranges, outcome = await loop.run_in_executor(None, self.read_and_train, plan)
-            version = self.state.reserve_version(request["pipeline"], request["model_name"])
-            await loop.run_in_executor(None, self.publish_version, plan, outcome, version, ranges)
+            ranges, outcome = await in_thread(self.read_and_train, plan)
+            if not still_ours():
+                return None
+            version = self.state.next_version(request["pipeline"], request["model_name"])
+            version_output = await in_thread(self.version_output, plan, outcome, version, ranges)
             status = "SUCCEEDED"
         except RequestRejectedError as exc:
             status, reason = "REJECTED", str(exc)
         except (StreamMLError, KafkaException) as exc:
             reason = str(exc)
         except Exception as exc:  # a bug or an estimator failing oddly: answer FAILED, keep serving
-            log.exception("request %s failed unexpectedly", request_id)
+            log.exception("request %s failed unexpectedly", request["request_id"])
             reason = f"unexpected error: {type(exc).__name__}: {exc}"
         if status != "SUCCEEDED":
-            version, outcome = None, None
-        duration = time.monotonic() - started
+            version, outcome, version_output = None, None, None
         result = result_record(
             request,
             status,
             now_ms=now_ms(),
-            duration_ms=int(duration * 1000),
+            duration_ms=int((time.monotonic() - started) * 1000),
             reason=reason,
             version=version,
             outcome=outcome,
         )
-        await loop.run_in_executor(None, self.publish_result, result)
-        self.answered.add(request_id)
-        label = request["pipeline"] if request["pipeline"] in self.state.pipelines else ""
-        metrics.TRAINING_RUNS.labels(label, status).inc()
+        result_output = Output(
+            self.catalogue.training_results().name,
+            result["request_id"].encode(),
+            self._results.encode(result),
+        )
+        outputs = ([version_output] if version_output is not None else []) + [result_output]
+        return Answer(status, version, reason, outputs)
+
+    def answered_one(self, request: dict[str, Any], answer: Answer, duration: float) -> None:
+        """Record an answer whose transaction committed: its request and its version number are taken."""
+        self.answered.add(request["request_id"])
+        pipeline, model_name = request["pipeline"], request["model_name"]
+        if answer.version is not None:
+            self.state.on_version({"pipeline": pipeline, "model_name": model_name, "version": answer.version})
+            metrics.VERSIONS_PUBLISHED.labels(pipeline, model_name).inc()
+        label = pipeline if pipeline in self.state.pipelines else ""
+        metrics.TRAINING_RUNS.labels(label, answer.status).inc()
         metrics.TRAINING_SECONDS.labels(label).observe(duration)
         log.info(
             "request %s (%s/%s): %s in %.2f s%s",
-            request_id,
-            request["pipeline"],
-            request["model_name"],
-            status if version is None else f"{status} v{version}",
+            request["request_id"],
+            pipeline,
+            model_name,
+            answer.status if answer.version is None else f"{answer.status} v{answer.version}",
             duration,
-            f": {reason}" if reason else "",
+            f": {answer.reason}" if answer.reason else "",
         )
 
     def read_and_train(self, plan: Plan) -> tuple[list[dict[str, Any]], Outcome]:
@@ -328,9 +336,10 @@ class Trainer:
             data.undecodable,
         )
 
-    def publish_version(
+    def version_output(
         self, plan: Plan, outcome: Outcome, version: int, ranges: list[dict[str, Any]]
-    ) -> dict[str, Any]:
+    ) -> Output:
+        """The signed ModelVersion record (runs in a worker thread: serializing a model takes a while)."""
         record = version_record(
             plan, outcome, version=version, training_data=ranges, signing_key=self.key, now_ms=now_ms()
         )
@@ -342,30 +351,10 @@ class Trainer:
                 f"{MODEL_VERSION_MAX_BYTES / 2**20:.0f} MiB a model version may take: choose a smaller model "
                 "(fewer trees, lower depth)"
             )
-        self._produce(self.catalogue.model_versions().name, key, value)
-        metrics.VERSIONS_PUBLISHED.labels(record["pipeline"], record["model_name"]).inc()
-        return record
-
-    def publish_result(self, result: dict[str, Any]) -> None:
-        """The answer must get out: retried while the broker errors are retriable (up to PUBLISH_TIMEOUT_S),
-        then logged (the service keeps running)."""
-        value = self._results.encode(result)
-        try:
-            self._produce(self.catalogue.training_results().name, result["request_id"], value)
-        except (StreamMLError, KafkaException) as exc:
-            log.error("could not publish the result of %s: %s", result["request_id"], exc)
-            metrics.ERRORS.labels(SERVICE, "result_not_published").inc()
-
-    def _produce(self, topic: str, key: str, value: bytes) -> None:
-        """Deliver one record (in a worker thread): retriable broker errors, such as a leader moving while
-        a broker restarts, are retried for up to PUBLISH_TIMEOUT_S; a refusal raises TrainingFailedError."""
-        try:
-            self.outbox.deliver(Output(topic, key.encode(), value), PUBLISH_TIMEOUT_S)
-        except StreamMLError as exc:
-            raise TrainingFailedError(f"could not publish to {topic}: {exc}") from exc
+        return Output(self.catalogue.model_versions().name, key.encode(), value)
 
 
-def build(settings: Settings) -> tuple[faust.App, Trainer]:
+def build(settings: Settings) -> tuple[faust.App, Trainer, RequestLoop]:
     if settings.signing_key is None:
         raise ConfigError("the trainer signs model versions: set STREAMML_SIGNING_KEY")
     catalogue = prepare(settings)
@@ -373,12 +362,12 @@ def build(settings: Settings) -> tuple[faust.App, Trainer]:
     trainer.bootstrap()
     app = faust_app(SERVICE, settings)
     trainer.follow(app)
-    return app, trainer
+    return app, trainer, RequestLoop(trainer)
 
 
 def main() -> None:
     def compose(settings: Settings) -> tuple[faust.App, list[Any]]:
-        app, _trainer = build(settings)
-        return app, []
+        app, _trainer, requests = build(settings)
+        return app, [requests]
 
     run_service(compose)

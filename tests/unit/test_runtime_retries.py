@@ -14,7 +14,6 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from services.controller import app as controller_app
 from services.learner import app as learner_app
-from services.trainer import app as trainer_app
 from streamml import runtime
 from streamml.codec import codec_for
 from streamml.errors import StreamMLError
@@ -22,7 +21,6 @@ from streamml.pipelines import load_file, to_definition
 from streamml.runtime import BatchLoop, Outbox, Output, commit_can_wait, is_permanent, is_retriable
 from streamml.settings import Settings
 from streamml.topics import Catalogue
-from streams.trainer import TrainingFailedError
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"retries-test-key"
@@ -320,17 +318,72 @@ def test_outbox_pump_keeps_retriable_failures_for_the_next_pump() -> None:
     assert outbox.pump(0) == 0 and producer.acked == [("promotions", b"decision")]
 
 
-def test_trainer_publishes_through_a_leader_change_and_fails_a_refusal(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    producer = FakeProducer(fails_first(KafkaError.NOT_LEADER_FOR_PARTITION))
-    monkeypatch.setattr(trainer_app, "make_producer", lambda *_a, **_k: producer)
-    trainer = trainer_app.Trainer(settings, Catalogue(settings), KEY)
-    trainer._produce("p.model-versions", "k", b"version")
-    assert producer.acked == [("p.model-versions", b"version")]
-    producer.outcome = lambda *_: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
-    with pytest.raises(TrainingFailedError, match="refused"):
-        trainer._produce("p.model-versions", "k", b"too big")
+class FakeTxnProducer:
+    """A transactional producer whose commits fail as scripted (then succeed)."""
+
+    def __init__(self, commit_errors: list[KafkaError]) -> None:
+        self.commit_errors = commit_errors
+        self.calls: list[str] = []
+        self.committed: list[bytes] = []
+        self._open: list[bytes] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+        self._open = []
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, **_kwargs: Any) -> None:
+        self._open.append(value)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def send_offsets_to_transaction(self, positions: Any, metadata: Any, timeout: float) -> None:
+        self.calls.append("offsets")
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.calls.append("commit")
+        if self.commit_errors:
+            raise KafkaException(self.commit_errors.pop(0))
+        self.committed.extend(self._open)
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.calls.append("abort")
+        self._open = []
+
+
+def test_trainer_answer_commits_through_a_leader_change_and_gives_up_when_fenced() -> None:
+    from services.trainer.requests import OwnershipLostError, transact
+
+    offsets = [TopicPartition("p.training-requests", 0, 8)]
+    outputs = [Output("p.model-versions", b"k", b"version"), Output("p.training-results", b"r", b"result")]
+    retriable = KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION, retriable=True)
+    producer = FakeTxnProducer([retriable])
+    transact(producer, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert producer.committed == [b"version", b"result"]
+    assert producer.calls == ["begin", "offsets", "commit", "commit"]  # the commit alone is retried
+
+    abortable = KafkaError(KafkaError._TIMED_OUT, txn_requires_abort=True)
+    producer = FakeTxnProducer([abortable])
+    transact(producer, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert producer.committed == [b"version", b"result"]  # both again, in a new transaction
+    assert producer.calls == ["begin", "offsets", "commit", "abort", "begin", "offsets", "commit"]
+
+    moved = KafkaError(KafkaError.ILLEGAL_GENERATION, txn_requires_abort=True)  # a rebalance took it
+    producer = FakeTxnProducer([moved])
+    with pytest.raises(OwnershipLostError, match="aborted"):
+        transact(producer, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert producer.committed == [] and producer.calls[-1] == "abort"  # not tried again with stale metadata
+
+    always = FakeTxnProducer([abortable] * 10)
+    with pytest.raises(OwnershipLostError, match="aborted"):
+        transact(always, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert always.calls.count("begin") == 3
+
+    fenced = KafkaError(KafkaError._FENCED, fatal=True)
+    producer = FakeTxnProducer([fenced])
+    with pytest.raises(OwnershipLostError, match="transaction failed"):
+        transact(producer, outputs, offsets, None, timeout_s=5)  # type: ignore[arg-type]
+    assert producer.committed == []  # neither the version nor the result
 
 
 def test_controller_tick_survives_not_leader_for_partition(

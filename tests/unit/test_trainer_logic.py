@@ -99,13 +99,15 @@ def fv_bytes(event_id: str, features: dict[str, Any], label: Any = None, pipelin
 # -- control state ---------------------------------------------------------------------------------------
 def test_state_numbers_versions_per_model_and_follows_the_live_version() -> None:
     st = state()
-    assert st.reserve_version("phishing", "batch") == 1
+    assert st.next_version("phishing", "batch") == 1
     st.on_version({"pipeline": "phishing", "model_name": "batch", "version": 4})
     st.on_version({"pipeline": "phishing", "model_name": "batch", "version": 2})  # an older one arriving late
     st.on_version({"pipeline": "phishing", "model_name": "online", "version": 9})
-    assert st.reserve_version("phishing", "batch") == 5
-    assert st.reserve_version("phishing", "batch") == 6
-    assert st.reserve_version("phishing", "other") == 1
+    assert st.next_version("phishing", "batch") == 5
+    assert st.next_version("phishing", "batch") == 5  # taken only once published (on_version)
+    st.on_version({"pipeline": "phishing", "model_name": "batch", "version": 5})
+    assert st.next_version("phishing", "batch") == 6
+    assert st.next_version("phishing", "other") == 1
 
     assert plan(st).parent_version is None
     for action, version in (("PROMOTE", 3), ("SHADOW", 5), ("DISCARD", 5), ("ROLLBACK", 2)):

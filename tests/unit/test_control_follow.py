@@ -1,0 +1,256 @@
+"""Following control topics by assignment: start offsets, positions, catch-up, errors (fake consumers)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+
+from streamml import follow
+from streamml.codec import codec_for
+from streamml.follow import ControlTail, advance, is_caught_up, start_offsets
+from streamml.service import ControlFollower
+from streamml.settings import Settings
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None, err: Any = None) -> None:
+        self._t, self._p, self._o, self._v, self._e = topic, partition, offset, value, err
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def key(self) -> bytes | None:
+        return None
+
+    def error(self) -> Any:
+        return self._e
+
+
+class FakeConsumer:
+    """Hands out scripted batches; `positions` is what position() reports (e.g. past a txn marker)."""
+
+    def __init__(self, batches: list[Any] | None = None) -> None:
+        self.batches = list(batches or [])
+        self.assigned: list[TopicPartition] = []
+        self.positions: dict[tuple[str, int], int] = {}
+        self.closed = False
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = list(partitions)
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned.extend(partitions)
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+        assert timeout == 0, "a tail never waits on the event loop"
+        if not self.batches:
+            return []
+        batch = self.batches.pop(0)
+        if isinstance(batch, BaseException):
+            raise batch
+        return list(batch)
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), -1001))
+                for tp in partitions]  # fmt: skip
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def settings() -> Settings:
+    return Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="p", _env_file=None)  # type: ignore[call-arg]
+
+
+def tail_with(consumer: FakeConsumer, delivered: list[tuple[str, int, int]]) -> ControlTail:
+    def deliver(msg: Any) -> None:
+        delivered.append((msg.topic(), msg.partition(), msg.offset()))
+
+    return ControlTail(
+        settings(),
+        "svc",
+        deliver,
+        lambda t, parts: start_offsets({}, t, parts),
+        consumer_factory=lambda: consumer,
+    )
+
+
+# -- pure decisions ----------------------------------------------------------------------------------------
+def test_start_offsets_continue_after_the_bootstrap_or_at_the_beginning() -> None:
+    applied = {("p.pipelines", 0): 7, ("p.other", 1): 3}
+    parts = start_offsets(applied, "p.pipelines", [1, 0])
+    assert [(tp.partition, tp.offset) for tp in parts] == [(0, 7), (1, OFFSET_BEGINNING)]
+
+
+def test_caught_up_needs_every_partition_at_its_end() -> None:
+    assert is_caught_up({0: 5}, {0: 5})
+    assert is_caught_up({0: 6, 1: 0}, {0: 5, 1: 0})  # an empty partition needs nothing
+    assert not is_caught_up({0: 5}, {0: 5, 1: 2})
+    assert not is_caught_up({0: 4}, {0: 5})
+
+
+def test_positions_only_move_forward_and_ignore_unknown_offsets() -> None:
+    positions = {("t", 0): 5}
+    advance(positions, [TopicPartition("t", 0, -1001), TopicPartition("t", 1, 3), TopicPartition("t", 0, 4)])
+    assert positions == {("t", 0): 5, ("t", 1): 3}
+    advance(positions, [TopicPartition("t", 0, 9)])
+    assert positions[("t", 0)] == 9
+
+
+# -- the tail ----------------------------------------------------------------------------------------------
+def test_tail_delivers_in_order_and_its_position_passes_transaction_markers() -> None:
+    consumer = FakeConsumer(
+        [[FakeMessage("p.pipelines", 0, 3, b"a"), FakeMessage("p.pipelines", 0, 4, b"b")]]
+    )
+    delivered: list[tuple[str, int, int]] = []
+    tail = tail_with(consumer, delivered)
+    tail.add("p.pipelines")
+    tail.assign("p.pipelines", [0])
+    assert tail.step() == 2
+    assert delivered == [("p.pipelines", 0, 3), ("p.pipelines", 0, 4)]
+    assert tail.position("p.pipelines") == {0: 5}
+    consumer.positions[("p.pipelines", 0)] = 6  # a commit marker at offset 5: never delivered
+    assert tail.step() == 0
+    assert tail.position("p.pipelines") == {0: 6}
+    assert is_caught_up(tail.position("p.pipelines"), {0: 6})
+
+
+def test_tail_starts_where_it_is_told() -> None:
+    consumer = FakeConsumer()
+    tail = ControlTail(
+        settings(), "svc", lambda _m: None, lambda t, parts: start_offsets({(t, 0): 12}, t, parts),
+        consumer_factory=lambda: consumer,
+    )  # fmt: skip
+    tail.add("p.promotions")
+    assert tail.pending() == ["p.promotions"]
+    tail.assign("p.promotions", [0, 1])
+    assert [(tp.partition, tp.offset) for tp in consumer.assigned] == [(0, 12), (1, OFFSET_BEGINNING)]
+    assert tail.position("p.promotions") == {0: 12, 1: 0} and tail.pending() == []
+
+
+def test_tail_survives_broker_errors_and_replaces_a_consumer_that_failed_for_good() -> None:
+    retriable = KafkaError(KafkaError._TRANSPORT, retriable=True)
+    consumer = FakeConsumer(
+        [
+            KafkaException(retriable),
+            [FakeMessage("p.pipelines", 0, -1, None, err=retriable)],
+            [FakeMessage("p.pipelines", 0, 0, b"x")],
+        ]
+    )
+    delivered: list[tuple[str, int, int]] = []
+    tail = tail_with(consumer, delivered)
+    tail.add("p.pipelines")
+    tail.assign("p.pipelines", [0])
+    assert tail.step() == 0 and tail.step() == 0  # logged and counted, never raised
+    assert tail.step() == 1 and delivered == [("p.pipelines", 0, 0)]
+    fatal = KafkaError(KafkaError._FATAL, fatal=True)
+    consumer.batches = [[FakeMessage("p.pipelines", 0, -1, None, err=fatal)]]
+    tail.step()
+    assert consumer.closed and tail.pending() == ["p.pipelines"]  # reassigned by the next run step
+
+
+def test_caught_up_waits_until_the_tail_has_read_to_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    consumer = FakeConsumer()
+    tail = tail_with(consumer, [])
+    tail.add("p.model-versions")
+    tail.assign("p.model-versions", [0])
+    monkeypatch.setattr(tail, "watermarks", lambda _t: {0: (0, 3)})
+
+    async def scenario() -> tuple[bool, bool]:
+        early = await tail.caught_up("p.model-versions", timeout_s=0.05)
+        waiter = asyncio.create_task(tail.caught_up("p.model-versions", timeout_s=5))
+        await asyncio.sleep(0.02)
+        consumer.batches = [[FakeMessage("p.model-versions", 0, i, b"v") for i in range(3)]]
+        tail.step()
+        return early, await waiter
+
+    assert asyncio.run(scenario()) == (False, True)
+    with pytest.raises(ValueError, match="does not follow"):
+        asyncio.run(tail.caught_up("p.not-followed", timeout_s=0.1))
+
+
+def test_run_assigns_pending_topics_and_closes_the_consumer_when_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    consumer = FakeConsumer([[FakeMessage("p.pipelines", 0, 0, b"x")]])
+    delivered: list[tuple[str, int, int]] = []
+    tail = tail_with(consumer, delivered)
+    monkeypatch.setattr(tail, "topic_partitions", lambda _t: [0])
+    tail.add("p.pipelines")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(tail.run())
+        for _ in range(100):
+            await asyncio.sleep(follow.IDLE_SLEEP_S)
+            if delivered:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert delivered == [("p.pipelines", 0, 0)] and consumer.closed
+
+
+# -- the follower ------------------------------------------------------------------------------------------
+class FakeAlerts:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def produce(self, topic: str, value: Any = None, key: Any = None) -> None:
+        self.sent.append(topic)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+
+class FakeApp:
+    def __init__(self) -> None:
+        self.tasks: list[Any] = []
+
+    def task(self, fun: Any) -> Any:
+        self.tasks.append(fun)
+        return fun
+
+
+def promotion(version: int) -> bytes:
+    record = {
+        "pipeline": "agrawal", "model_name": "online", "action": "PROMOTE", "version": version,
+        "previous_version": None, "actor": "t", "reason": "t", "metrics": {}, "decided_at": 0,
+    }  # fmt: skip
+    return codec_for("Promotion").encode(record)
+
+
+def test_follow_registers_one_task_and_applies_only_records_not_applied_yet() -> None:
+    follower = ControlFollower(settings(), "svc")
+    follower._alerts = FakeAlerts()
+    follower.applied[("p.promotions", 0)] = 1  # the bootstrap applied offset 0
+    app = FakeApp()
+    seen: list[int] = []
+    follower.follow(app, "p.promotions", "Promotion", lambda r, _m: seen.append(r["version"]))  # type: ignore[arg-type]
+    follower.follow(app, "p.pipelines", "PipelineDefinition", lambda r, _m: None)  # type: ignore[arg-type]
+    assert len(app.tasks) == 1  # one consumer per follower, whatever it follows
+    with pytest.raises(ValueError, match="followed already"):
+        follower.follow(app, "p.promotions", "Promotion", lambda r, _m: None)  # type: ignore[arg-type]
+    tail = follower._tail
+    assert tail is not None and tail.topics == ["p.promotions", "p.pipelines"]
+    parts = tail.start("p.promotions", [0])
+    assert [(tp.partition, tp.offset) for tp in parts] == [(0, 1)]
+    for offset, version in ((0, 1), (1, 2), (1, 2), (2, 3)):  # a replayed offset changes nothing
+        follower._deliver(FakeMessage("p.promotions", 0, offset, promotion(version)))  # type: ignore[arg-type]
+    assert seen == [2, 3]
+    follower._deliver(FakeMessage("p.promotions", 0, 3, b"junk"))  # type: ignore[arg-type]
+    assert follower.skipped == 1 and seen == [2, 3]  # skipped with a reason, never raised
+    assert follower._alerts.sent == ["p.drift-alerts"]
