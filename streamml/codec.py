@@ -1,7 +1,8 @@
 """Bytes on topics <-> records: Avro single-object encoding for internal topics, JSON or Avro for raw topics.
 
 Single-object encoding (Avro spec): 0xC3 0x01, the 8-byte little-endian CRC-64-AVRO fingerprint of the
-writer schema, then the Avro binary body. Any Avro library can decode it with the `.avsc` file.
+writer schema, then the Avro binary body. Any Avro library can decode it with the `.avsc` file. A record
+written with an earlier version of its schema (`schemas/history/`) is resolved to the current shape.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from streamml import limits
 from streamml.errors import DecodeError, SchemaError
-from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint
+from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
@@ -33,6 +34,9 @@ class AvroCodec:
         self.schema = get_schema(schema) if isinstance(schema, str) else schema
         self.header = MAGIC + self.schema.fingerprint
         self._parsed = self.schema.parsed
+        # Earlier versions of this record type, by fingerprint: records already on the topics (a compacted
+        # topic keeps them for ever) or written by an instance not yet upgraded.
+        self._earlier = {fp: s.parsed for fp, s in schema_history().items() if s.name == self.schema.name}
 
     def encode(self, record: Record) -> bytes:
         buf = io.BytesIO()
@@ -47,13 +51,39 @@ class AvroCodec:
         if data[:2] != MAGIC:
             raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
         if data[2:HEADER_LEN] != self.schema.fingerprint:
-            other = schema_by_fingerprint().get(data[2:HEADER_LEN])
-            got = other.name if other else f"unknown schema {data[2:HEADER_LEN].hex()}"
-            raise DecodeError(f"expected a {self.schema.name} record, got {got}")
+            return self._decode_earlier(data)  # off the hot path: the current schema is checked first
         try:
             record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self._parsed, None)
         except Exception as exc:  # truncated or corrupt bodies raise EOFError, ValueError, ...
             raise DecodeError(f"corrupt {self.schema.name} record: {exc}") from exc
+        assert isinstance(record, dict)
+        return record
+
+    def _decode_earlier(self, data: bytes) -> Record:
+        """Resolve a record written with an earlier version of the schema to the current shape.
+
+        Avro schema resolution fills added fields with their defaults; the schema tests keep every change
+        compatible, so it cannot fail on a well-formed record. fastavro fills an added record-typed field
+        with its literal default (`"policy": {}`), not with its own fields' defaults, and the services
+        read those nested fields; writing the record with the current schema and reading it back completes
+        it (the writer takes each missing field's default).
+        """
+        fp = data[2:HEADER_LEN]
+        writer = self._earlier.get(fp)
+        if writer is None:
+            other = schema_by_fingerprint().get(fp)
+            got = other.name if other else f"unknown schema {fp.hex()}"
+            raise DecodeError(f"expected a {self.schema.name} record, got {got}")
+        try:
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer, self._parsed)
+            completed = io.BytesIO()
+            schemaless_writer(completed, self._parsed, record)
+            completed.seek(0)
+            record = schemaless_reader(completed, self._parsed, None)
+        except Exception as exc:  # as above, plus fastavro's SchemaResolutionError
+            raise DecodeError(
+                f"corrupt {self.schema.name} record (written with earlier schema {fp.hex()}): {exc}"
+            ) from exc
         assert isinstance(record, dict)
         return record
 
@@ -70,7 +100,8 @@ def codec_for(name: str) -> AvroCodec:
 
 
 def decode_any(data: bytes) -> tuple[str, Record]:
-    """Decode a single-object encoded record of any StreamML schema; returns (record name, record)."""
+    """Decode a single-object encoded record of any StreamML schema, current or earlier version (resolved to
+    the current shape); returns (record name, record)."""
     if not is_avro(data):
         raise DecodeError("not Avro single-object encoded")
     schema = schema_by_fingerprint().get(data[2:HEADER_LEN])

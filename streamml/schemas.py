@@ -1,9 +1,17 @@
-"""The single loader of the Avro contracts in `schemas/`: one `.avsc` file per record type."""
+"""The single loader of the Avro contracts in `schemas/`: one `.avsc` file per record type.
+
+`schemas/history/` keeps every earlier committed version of each contract, so records written before a
+(compatible) schema change still decode. Before committing a schema change, run
+`python -m streamml.schemas history`: it copies each committed version that is not the current one there.
+"""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -15,6 +23,8 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from streamml.errors import SchemaError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# Subfolder of the schema folder holding earlier versions, as <file stem>-<fingerprint hex>.avsc.
+HISTORY = "history"
 NAMESPACE = "dev.streamml"
 
 
@@ -47,9 +57,10 @@ def _strip_logical_types(node: Any) -> Any:
     return node
 
 
-def _load(path: Path) -> AvroSchema:
+def _load(path: Path, text: str | None = None) -> AvroSchema:
+    """Parse the schema file at `path`, or `text` (a version of it from git) if given."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text() if text is None else text)
     except (OSError, json.JSONDecodeError) as exc:
         raise SchemaError(f"cannot read Avro schema {path}: {exc}") from exc
     try:
@@ -83,5 +94,112 @@ def get_schema(name: str) -> AvroSchema:
 
 
 @cache
+def schema_history(schema_dir: Path = SCHEMA_DIR) -> dict[bytes, AvroSchema]:
+    """Earlier versions of the contracts by fingerprint: writer schemas of records still on the topics.
+
+    Why a folder of files rather than a registry: the services stay free of another server, and a reader
+    in another language can resolve an old record with the same `.avsc` files.
+    """
+    current = all_schemas(schema_dir)
+    earlier: dict[bytes, AvroSchema] = {}
+    for path in sorted((schema_dir / HISTORY).glob("*.avsc")):
+        schema = _load(path)
+        if schema.name not in current:
+            raise SchemaError(
+                f"{path} holds an earlier version of {schema.name}, which has no schema in {schema_dir} "
+                "any more: delete the file or restore the schema"
+            )
+        if schema.fingerprint != current[schema.name].fingerprint:
+            earlier[schema.fingerprint] = schema
+    return earlier
+
+
+@cache
 def schema_by_fingerprint() -> dict[bytes, AvroSchema]:
-    return {s.fingerprint: s for s in all_schemas().values()}
+    """Every writer schema a record may carry, earlier versions included; `.name` is its record type."""
+    return {**schema_history(), **{s.fingerprint: s for s in all_schemas().values()}}
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise SchemaError(f"cannot run git (needed to read committed schema versions): {exc}") from exc
+
+
+def committed_versions(path: Path) -> list[str]:
+    """The text of every committed version of a schema file (newest first), following renames.
+
+    Walks the history of HEAD, so on a branch it also finds versions that have not reached main yet (harmless:
+    one more known writer).
+    """
+    top = _git(path.parent, "rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        raise SchemaError(f"{path.parent} is not in a git checkout: {top.stderr.strip()}")
+    repo = Path(top.stdout.strip()).resolve()
+    rel = path.resolve().relative_to(repo).as_posix()
+    log = _git(repo, "log", "--follow", "--format=commit %H", "--name-only", "HEAD", "--", rel)
+    if log.returncode != 0:  # e.g. a repository without commits yet
+        return []
+    versions: list[str] = []
+    commit = ""
+    for line in log.stdout.splitlines():
+        if line.startswith("commit "):
+            commit = line.removeprefix("commit ")
+        elif line and commit:
+            shown = _git(repo, "show", f"{commit}:{line}")
+            if shown.returncode == 0:  # not a deletion
+                versions.append(shown.stdout)
+            commit = ""
+    return versions
+
+
+def archive_history(schema_dir: Path = SCHEMA_DIR) -> list[Path]:
+    """Copy every committed version of each schema that is neither current nor archived to `history/`.
+
+    Versions are told apart by fingerprint (canonical form), so edits to docs or formatting add nothing. A
+    committed version that does not parse is skipped: no service could have written records with it.
+    Returns the files written.
+    """
+    current = {s.fingerprint for s in all_schemas(schema_dir).values()}
+    history_dir = schema_dir / HISTORY
+    known = {_load(p).fingerprint for p in history_dir.glob("*.avsc")} | current
+    written: list[Path] = []
+    for path in sorted(schema_dir.glob("*.avsc")):
+        for text in committed_versions(path):
+            try:
+                fp = _load(path, text).fingerprint
+            except SchemaError:
+                continue
+            if fp not in known:
+                target = history_dir / f"{path.stem}-{fp.hex()}.avsc"
+                history_dir.mkdir(exist_ok=True)
+                target.write_text(text)
+                known.add(fp)
+                written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamml.schemas", description="Avro schema tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "history",
+        help=f"copy every committed version of each schema that is not current to schemas/{HISTORY}/ "
+        "(run before committing a schema change, then commit the new files with it)",
+    )
+    parser.parse_args(argv)
+    try:
+        written = archive_history()
+    except SchemaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"added {path.relative_to(SCHEMA_DIR.parent)}")
+    if not written:
+        print(f"schemas/{HISTORY}/ already holds every earlier committed version")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

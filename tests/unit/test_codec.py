@@ -1,16 +1,19 @@
-"""Codec behaviour at the edges: wrong type, corruption, raw JSON validation, cross-language header."""
+"""Codec behaviour at the edges: wrong type, corruption, raw JSON validation, cross-language header, records
+written with earlier schema versions."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 
 import fastavro
 import pytest
 
-from streamml.codec import HEADER_LEN, codec_for, decode_any, decode_raw
+from streamml.codec import HEADER_LEN, MAGIC, codec_for, decode_any, decode_raw
 from streamml.errors import DecodeError, SchemaError
-from streamml.schemas import get_schema
+from streamml.records import RECORD_TYPES
+from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
 PREDICTION = {
     "event_id": "e-1", "key": "k", "pipeline": "p", "model_name": "m", "model_version": 7,
@@ -86,3 +89,85 @@ def test_raw_avro_event_is_accepted() -> None:
 def test_malformed_raw_events_get_a_reason(payload: bytes | None, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
         decode_raw(payload)
+
+
+# Records written with an earlier version of their schema (schemas/history/): resolved to the current shape.
+
+PIPELINE = {
+    "name": "fraud", "revision": 3, "description": "", "raw_topic": "raw.fraud", "event_id_field": "id",
+    "key_field": "customer", "event_time_field": None,
+    "fields": [{"name": "amount", "type": "FLOAT", "required": True, "default": None}],
+    "label": {"source": "INLINE", "field": "is_fraud", "ttl_seconds": 60.0}, "task": "BINARY",
+    "feature_steps": [],
+    "models": [
+        {"name": "m", "kind": "ONLINE", "params": {},
+         "estimator_spec": "river.linear_model.LogisticRegression"},
+    ],
+    "promotion_mode": "AUTO", "snapshot_every_events": 1000, "snapshot_every_seconds": 60.0, "deleted": False,
+    "updated_at": 1_700_000_000_000,
+}  # fmt: skip
+ALERT = {
+    "alert_id": "a-1", "pipeline": "p", "model_name": "m", "model_version": 3, "kind": "CONCEPT",
+    "detector": "river.drift.ADWIN", "feature": None, "statistic": None, "threshold": None,
+    "window": [{"topic": "t", "partition": 0, "start_offset": 5, "end_offset": 9}], "severity": "WARNING",
+    "message": "", "detected_at": 1_700_000_000_000,
+}  # fmt: skip
+
+
+def _earlier(name: str, lacking: Callable[[str], bool]) -> list[AvroSchema]:
+    """The earlier versions of `name` in the history whose schema text satisfies `lacking`."""
+    found = [s for s in schema_history().values() if s.name == name and lacking(s.path.read_text())]
+    assert found, f"no earlier {name} in schemas/history/"
+    return found
+
+
+def _encode_with(schema: AvroSchema, record: dict[str, object]) -> bytes:
+    """What a service built before the schema change wrote."""
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, schema.parsed, record)
+    return MAGIC + schema.fingerprint + body.getvalue()
+
+
+def _no_raw_keyed(text: str) -> bool:
+    return '"raw_keyed"' not in text
+
+
+def test_pipeline_written_before_raw_keyed_decodes_with_raw_keyed_false() -> None:
+    for schema in _earlier("PipelineDefinition", _no_raw_keyed):
+        record = {k: v for k, v in PIPELINE.items() if k in {f["name"] for f in schema.raw["fields"]}}
+        decoded = codec_for("PipelineDefinition").decode(_encode_with(schema, record))
+        assert decoded["raw_keyed"] is False
+        assert {k: decoded[k] for k in record} == record
+        # the current shape, nested defaults included (the oldest version lacks `monitoring` and `policy`)
+        assert decoded["policy"]["retrain_on_drift"] is True
+        assert decoded["monitoring"]["data_window"] == 1000
+        assert RECORD_TYPES["PipelineDefinition"].model_validate(decoded).to_avro() == decoded
+        assert decode_any(_encode_with(schema, record)) == ("PipelineDefinition", decoded)
+
+
+def test_alert_written_before_the_control_kind_decodes() -> None:
+    (schema,) = _earlier("DriftAlert", lambda text: '"CONTROL"' not in text)
+    assert codec_for("DriftAlert").decode(_encode_with(schema, ALERT)) == ALERT
+
+
+def test_unknown_fingerprint_is_still_refused() -> None:
+    data = codec_for("PipelineDefinition").encode({**PIPELINE, "raw_keyed": True})
+    forged = MAGIC + b"\x01" * 8 + data[HEADER_LEN:]
+    with pytest.raises(DecodeError, match="expected a PipelineDefinition record, got unknown schema 0101"):
+        codec_for("PipelineDefinition").decode(forged)
+    with pytest.raises(DecodeError, match="unknown schema fingerprint 0101010101010101"):
+        decode_any(forged)
+
+
+def test_earlier_version_of_another_type_is_still_the_wrong_type() -> None:
+    (schema,) = _earlier("DriftAlert", lambda text: '"CONTROL"' not in text)
+    with pytest.raises(DecodeError, match="expected a Label record, got DriftAlert"):
+        codec_for("Label").decode(_encode_with(schema, ALERT))
+    assert schema_by_fingerprint()[schema.fingerprint].name == "DriftAlert"
+
+
+def test_truncated_record_of_an_earlier_version_is_a_decode_error() -> None:
+    schema = _earlier("PipelineDefinition", _no_raw_keyed)[0]
+    record = {k: v for k, v in PIPELINE.items() if k in {f["name"] for f in schema.raw["fields"]}}
+    with pytest.raises(DecodeError, match="corrupt PipelineDefinition record \\(written with earlier schema"):
+        codec_for("PipelineDefinition").decode(_encode_with(schema, record)[:-10])
