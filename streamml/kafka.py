@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewPartitions,
+    NewTopic,
+    ResourceType,
+)
 
 from streamml.errors import BrokerUnavailableError, TopicMismatchError
 from streamml.settings import Settings
@@ -133,6 +139,12 @@ def _verify(admin: AdminClient, specs: list[TopicSpec], deadline: float) -> list
     partitions = _partition_counts(admin, [s.name for s in specs], deadline)
     policies = _cleanup_policies(admin, [s.name for s in specs], deadline)
     problems = []
+    grow = [s for s in specs if s.may_grow and partitions[s.name] < s.partitions]
+    if grow:
+        _grow(admin, grow, deadline)
+        partitions.update(
+            _partition_counts(admin, [s.name for s in grow], deadline, {s.name: s.partitions for s in grow})
+        )
     for spec in specs:
         if partitions[spec.name] != spec.partitions:
             problems.append(f"{spec.name}: {partitions[spec.name]} partitions, declared {spec.partitions}")
@@ -147,14 +159,33 @@ def _remaining(deadline: float) -> float:
     return max(1.0, deadline - time.monotonic())
 
 
-def _partition_counts(admin: AdminClient, names: list[str], deadline: float) -> dict[str, int]:
-    """Partition count per topic, from cluster metadata, waiting for topics it does not show yet."""
+def _grow(admin: AdminClient, specs: list[TopicSpec], deadline: float) -> None:
+    """Add partitions up to the declared count (topics declared `may_grow`)."""
+    wanted = [NewPartitions(s.name, s.partitions) for s in specs]
+    for name, future in admin.create_partitions(wanted, request_timeout=_remaining(deadline)).items():
+        try:
+            future.result()
+            log.info("%s: partitions raised to the declared count", name)
+        except KafkaException as exc:  # another instance raised it a moment ago: verified below
+            if exc.args[0].code() != KafkaError.INVALID_PARTITIONS:
+                raise TopicMismatchError(f"cannot add partitions to {name}: {exc}") from exc
+
+
+def _partition_counts(
+    admin: AdminClient, names: list[str], deadline: float, at_least: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Partition count per topic, from cluster metadata, waiting for topics it does not show yet (and, with
+    `at_least`, for added partitions to show)."""
     counts: dict[str, int] = {}
     while True:
         topics = admin.list_topics(timeout=_remaining(deadline)).topics
         for name in names:
             meta = topics.get(name)
-            if meta is not None and meta.error is None and meta.partitions:
+            if (
+                meta is not None
+                and meta.error is None
+                and len(meta.partitions) >= (at_least or {}).get(name, 1)
+            ):
                 counts[name] = len(meta.partitions)
         pending = [n for n in names if n not in counts]
         if not pending:

@@ -28,6 +28,9 @@ class TopicSpec:
     cleanup_policy: Literal["delete", "compact"] = "delete"
     retention_ms: int = 7 * DAY_MS
     config: dict[str, str] = field(default_factory=dict)
+    # Partitions may be added to an existing topic with fewer (its readers re-route records by key, so
+    # an upgrade that raised the count needs no manual step); other topics must match exactly.
+    may_grow: bool = False
 
     def topic_config(self, min_insync_replicas: int) -> dict[str, str]:
         """The topic-level configs to create the topic with."""
@@ -116,7 +119,7 @@ class Catalogue:
             f"{self.prefix}.training-requests", "training-requests", "TrainingRequest", "avro", "pipeline",
             "Requests to train a batch model on an exact slice of a topic. Trainer instances share its "
             "partitions; keyed by pipeline, so one instance at a time answers (and numbers) a pipeline's.",
-            self.partitions, self.rf, retention_ms=30 * DAY_MS,
+            self.partitions, self.rf, retention_ms=30 * DAY_MS, may_grow=True,
         )  # fmt: skip
 
     def training_results(self) -> TopicSpec:

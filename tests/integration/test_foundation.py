@@ -165,3 +165,19 @@ def test_cli_produce_reports_the_bad_line_and_keeps_what_came_before(
     assert "line 3" in done.stderr and "2 events before it were produced" in done.stderr
     out = _cli(isolated, "tail", f"{isolated.topic_prefix}.bad.raw", "--json").stdout.splitlines()
     assert sorted(json.loads(line)["value"]["event_id"] for line in out) == ["a", "b"]
+
+
+def test_training_requests_grow_to_the_declared_partitions_on_upgrade(isolated: Settings) -> None:
+    """A deployment from before partitioned training requests (1 partition) starts after an upgrade:
+    partitions are added to that topic (its readers re-route by key); other topics must still match."""
+    cat = Catalogue(isolated)
+    admin = AdminClient({"bootstrap.servers": isolated.bootstrap_servers})
+    old = TopicSpec(**{**cat.training_requests().__dict__, "partitions": 1})
+    ensure_topics(isolated, [old])
+    ensure_topics(isolated, [cat.training_requests()])
+    md = admin.list_topics(timeout=10).topics
+    assert len(md[cat.training_requests().name].partitions) == isolated.default_partitions
+    shrunk = TopicSpec(**{**cat.features("demo").__dict__, "partitions": 1})
+    ensure_topics(isolated, [shrunk])
+    with pytest.raises(TopicMismatchError, match="partitions"):
+        ensure_topics(isolated, [cat.features("demo")])
