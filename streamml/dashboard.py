@@ -1,6 +1,8 @@
 """Live terminal view of a running StreamML stack (``streamml top``), built from each service's /metrics.
 
-Parsing and rate arithmetic are pure functions over metrics text, so they are tested without a network.
+A service may run as several instances (state file labels `<service>`, `<service>-1`, ...): its figures
+are summed over them. Parsing and rate arithmetic are pure functions over metrics text, so they are tested
+without a network.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import datetime as dt
 import http.client
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -70,6 +73,9 @@ TRAINING_REQUESTS = "streamml_training_requests_total"
 DECISIONS = "streamml_controller_decisions_total"
 LATENCY_SUM = "streamml_end_to_end_latency_seconds_sum"
 LATENCY_COUNT = "streamml_end_to_end_latency_seconds_count"
+WRITER_SLOTS = "streamml_writer_slots"
+WRITER_SLOTS_CONFIGURED = "streamml_writer_slots_configured"
+_INSTANCE_LABEL = re.compile(r"(?P<service>.+)-[0-9]+")
 
 # Errors a scrape may meet when a service is down, hung or half-started: shown as "down", never raised.
 _SCRAPE_ERRORS = (OSError, ValueError, http.client.HTTPException)
@@ -88,12 +94,22 @@ class Sample:
 
 @dataclass(frozen=True)
 class Target:
-    """One service as the stack's state file records it."""
+    """One service instance as the stack's state file records it.
+
+    ``service`` is its label there: the service's name for instance 0, ``<service>-<i>`` for the others;
+    ``belongs_to`` is the service it is an instance of (derived from the label when not given).
+    """
 
     service: str
     pid: int | None
     metrics_port: int | None
     http_port: int | None
+    belongs_to: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.belongs_to:
+            match = _INSTANCE_LABEL.fullmatch(self.service)
+            object.__setattr__(self, "belongs_to", match["service"] if match else self.service)
 
 
 @dataclass(frozen=True)
@@ -117,11 +133,14 @@ class Scrape:
     services: tuple[ServiceScrape, ...]
     live: Mapping[str, str] | None = None
 
+    def instances_of(self, service: str) -> tuple[ServiceScrape, ...]:
+        return tuple(s for s in self.services if s.target.belongs_to == service)
+
     def samples_of(self, service: str) -> tuple[Sample, ...] | None:
-        for scraped in self.services:
-            if scraped.target.service == service:
-                return scraped.samples
-        return None
+        """The samples of every instance of a service that answered (sums over them add the instances up);
+        None when none did."""
+        answered = [s.samples for s in self.instances_of(service) if s.samples is not None]
+        return None if not answered else tuple(sample for samples in answered for sample in samples)
 
 
 @dataclass(frozen=True)
@@ -195,6 +214,7 @@ def load_targets(path: Path) -> tuple[Target, ...]:
                 pid=_optional_int(info.get("pid")),
                 metrics_port=_optional_int(info.get("metrics_port")),
                 http_port=_optional_int(info.get("http_port")),
+                belongs_to=str(info.get("service") or ""),
             )
             for name, info in services.items()
         )
@@ -237,9 +257,49 @@ def _counter(samples: Sequence[Sample] | None, name: str, **labels: str) -> floa
 
 
 def _gauge(samples: Sequence[Sample] | None, name: str, **labels: str) -> float | None:
-    """A gauge's value, or None when it is not set (or the service is down)."""
+    """A gauge's value in one instance's samples, or None when it is not set (or the instance is down)."""
     values = [] if samples is None else _matching(samples, name, labels)
     return values[0] if values else None
+
+
+def _totals(scrape: Scrape, service: str | None, name: str, **labels: str) -> dict[str, float] | None:
+    """Per instance that answered (by label), the sum of a metric's matching series; None when no
+    instance of `service` (of any service when None) answered."""
+    scraped = scrape.services if service is None else scrape.instances_of(service)
+    totals = {
+        s.target.service: sum(_matching(s.samples, name, labels)) for s in scraped if s.samples is not None
+    }
+    return totals or None
+
+
+def _figures(
+    previous: Scrape | None, current: Scrape, service: str | None, name: str, **labels: str
+) -> StageFigures:
+    """A counter summed over the instances, and its rate as the sum of each instance's own rate, so an
+    instance that restarts or stops answering does not look like the whole service's counter going back."""
+    now = _totals(current, service, name, **labels)
+    if now is None:
+        return StageFigures(None, None)
+    before = {} if previous is None else _totals(previous, service, name, **labels) or {}
+    seconds = None if previous is None else current.at - previous.at
+    rates = [counter_rate(before.get(label), value, seconds) for label, value in now.items()]
+    known = [rate for rate in rates if rate is not None]
+    return StageFigures(sum(now.values()), sum(known) if known else None)
+
+
+def _learner_reading(scrape: Scrape, pipeline: str) -> tuple[float, float | None] | None:
+    """The learner's cumulative accuracy and events seen, from the instance that has learned the most.
+
+    Not summed over instances: accuracy is a ratio, and an instance that handed the pipeline over keeps
+    exporting its last (smaller) figures, while its successor resumed from them and counts on.
+    """
+    best: tuple[float, float | None] | None = None
+    for scraped in scrape.instances_of("learner"):
+        accuracy = _gauge(scraped.samples, LEARNER_METRIC, pipeline=pipeline, metric="accuracy")
+        events = _gauge(scraped.samples, LEARNER_METRIC, pipeline=pipeline, metric="events_seen")
+        if accuracy is not None and (best is None or (events or 0.0) > (best[1] or 0.0)):
+            best = (accuracy, events)
+    return best
 
 
 def _pipelines(scrape: Scrape) -> list[str]:
@@ -260,8 +320,10 @@ def _live_model(scrape: Scrape, pipeline: str) -> str | None:
     if samples is None:
         return None  # the predictor is down: unknown
     gauges = [s for s in samples if s.name == LIVE_VERSION and s.labels.get("pipeline") == pipeline]
-    # Without the predictor's own answer, the gauges are all we have (one per model ever live).
-    return ", ".join(f"{s.labels.get('model', '?')} v{s.value:.0f}" for s in gauges) or "none yet"
+    # Without the predictor's own answer, the gauges are all we have (one per model ever live, and per
+    # instance: every predictor instance serves every pipeline, so the same versions are named once).
+    names = dict.fromkeys(f"{s.labels.get('model', '?')} v{s.value:.0f}" for s in gauges)
+    return ", ".join(names) or "none yet"
 
 
 @dataclass(frozen=True)
@@ -293,13 +355,11 @@ class RecentAccuracy:
         self._points: dict[str, tuple[AccuracyPoint | None, AccuracyPoint]] = {}
 
     def update(self, scrape: Scrape) -> dict[str, float]:
-        learner = scrape.samples_of("learner")
         for pipeline in _pipelines(scrape):
-            accuracy = _gauge(learner, LEARNER_METRIC, pipeline=pipeline, metric="accuracy")
-            events = _gauge(learner, LEARNER_METRIC, pipeline=pipeline, metric="events_seen")
-            if accuracy is None or events is None:
+            reading = _learner_reading(scrape, pipeline)
+            if reading is None or reading[1] is None:
                 continue
-            point = AccuracyPoint(events, accuracy)
+            point = AccuracyPoint(reading[1], reading[0])
             known = self._points.get(pipeline)
             if known is None or point.events < known[1].events:  # first reading, or the learner restarted
                 self._points[pipeline] = (None, point)
@@ -320,28 +380,23 @@ def build_view(
     seconds = None if previous is None else current.at - previous.at
     rows = []
     for pipeline in _pipelines(current):
-        stages = {}
-        for stage in STAGES:
-            now = _counter(current.samples_of(stage.service), stage.metric, pipeline=pipeline)
-            before = (
-                None
-                if previous is None
-                else _counter(previous.samples_of(stage.service), stage.metric, pipeline=pipeline)
-            )
-            stages[stage.title] = StageFigures(now, counter_rate(before, now, seconds))
-        dead_now = _dead_lettered(current, pipeline)
-        dead_before = None if previous is None else _dead_lettered(previous, pipeline)
+        stages = {
+            stage.title: _figures(previous, current, stage.service, stage.metric, pipeline=pipeline)
+            for stage in STAGES
+        }
         learner = current.samples_of("learner")
         predictor = current.samples_of("predictor")
+        reading = _learner_reading(current, pipeline)
         rows.append(
             PipelineRow(
                 pipeline=pipeline,
                 stages=stages,
-                dead_lettered=StageFigures(dead_now, counter_rate(dead_before, dead_now, seconds)),
+                # from every service that answered
+                dead_lettered=_figures(previous, current, None, DEAD_LETTERED, pipeline=pipeline),
                 live_model=_live_model(current, pipeline),
                 swaps=_counter(predictor, SWAPS, pipeline=pipeline),
                 versions=_counter(learner, VERSIONS_PUBLISHED, pipeline=pipeline),
-                accuracy=_gauge(learner, LEARNER_METRIC, pipeline=pipeline, metric="accuracy"),
+                accuracy=None if reading is None else reading[0],
                 recent_accuracy=(recent_accuracy or {}).get(pipeline),
                 latency_s=_interval_latency(previous, current, pipeline),
                 drift_alerts=_counter(current.samples_of("monitor"), DRIFT_ALERTS, pipeline=pipeline),
@@ -360,23 +415,13 @@ def build_view(
     return View(current.services, tuple(rows), seconds)
 
 
-def _dead_lettered(scrape: Scrape, pipeline: str) -> float | None:
-    """Dead letters of a pipeline from every service that answered; None when none did."""
-    counts = [_counter(s.samples, DEAD_LETTERED, pipeline=pipeline) or 0.0 for s in scrape.services if s.up]
-    return sum(counts) if counts else None
-
-
 def _interval_latency(previous: Scrape | None, current: Scrape, pipeline: str) -> float | None:
-    """Mean latency of the predictions made since the previous scrape (the histogram's sum/count deltas)."""
+    """Mean latency of the predictions made since the previous scrape (the histogram's sum/count deltas,
+    per predictor instance, added up)."""
     if previous is None:
         return None
-    now, before = current.samples_of("predictor"), previous.samples_of("predictor")
-    count = counter_rate(
-        _counter(before, LATENCY_COUNT, pipeline=pipeline), _counter(now, LATENCY_COUNT, pipeline=pipeline), 1
-    )
-    total = counter_rate(
-        _counter(before, LATENCY_SUM, pipeline=pipeline), _counter(now, LATENCY_SUM, pipeline=pipeline), 1
-    )
+    count = _figures(previous, current, "predictor", LATENCY_COUNT, pipeline=pipeline).rate
+    total = _figures(previous, current, "predictor", LATENCY_SUM, pipeline=pipeline).rate
     if not count or total is None:
         return None
     return total / count
@@ -396,6 +441,16 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _slots(scraped: ServiceScrape) -> str:
+    """`owned/configured` writer slots of a single-writer instance; "-" for other services or when down."""
+    service = scraped.target.belongs_to
+    owned = _gauge(scraped.samples, WRITER_SLOTS, service=service)
+    configured = _gauge(scraped.samples, WRITER_SLOTS_CONFIGURED, service=service)
+    if owned is None:
+        return "-"
+    return f"{owned:.0f}" if configured is None else f"{owned:.0f}/{configured:.0f}"
+
+
 def _latency(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -405,12 +460,13 @@ def _latency(seconds: float | None) -> str:
 def render(view: View, *, title: str = "", ascii_only: bool = False) -> RenderableType:
     """The tables shown on every refresh; ``ascii_only`` for logs and pipes."""
     style = box.ASCII if ascii_only else box.ROUNDED
-    services = Table("service", "status", "pid", "metrics", box=style)
+    services = Table("service", "status", "pid", "metrics", "writer slots", box=style)
+    services.columns[4].justify = "right"
     for scraped in view.services:
         target = scraped.target
         status = Text("up", style="green") if scraped.up else Text(f"down ({scraped.error})", style="red")
         port = f"127.0.0.1:{target.metrics_port}" if target.metrics_port else "-"
-        services.add_row(target.service, status, str(target.pid or "-"), port)
+        services.add_row(target.service, status, str(target.pid or "-"), port, _slots(scraped))
 
     flow = Table("pipeline", "stage", "events/s", "total", box=style)
     models = Table(
@@ -486,7 +542,7 @@ def scrape(
             return ServiceScrape(target, None, _reason(exc))
 
     def health() -> dict[str, str] | None:
-        predictor = next((t for t in targets if t.service == "predictor" and t.http_port), None)
+        predictor = next((t for t in targets if t.belongs_to == "predictor" and t.http_port), None)
         if predictor is None:
             return None
         try:

@@ -39,7 +39,7 @@ from confluent_kafka import (
 from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS
+from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import RETRIABLE, Output, is_permanent, kafka_error, produce
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -101,6 +101,8 @@ class WriterSlots:
         self.pipelines_of: Callable[[int], list[str]] = lambda _slot: []
         self.changes = 0  # bumped at every gain or loss: readers of the slots' inputs seek again
         self._dropped_at: dict[int, float] = {}
+        WRITER_SLOTS_CONFIGURED.labels(service).set(self.count)  # what alert rules compare the owned sum with
+        WRITER_SLOTS.labels(service).set(0)  # an instance that owns nothing shows as 0, not as absent
 
     # -- membership -----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -65,6 +65,11 @@ WRITER_SLOTS = Gauge(
     "Writer slots this instance owns (single-writer services: it alone publishes for their pipelines).",
     ["service"],
 )
+WRITER_SLOTS_CONFIGURED = Gauge(
+    "streamml_writer_slots_configured",
+    "Writer slots of the service (STREAMML_WRITER_SLOTS): its instances together should own this many.",
+    ["service"],
+)
 CONTROL_SKIPPED = Counter(
     "streamml_control_records_skipped_total",
     "Control-topic records skipped as invalid (each also logged and alerted as kind CONTROL).",

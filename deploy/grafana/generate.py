@@ -284,6 +284,45 @@ DRIFT_NOTE = Annotation(
     "orange",
 )
 
+# Scrape targets are labelled `component`: the service's name for instance 0, `<service>-<i>` for the others.
+COMPONENT = 'component=~"($service)(-[0-9]+)?"'
+SINGLE_WRITERS = ("learner", "monitor", "controller")
+CONFIGURED_LINE = {
+    "matcher": {"id": "byName", "options": "configured"},
+    "properties": [
+        {"id": "custom.stacking", "value": {"mode": "none", "group": "A"}},
+        {"id": "custom.fillOpacity", "value": 0},
+        {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+        {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+    ],
+}
+
+
+def writer_slots(service: str) -> Panel:
+    """Slots owned by each instance of a single-writer service, stacked up to the configured count."""
+    return Panel(
+        f"Writer slots: {service}",
+        f"Writer slots each {service} instance owns, stacked; the stack should reach the dashed line (the "
+        "configured count). Below it some pipelines have no writer (StreamMLWriterSlotsUnowned); above "
+        "it two instances claim the same slot, normal only for a moment during a hand-over "
+        "(StreamMLWriterSlotsClaimedTwice).",
+        [
+            Target(
+                f'sum by (component, instance) (streamml_writer_slots{{service="{service}"}})',
+                "{{component}} ({{instance}})",
+            ),
+            Target(f'max(streamml_writer_slots_configured{{service="{service}"}})', "configured"),
+        ],
+        stacked=True,
+        width=8,
+        height=7,
+        overrides=[CONFIGURED_LINE],
+    )
+
+
+SNAPSHOT_BYTES = f"streamml_monitor_snapshot_bytes{{{PIPELINE}}}"
+SNAPSHOTTING = f"rate(streamml_monitor_snapshot_seconds_count{{{PIPELINE}}}[{RATE}]) > 0"
+
 OVERVIEW = Dashboard(
     uid="streamml-overview",
     title="StreamML overview",
@@ -427,11 +466,41 @@ OVERVIEW = Dashboard(
             ],
             width=24,
         ),
+        Row("Writers"),
+        *(writer_slots(service) for service in SINGLE_WRITERS),
+        Panel(
+            "Monitor snapshot size",
+            "Size of the last state snapshot the monitor wrote for each pipeline (it grows with the label "
+            "join and the detectors' windows). Taken from the instance writing for the pipeline now (it "
+            "snapshotted in the interval); a pipeline nobody snapshotted lately shows the largest last size "
+            "any instance reports, since an instance that handed a pipeline over keeps its last value.",
+            [
+                Target(
+                    f"max by (pipeline) ({SNAPSHOT_BYTES} and on (pipeline, instance) ({SNAPSHOTTING}))"
+                    f" or max by (pipeline) ({SNAPSHOT_BYTES})",
+                    "{{pipeline}}",
+                )
+            ],
+            unit="bytes",
+        ),
+        Panel(
+            "Monitor snapshot serialization p95",
+            "95th percentile of the time to serialize one monitor snapshot, per pipeline (over every "
+            "instance): the monitor's event loop is blocked meanwhile.",
+            [
+                Target(
+                    "histogram_quantile(0.95, sum by (pipeline, le) "
+                    f"(rate(streamml_monitor_snapshot_seconds_bucket{{{PIPELINE}}}[{RATE}])))",
+                    "{{pipeline}} p95",
+                )
+            ],
+            unit="s",
+        ),
         Row("Processes"),
         Panel(
             "Scrape targets up",
             "1 when Prometheus could scrape the service's /metrics, 0 when not.",
-            [Target('up{job="streamml", component=~"$service"}', "{{component}}")],
+            [Target(f'up{{job="streamml", {COMPONENT}}}', "{{component}}")],
             width=6,
             maximum=1,
         ),
@@ -440,7 +509,7 @@ OVERVIEW = Dashboard(
             "CPU seconds per second of each service process.",
             [
                 Target(
-                    f'rate(process_cpu_seconds_total{{job="streamml", component=~"$service"}}[{RATE}])',
+                    f'rate(process_cpu_seconds_total{{job="streamml", {COMPONENT}}}[{RATE}])',
                     "{{component}}",
                 )
             ],
@@ -450,7 +519,7 @@ OVERVIEW = Dashboard(
         Panel(
             "Memory by service",
             "Resident memory of each service process.",
-            [Target('process_resident_memory_bytes{job="streamml", component=~"$service"}', "{{component}}")],
+            [Target(f'process_resident_memory_bytes{{job="streamml", {COMPONENT}}}', "{{component}}")],
             unit="bytes",
             width=6,
         ),

@@ -471,3 +471,96 @@ def test_closed_loop_columns_from_monitor_and_controller() -> None:
     # without the loop services the columns show as unknown, not zero
     [without] = [r for r in build_view(FIRST, SECOND).rows if r.pipeline == "agrawal"]
     assert without.drift_alerts is None and without.promoted is None
+
+
+# --- several instances of a service -----------------------------------------------------------------
+
+LEARNER_1 = Target("learner-1", 112, 9112, 8112)
+PREDICTOR_1 = Target("predictor-1", 113, 9113, 8113)
+
+
+def slots_page(service: str, owned: int, configured: int = 6) -> str:
+    return (
+        "# TYPE streamml_writer_slots gauge\n"
+        f'streamml_writer_slots{{service="{service}"}} {owned}\n'
+        "# TYPE streamml_writer_slots_configured gauge\n"
+        f'streamml_writer_slots_configured{{service="{service}"}} {configured}\n'
+    )
+
+
+def instances(at: float, learner_1: str | None, predictor_1: str | None, base: Scrape) -> Scrape:
+    """`base` (features, learner, predictor) plus a second learner and predictor instance."""
+    extra = (
+        ServiceScrape(LEARNER_1, None if learner_1 is None else parse_metrics(learner_1), "refused"),
+        ServiceScrape(PREDICTOR_1, None if predictor_1 is None else parse_metrics(predictor_1), "refused"),
+    )
+    return Scrape(at, (*base.services, *extra))
+
+
+def test_instance_labels_belong_to_their_service(tmp_path: Path) -> None:
+    assert (LEARNER_1.belongs_to, LEARNER.belongs_to, Target("x-y", 1, 2, 3).belongs_to) == (
+        "learner",
+        "learner",
+        "x-y",
+    )
+    state = tmp_path / "stack.json"
+    services = {
+        "learner": {"service": "learner", "instance": 0, "pid": 102, "metrics_port": 9102, "http_port": 8102},
+        "learner-1": {
+            "service": "learner",
+            "instance": 1,
+            "pid": 112,
+            "metrics_port": 9112,
+            "http_port": 8112,
+        },
+        "predictor-1": {"pid": 113, "metrics_port": 9113, "http_port": 8113},  # an older file: no "service"
+    }
+    state.write_text(json.dumps({"env": {}, "services": services}))
+    assert load_targets(state) == (LEARNER, LEARNER_1, PREDICTOR_1)
+    assert [t.belongs_to for t in load_targets(state)] == ["learner", "learner", "predictor"]
+
+
+def test_counters_are_summed_over_the_instances_of_a_service() -> None:
+    # learner-1 wrote for agrawal before a hand-over: its counts add to learner's
+    first = instances(
+        10.0,
+        learner_page(500, 10, versions=2, accuracy=0.7, seen=400) + slots_page("learner", 2),
+        predictor_page(20, latency_sum=10.0, latency_count=20),
+        FIRST,
+    )
+    second = instances(
+        12.0,
+        learner_page(700, 12, versions=3, accuracy=0.7, seen=400) + slots_page("learner", 2),
+        predictor_page(420, latency_sum=30.0, latency_count=420),
+        SECOND,
+    )
+    row = {r.pipeline: r for r in build_view(first, second).rows}["agrawal"]
+    assert row.stages["learner in"] == StageFigures(1380 + 15 + 700 + 12, (1395 - 995 + 712 - 510) / 2)
+    assert row.stages["predictions out"] == StageFigures(1380 + 420, (400 + 400) / 2)
+    assert row.versions == 4 + 3 and row.swaps == 7 + 7
+    assert row.latency_s == pytest.approx((40.0 + 20.0) / (400 + 400))  # over both predictors' predictions
+    assert row.dead_lettered.total == 4 + 2 + 2  # predictor-1 dead-letters too
+    # the learner that has learned the most gives the accuracy (a ratio is not summed; learner-1 is stale)
+    assert row.accuracy == 0.85
+    assert row.live_model == "online v7"  # both predictors serve it: named once
+
+    out = plain(render(build_view(first, second), ascii_only=True))
+    assert "| learner-1   | up     | 112 | 127.0.0.1:9112 |          2/6 |" in out
+    assert "| predictor-1 | up     | 113 | 127.0.0.1:9113 |            - |" in out
+
+
+def test_an_instance_that_stops_answering_does_not_turn_the_rates_negative() -> None:
+    learner_1 = learner_page(700, 0, versions=3, accuracy=0.9, seen=5000)
+    first = instances(10.0, learner_1, None, FIRST)
+    second = instances(12.0, None, None, SECOND)  # learner-1 is down now
+    row = {r.pipeline: r for r in build_view(first, second).rows}["agrawal"]
+    # what the instances still answering counted, and only their rates (no "reset" of the summed counter)
+    assert row.stages["learner in"] == StageFigures(1380 + 15, (1395 - 995) / 2)
+    assert row.accuracy == 0.85
+    # the other way round: a new instance's count is in the total, its rate from the next scrape on
+    back = instances(14.0, learner_page(800, 0, versions=3, accuracy=0.9, seen=5100), None, SECOND)
+    assert {r.pipeline: r for r in build_view(second, back).rows}["agrawal"].stages["learner in"] == (
+        StageFigures(1380 + 15 + 800, 0.0)
+    )
+    # and the learner that has learned the most now is learner-1: its accuracy is shown
+    assert {r.pipeline: r for r in build_view(second, back).rows}["agrawal"].accuracy == 0.9

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from prometheus_client import REGISTRY
 
 from services.monitor import app as monitor_app
 from streamml import election
@@ -89,6 +90,20 @@ class Recorder:
 def writer(settings: Settings) -> tuple[WriterSlots, Recorder]:
     rec = Recorder()
     return WriterSlots(settings, "learner", on_gain=rec.gain, on_lose=rec.lose), rec
+
+
+def test_each_instance_exports_the_configured_slot_count_and_what_it_owns(
+    settings: Settings, producers: dict[str, TxnProducer]
+) -> None:
+    """The alert rules compare the owned slots summed over instances with the configured count."""
+
+    def gauge(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"service": "learner"})
+
+    slots, _rec = writer(settings.model_copy(update={"writer_slots": 8}))
+    assert (gauge("streamml_writer_slots_configured"), gauge("streamml_writer_slots")) == (8, 0)
+    slots._assigned(None, [TopicPartition("u.writers", 1), TopicPartition("u.writers", 4)])  # type: ignore[arg-type]
+    assert gauge("streamml_writer_slots") == 2
 
 
 def test_slot_of_is_stable_and_spreads_pipelines() -> None:
