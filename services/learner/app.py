@@ -9,6 +9,7 @@ across restarts and fail-overs each event is learned once in the one version lin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -132,8 +133,11 @@ class Learner:
 
     def on_lose(self, slots: list[int]) -> None:
         for name in (p for slot in slots for p in self.in_slot(slot)):
-            self.learners.pop(name, None)
+            learner = self.learners.pop(name, None)
             self.joins.pop(name, None)
+            for metric in learner.metric_values() if learner is not None else {}:  # the next writer reports
+                with contextlib.suppress(KeyError):
+                    metrics.LEARNER_METRIC.remove(name, metric)
 
     def inputs(self) -> dict[str, dict[int, int]]:
         """What the writer reads: each learning pipeline's topics, from its last version's positions."""

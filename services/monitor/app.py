@@ -192,6 +192,8 @@ class MonitorService:
             self.monitor.pipelines.pop(name, None)
             self.positions.pop(name, None)
             self._remove_series(name, set(self._series.get(name, {})))
+            with contextlib.suppress(KeyError):  # the next writer reports it
+                metrics.MONITOR_SNAPSHOT_BYTES.remove(name)
 
     def snapshot(self, name: str) -> Output | None:
         """The pipeline's state and positions as a signed record for `<prefix>.monitor-state`."""
