@@ -314,6 +314,10 @@ SLOW_STEP_S = 2.0
 # batches take milliseconds; on starved cores this keeps signals and Faust's agents answered within ~1 s.
 STEP_TARGET_S = 0.5
 MIN_BATCH = 50
+# Exactly-once: a transaction whose outputs are not acknowledged for this long (a broker away longer than
+# the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
+# committed input, as Kafka Streams does with a task whose transaction failed.
+HOLD_LIMIT_S = 20.0
 
 
 class BatchLoop(mode.Service):
@@ -367,6 +371,9 @@ class BatchLoop(mode.Service):
         self._delivery_errors: list[str] = []
         self._retry: list[Output] = []  # outputs that failed with a retriable error, to produce again
         self._holding = False  # outputs unacknowledged at the last commit: commit them before new input
+        self._holding_since: float | None = None
+        self._abort_needed: str | None = None  # exactly-once: why the open transaction must be aborted
+        self._rewinding = False  # partitions revoked to go back to the committed input: commit nothing
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
@@ -436,7 +443,7 @@ class BatchLoop(mode.Service):
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if not self._closing:  # when closing, on_stop has just committed
+        if not self._closing and not self._rewinding:  # when closing, on_stop has just committed
             # Outputs still unacknowledged after this wait leave the partitions uncommitted: their next owner
             # processes the tail again (at-least-once); a transaction left open would fail and restart.
             self._commit(force=True, timeout_s=REVOKE_WAIT_S)
@@ -445,6 +452,7 @@ class BatchLoop(mode.Service):
             self._committed.pop((p.topic, p.partition), None)
         if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
             self._on_revoke_hook(partitions)
+        self._rewinding = False
 
     # -- the loop -------------------------------------------------------------------------------------
     @mode.Service.task
@@ -456,6 +464,8 @@ class BatchLoop(mode.Service):
             started = time.monotonic()
             if self._holding:  # outputs not acknowledged yet: retry them, read nothing new meanwhile
                 self._commit(force=True, timeout_s=0.2)
+                if self._holding and self.exactly_once and self._held_for() > HOLD_LIMIT_S:
+                    self._abort_and_rewind(f"outputs not acknowledged for {HOLD_LIMIT_S:.0f} s")
                 await asyncio.sleep(0.05 if self._holding else 0)
                 continue
             wanted = self.topics()
@@ -488,6 +498,36 @@ class BatchLoop(mode.Service):
             self._batch_limit = max(min(MIN_BATCH, self.settings.max_batch), self._batch_limit // 2)
         elif held < STEP_TARGET_S / 4 and n >= self._batch_limit:
             self._batch_limit = min(self.settings.max_batch, self._batch_limit * 2)
+
+    def _held_for(self) -> float:
+        if not self._holding:
+            self._holding_since = None
+            return 0.0
+        if self._holding_since is None:
+            self._holding_since = time.monotonic()
+        return time.monotonic() - self._holding_since
+
+    def _abort_and_rewind(self, why: str) -> None:
+        """Exactly-once: abort the open transaction and go back to the last committed input. The
+        partitions are revoked (their state, derived from input that is now uncommitted, is dropped) and
+        assigned again (restored from changelogs, read from the committed offsets)."""
+        assert self._producer is not None and self._consumer is not None
+        ERRORS.labels(self.name, "txn_aborted").inc()
+        log.error("%s: aborting the transaction (%s); going back to the last committed input", self.name, why)
+        try:
+            self._producer.abort_transaction(10)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or err.fatal():
+                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+            log.warning("%s: abort: %s", self.name, err)
+        self._in_txn = self._offsets_sent = self._holding = False
+        self._holding_since, self._abort_needed = None, None
+        self._retry.clear()
+        self._delivery_errors.clear()
+        self._rewinding = True  # until the revoke callback has run (inside the next consume)
+        self._consumer.unsubscribe()
+        self._subscribed = set()
 
     def _resubscribe(self, wanted: set[str]) -> None:
         assert self._consumer is not None
@@ -582,6 +622,9 @@ class BatchLoop(mode.Service):
             self._retry.append(out)
         except KafkaException as exc:
             err = kafka_error(exc)
+            if self.exactly_once and err is not None and err.txn_requires_abort():
+                self._abort_needed = f"the producer refused an output: {err}"
+                return
             if err is not None and is_retriable(err):  # never enqueued: also fine inside a transaction
                 ERRORS.labels(self.name, "delivery_retry").inc()
                 self._retry.append(out)
@@ -596,7 +639,10 @@ class BatchLoop(mode.Service):
         if is_permanent(err):  # retrying or restarting cannot deliver it: count it, go on
             self._refused(msg.topic() or "", err)
             return
-        if is_retriable(err) and not self.exactly_once:  # (a failed transaction aborts: see _commit)
+        if self.exactly_once:  # the transaction cannot commit with this output missing: abort it
+            self._abort_needed = f"an output to {msg.topic()} failed: {err}"
+            return
+        if is_retriable(err):
             ERRORS.labels(self.name, "delivery_retry").inc()
             # the same output (headers, pipeline) to the partition it was given, so a key keeps its order
             self._retry.append(replace(out, partition=msg.partition()))
@@ -678,11 +724,15 @@ class BatchLoop(mode.Service):
         assert self._consumer is not None and self._producer is not None
         if not self._in_txn:
             return True
+        if self._abort_needed is not None:
+            self._abort_and_rewind(self._abort_needed)
+            return True
         if self._retry:  # outputs the local queue could not take: still inside the open transaction
             retry, self._retry = self._retry, []
             for out in retry:
                 self._send(out)
             if self._retry:
+                self._log_holding(f"{len(self._retry)} outputs not taken by the producer yet")
                 return False
         timeout = max(timeout_s, COMMIT_WAIT_S)
         try:
@@ -698,8 +748,11 @@ class BatchLoop(mode.Service):
                 ERRORS.labels(self.name, "commit_retry").inc()
                 self._log_holding(f"transaction commit not done yet ({err})")
                 return False
-            # An aborted transaction leaves this process's state (models, windows) ahead of its committed
-            # input; restarting from the last commit is what keeps the outputs exactly-once.
+            if err is not None and not err.fatal():  # abortable (e.g. timed out on the broker's side)
+                self._abort_and_rewind(f"transaction failed: {err}")
+                return True
+            # A fatal producer error (fenced by another process with this transactional id): this process
+            # must not write again.
             raise StreamMLError(f"{self.name}: transaction failed: {err or exc}") from exc
         self._in_txn = False
         self._offsets_sent = False

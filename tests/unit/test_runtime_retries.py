@@ -508,3 +508,78 @@ def test_the_worker_lets_faust_send_its_producer_buffer_before_the_app_stops() -
     assert buffer.left == 0
     no_producer = SimpleNamespace(app=SimpleNamespace(_producer=None))
     asyncio.run(service._Worker._drain_producer_buffer(no_producer))  # type: ignore[arg-type]
+
+
+# -- exactly once: a transaction that cannot commit is aborted and the loop goes back ----------------------
+
+
+class TxnFakeProducer(FakeProducer):
+    def __init__(self, commit_error: KafkaError | None = None) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.commit_error = commit_error
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, *_a: Any) -> None:
+        self.calls.append("offsets")
+
+    def commit_transaction(self, _timeout: float = 0) -> None:
+        if self.commit_error is not None:
+            raise KafkaException(self.commit_error)
+        self.calls.append("commit")
+
+    def abort_transaction(self, _timeout: float = 0) -> None:
+        self.calls.append("abort")
+
+
+class RewindConsumer(FakeConsumer):
+    unsubscribed = False
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def unsubscribe(self) -> None:
+        self.unsubscribed = True
+
+
+def eos_loop(settings: Settings, producer: TxnFakeProducer, consumer: RewindConsumer) -> BatchLoop:
+    loop = data_loop(settings.model_copy(update={"processing_guarantee": "exactly_once"}), producer, consumer)
+    assert loop.exactly_once
+    return loop
+
+
+@pytest.mark.parametrize("where", ["commit", "delivery"])
+def test_exactly_once_aborts_a_failed_transaction_and_rewinds_to_the_committed_input(
+    settings: Settings, where: str
+) -> None:
+    abortable = KafkaError(KafkaError._TIMED_OUT, "transaction timed out", txn_requires_abort=True)
+    producer = TxnFakeProducer(commit_error=abortable if where == "commit" else None)
+    if where == "delivery":
+        producer.outcome = lambda *_: KafkaError(KafkaError._MSG_TIMED_OUT)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", offset=7)])
+    if where == "delivery":
+        producer.flush()
+    assert loop._commit(force=True) is True  # not holding: nothing committed, the input is read again
+    assert "abort" in producer.calls and "commit" not in producer.calls
+    assert consumer.unsubscribed and loop._subscribed == set() and not loop._in_txn
+    loop._on_revoke(consumer, [TopicPartition("in", 0)])  # dropping state, committing nothing
+    assert consumer.commits == [] and not loop._rewinding
+
+
+def test_exactly_once_gives_up_a_transaction_held_too_long(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    producer = TxnFakeProducer(commit_error=KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True))
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    loop.process([Msg("in", b"a", offset=7)])
+    assert loop._commit(force=True) is False and loop._holding
+    assert loop._held_for() < 1.0  # the clock starts at the first hold
+    monkeypatch.setattr(runtime, "HOLD_LIMIT_S", -1.0)
+    assert loop._held_for() > runtime.HOLD_LIMIT_S
+    loop._abort_and_rewind("held")
+    assert "abort" in producer.calls and consumer.unsubscribed and not loop._holding
