@@ -177,12 +177,23 @@ class WriterSlots:
         if not slots:
             return
         started = time.monotonic()
+        fenced = []
         for slot in slots:
             tid = transactional_id(self.settings, self.service, slot)
             conf = {"transactional.id": tid, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
             producer = make_producer(self.settings, **{**conf, **self._producer_config})
-            producer.init_transactions(INIT_TIMEOUT_S)  # fences the previous owner, aborts its open txn
+            try:
+                producer.init_transactions(INIT_TIMEOUT_S)  # fences the previous owner, aborts its open txn
+            except KafkaException as exc:  # e.g. the coordinator moving: claimed again in a while
+                ERRORS.labels(self.service, "fence").inc()
+                log.error("%s: slot %d: cannot fence the previous writer now (%s)", self.service, slot, exc)
+                self._dropped_at[slot] = time.monotonic()
+                continue
             self.producers[slot] = producer
+            fenced.append(slot)
+        slots = fenced
+        if not slots:
+            return
         self.changes += 1
         WRITER_SLOTS.labels(self.service).set(len(self.producers))
         try:
@@ -365,22 +376,31 @@ class WriterLoop(mode.Service):
     @mode.Service.task
     async def _run(self) -> None:
         while not self.should_stop:
-            self.slots.poll()
-            if self._pending or time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
-                if self._on_idle is not None:
-                    self._send(self._on_idle(), None)
-                self._last_commit = time.monotonic()
-                self._pending = not self.slots.commit_all(1.0)
-                if self._pending:
-                    await asyncio.sleep(0.1)
-                    continue
-            self._reassign()
-            msgs = self._consumer.consume(self.settings.max_batch, 0) if self._assigned else []  # type: ignore[union-attr]
-            if msgs:
-                self.process(msgs)
-                await asyncio.sleep(0)
-            else:
-                await asyncio.sleep(0.01)
+            try:
+                await self._step()
+            except Exception:  # a broker error in a hand-over or a read: never the end of the loop
+                ERRORS.labels(self.name, "writer_loop").inc()
+                log.exception("%s: writer loop step failed; going on in a second", self.name)
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        """One turn: serve the group, commit when due, read and handle one batch."""
+        self.slots.poll()
+        if self._pending or time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
+            if self._on_idle is not None:
+                self._send(self._on_idle(), None)
+            self._last_commit = time.monotonic()
+            self._pending = not self.slots.commit_all(1.0)
+            if self._pending:
+                await asyncio.sleep(0.1)
+                return
+        self._reassign()
+        msgs = self._consumer.consume(self.settings.max_batch, 0) if self._assigned else []  # type: ignore[union-attr]
+        if msgs:
+            self.process(msgs)
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.01)
 
     def _reassign(self) -> None:
         """Read exactly the partitions of the owned pipelines' topics, from the service's resume points."""

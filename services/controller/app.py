@@ -234,9 +234,10 @@ class ControllerService:
                 self._progress[pipeline] = total
             except KafkaException as exc:  # e.g. NOT_LEADER_FOR_PARTITION while a broker comes back
                 err = kafka_error(exc)
-                if err is None or not is_retriable(err):
-                    raise
-                log.warning("%s: cannot read the progress now (%s); trying again next tick", pipeline, err)
+                metrics.ERRORS.labels(SERVICE, "progress").inc()
+                log.warning(
+                    "%s: cannot read the progress now (%s); trying again next tick", pipeline, err or exc
+                )
                 continue
             topic = self.catalogue.features(pipeline).name
 
@@ -335,11 +336,19 @@ def build(settings: Settings) -> tuple[faust.App, ControllerService]:
 
     @app.timer(0.2)
     async def _serve_group() -> None:
-        service.slots.poll()  # heartbeats and hand-overs happen in here
+        try:
+            service.slots.poll()  # heartbeats and hand-overs happen in here
+        except Exception:  # a broker error while taking over: logged, served again next time
+            metrics.ERRORS.labels(SERVICE, "writers").inc()
+            log.exception("serving the writers group failed; trying again")
 
     @app.timer(1.0)
     async def _tick() -> None:
-        service.tick()
+        try:
+            service.tick()
+        except Exception:  # never the end of the service: the next tick tries again
+            metrics.ERRORS.labels(SERVICE, "tick").inc()
+            log.exception("tick failed; trying again in a second")
 
     @app.on_before_shutdown.connect
     async def _deliver_on_stop(_app: Any, /, *_args: Any, signal: Any, **_kwargs: Any) -> None:
