@@ -313,6 +313,8 @@ class MonitorService:
             raise ValidationError(
                 f"a regression prediction must be a number, got {type(prediction).__name__}"
             )
+        if task is not None and task != "REGRESSION" and prediction is not None:
+            coerce_label(task, prediction, "prediction")  # a class the task can have, or ValidationError
         numbers = [record["score"], *record["probabilities"].values()]
         if isinstance(record["prediction"], float):
             numbers.append(record["prediction"])
