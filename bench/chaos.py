@@ -91,6 +91,10 @@ class Config:
     seed: int = 7
     schedule: list[Action] = field(default_factory=list)
     drain_timeout_s: float = 120.0
+    # After `events`, the stream goes on (post-drift events at the same rate) until the controller has
+    # judged the challenger, at most this many more: a real stream does not stop while a loop completes,
+    # and kills that delay the loop must not make the scenario end before it can.
+    tail_max: int = 8_000
     ready_timeout_s: float = 240.0
 
     @property
@@ -281,7 +285,7 @@ class Run:
         position = cfg.drift_position
         width = max(100, math.ceil(4 * position / 700))
         spec = f"drift:agrawal?position={position}&width={width}&before=0&after=4&seed={cfg.seed}"
-        return [e.value for e in open_source(spec, limit=cfg.events)]
+        return [e.value for e in open_source(spec, limit=cfg.events + cfg.tail_max)]
 
     def produce(self, events: list[dict[str, Any]]) -> None:
         """Raw events WITHOUT keys, at a steady rate, by a plain producer (acks=all, idempotent)."""
@@ -290,9 +294,14 @@ class Run:
         cfg = self.config
         start = time.monotonic()
         self.started_at = time.time()
+        checked = 0.0
         for i, event in enumerate(events):
             if self._stop.is_set():
                 break
+            if i >= cfg.events and time.monotonic() - checked >= 1.0:  # the tail: until the verdict
+                checked = time.monotonic()
+                if self._verdict_made():
+                    break
             delay = start + i / cfg.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -454,7 +463,10 @@ class Run:
         log.warning("drain timed out: %d of %d events predicted", len(wanted & seen), len(wanted))
 
     def _verdict_made(self) -> bool:
-        msgs, _ = read_all(self.settings, self.c.promotions().name, timeout_s=10)
+        try:
+            msgs, _ = read_all(self.settings, self.c.promotions().name, timeout_s=10)
+        except Exception:  # e.g. while a broker is away: not known yet
+            return False
         return any(p["actor"] == "controller" and p["action"] in ("PROMOTE", "DISCARD")
                    for p in decode(msgs, "Promotion"))  # fmt: skip
 
