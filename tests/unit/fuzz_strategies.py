@@ -1,4 +1,4 @@
-"""Hypothesis strategies for hostile records, and the fakes that feed them to services without a broker.
+"""Hypothesis strategies for hostile records, fed to services without a broker (fakes: fakes.py).
 
 Used by test_fuzz_one_fate.py. Every record a service reads comes from someone else: these strategies
 produce what a careless or hostile producer can send (random bytes, JSON of any shape, numbers beyond
@@ -11,7 +11,7 @@ import functools
 import json
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
@@ -19,69 +19,7 @@ from hypothesis import strategies as st
 from streamml import limits
 from streamml.codec import HEADER_LEN, codec_for
 from streamml.schemas import get_schema
-
-# -- fakes --------------------------------------------------------------------------------------------------
-KAFKA_TS = 1_700_000_000_000
-
-
-class FakeMessage:
-    """The part of a confluent-kafka Message the services read."""
-
-    def __init__(
-        self,
-        topic: str,
-        value: bytes | None,
-        offset: int,
-        partition: int = 0,
-        key: bytes | None = None,
-        timestamp: tuple[int, int] = (1, KAFKA_TS),  # (TIMESTAMP_CREATE_TIME, ms)
-    ) -> None:
-        self._topic, self._value, self._offset = topic, value, offset
-        self._partition, self._key, self._timestamp = partition, key, timestamp
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def timestamp(self) -> tuple[int, int]:
-        return self._timestamp
-
-    def error(self) -> None:
-        return None
-
-    def headers(self) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"FakeMessage({self._topic}[{self._partition}]@{self._offset}: {self._value!r:.120})"
-
-
-@dataclass
-class FakeProducer:
-    """Records what a service produces instead of talking to a broker."""
-
-    produced: list[tuple[str, bytes | None, bytes | None]] = field(default_factory=list)
-
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **_: Any) -> None:
-        self.produced.append((topic, value, key))
-
-    def poll(self, _timeout: float = 0) -> int:
-        return 0
-
-    def flush(self, _timeout: float = 0) -> int:
-        return 0
-
+from tests.unit.fakes import KAFKA_TS
 
 # -- hostile scalars and text -------------------------------------------------------------------------------
 HUGE_INT_TEXT = "1" + "0" * 400  # > 10^309: beyond every float; json.loads makes it an int

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from streamml.codec import codec_for
 from streamml.errors import ValidationError
 from streamml.schemas import get_schema
 from streamml.settings import Settings
+from tests.unit.fakes import FakeMessage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,41 +58,18 @@ def test_unknown_source_is_explained() -> None:
 # --- control commands around bad records (no broker: the topics are lists of fake messages) -----------
 
 
-@dataclass
-class FakeMsg:
-    _topic: str
-    _offset: int
-    _key: bytes | None
-    _value: bytes | None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-
 class FakeTopics:
     """Topics as lists of messages: the control module reads them and its publishes append to them."""
 
     def __init__(self) -> None:
-        self.topics: dict[str, list[FakeMsg]] = {}
+        self.topics: dict[str, list[FakeMessage]] = {}
         self.published: list[tuple[str, bytes, bytes | None]] = []
 
     def add(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         msgs = self.topics.setdefault(topic, [])
-        msgs.append(FakeMsg(topic, len(msgs), key, value))
+        msgs.append(FakeMessage(topic, value, len(msgs), key=key))
 
-    def read_to_end(self, _settings: Settings, topic: str) -> list[FakeMsg]:
+    def read_to_end(self, _settings: Settings, topic: str) -> list[FakeMessage]:
         return list(self.topics.get(topic, []))
 
     def produce(self, _settings: Settings, topic: str, key: bytes, value: bytes | None) -> None:

@@ -13,29 +13,7 @@ from streamml.codec import codec_for
 from streamml.follow import ControlTail, advance, is_caught_up, start_offsets
 from streamml.service import ControlFollower
 from streamml.settings import Settings
-
-
-class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes | None, err: Any = None) -> None:
-        self._t, self._p, self._o, self._v, self._e = topic, partition, offset, value, err
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def value(self) -> bytes | None:
-        return self._v
-
-    def key(self) -> bytes | None:
-        return None
-
-    def error(self) -> Any:
-        return self._e
+from tests.unit.fakes import FakeMessage, FakeProducer
 
 
 class FakeConsumer:
@@ -111,9 +89,7 @@ def test_positions_only_move_forward_and_ignore_unknown_offsets() -> None:
 
 # -- the tail ----------------------------------------------------------------------------------------------
 def test_tail_delivers_in_order_and_its_position_passes_transaction_markers() -> None:
-    consumer = FakeConsumer(
-        [[FakeMessage("p.pipelines", 0, 3, b"a"), FakeMessage("p.pipelines", 0, 4, b"b")]]
-    )
+    consumer = FakeConsumer([[FakeMessage("p.pipelines", b"a", 3), FakeMessage("p.pipelines", b"b", 4)]])
     delivered: list[tuple[str, int, int]] = []
     tail = tail_with(consumer, delivered)
     tail.add("p.pipelines")
@@ -145,8 +121,8 @@ def test_tail_survives_broker_errors_and_replaces_a_consumer_that_failed_for_goo
     consumer = FakeConsumer(
         [
             KafkaException(retriable),
-            [FakeMessage("p.pipelines", 0, -1, None, err=retriable)],
-            [FakeMessage("p.pipelines", 0, 0, b"x")],
+            [FakeMessage("p.pipelines", None, -1, error=retriable)],
+            [FakeMessage("p.pipelines", b"x", 0)],
         ]
     )
     delivered: list[tuple[str, int, int]] = []
@@ -156,7 +132,7 @@ def test_tail_survives_broker_errors_and_replaces_a_consumer_that_failed_for_goo
     assert tail.step() == 0 and tail.step() == 0  # logged and counted, never raised
     assert tail.step() == 1 and delivered == [("p.pipelines", 0, 0)]
     fatal = KafkaError(KafkaError._FATAL, fatal=True)
-    consumer.batches = [[FakeMessage("p.pipelines", 0, -1, None, err=fatal)]]
+    consumer.batches = [[FakeMessage("p.pipelines", None, -1, error=fatal)]]
     tail.step()
     assert consumer.closed and tail.pending() == ["p.pipelines"]  # reassigned by the next run step
 
@@ -172,7 +148,7 @@ def test_caught_up_waits_until_the_tail_has_read_to_the_end(monkeypatch: pytest.
         early = await tail.caught_up("p.model-versions", timeout_s=0.05)
         waiter = asyncio.create_task(tail.caught_up("p.model-versions", timeout_s=5))
         await asyncio.sleep(0.02)
-        consumer.batches = [[FakeMessage("p.model-versions", 0, i, b"v") for i in range(3)]]
+        consumer.batches = [[FakeMessage("p.model-versions", b"v", i) for i in range(3)]]
         tail.step()
         return early, await waiter
 
@@ -184,7 +160,7 @@ def test_caught_up_waits_until_the_tail_has_read_to_the_end(monkeypatch: pytest.
 def test_run_assigns_pending_topics_and_closes_the_consumer_when_cancelled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    consumer = FakeConsumer([[FakeMessage("p.pipelines", 0, 0, b"x")]])
+    consumer = FakeConsumer([[FakeMessage("p.pipelines", b"x", 0)]])
     delivered: list[tuple[str, int, int]] = []
     tail = tail_with(consumer, delivered)
     monkeypatch.setattr(tail, "topic_partitions", lambda _t: [0])
@@ -205,17 +181,6 @@ def test_run_assigns_pending_topics_and_closes_the_consumer_when_cancelled(
 
 
 # -- the follower ------------------------------------------------------------------------------------------
-class FakeAlerts:
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def produce(self, topic: str, value: Any = None, key: Any = None) -> None:
-        self.sent.append(topic)
-
-    def poll(self, timeout: float = 0) -> int:
-        return 0
-
-
 class FakeApp:
     def __init__(self) -> None:
         self.tasks: list[Any] = []
@@ -235,7 +200,7 @@ def promotion(version: int) -> bytes:
 
 def test_follow_registers_one_task_and_applies_only_records_not_applied_yet() -> None:
     follower = ControlFollower(settings(), "svc")
-    follower._alerts = FakeAlerts()
+    follower._alerts = FakeProducer()
     follower.applied[("p.promotions", 0)] = 1  # the bootstrap applied offset 0
     app = FakeApp()
     seen: list[int] = []
@@ -249,8 +214,8 @@ def test_follow_registers_one_task_and_applies_only_records_not_applied_yet() ->
     parts = tail.start("p.promotions", [0])
     assert [(tp.partition, tp.offset) for tp in parts] == [(0, 1)]
     for offset, version in ((0, 1), (1, 2), (1, 2), (2, 3)):  # a replayed offset changes nothing
-        follower._deliver(FakeMessage("p.promotions", 0, offset, promotion(version)))  # type: ignore[arg-type]
+        follower._deliver(FakeMessage("p.promotions", promotion(version), offset))  # type: ignore[arg-type]
     assert seen == [2, 3]
-    follower._deliver(FakeMessage("p.promotions", 0, 3, b"junk"))  # type: ignore[arg-type]
+    follower._deliver(FakeMessage("p.promotions", b"junk", 3))  # type: ignore[arg-type]
     assert follower.skipped == 1 and seen == [2, 3]  # skipped with a reason, never raised
-    assert follower._alerts.sent == ["p.drift-alerts"]
+    assert [topic for topic, _v, _k in follower._alerts.produced] == ["p.drift-alerts"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from streamml.errors import ValidationError
 from streamml.pipelines import validate_definition
 from streamml.schemas import get_schema
 from streamml.settings import Settings
+from tests.unit.fakes import FakeMessage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,34 +157,8 @@ def test_find_version_names_the_missing_model() -> None:
 PIPELINES = "t.pipelines"
 
 
-@dataclass
-class FakeMsg:
-    """The part of a confluent-kafka Message the readers use."""
-
-    _topic: str
-    _offset: int
-    _key: bytes | None
-    _value: bytes | None
-    _partition: int = 0
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-
-def messages(topic: str, *pairs: tuple[bytes | None, bytes | None]) -> list[FakeMsg]:
-    return [FakeMsg(topic, offset, key, value) for offset, (key, value) in enumerate(pairs)]
+def messages(topic: str, *pairs: tuple[bytes | None, bytes | None]) -> list[FakeMessage]:
+    return [FakeMessage(topic, value, offset, key=key) for offset, (key, value) in enumerate(pairs)]
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +229,7 @@ def test_tombstones_and_later_valid_records_replace_bad_ones_a_bad_one_replaces_
     assert [s.offset for s in skipped] == [1]
 
     records, skipped = control.read_around(
-        [*msgs, FakeMsg(PIPELINES, 6, b"agrawal", definition_bytes(v2))], "PipelineDefinition"
+        [*msgs, FakeMessage(PIPELINES, definition_bytes(v2), 6, key=b"agrawal")], "PipelineDefinition"
     )
     assert [(k, r["revision"]) for k, r in records if k == b"agrawal"] == [(b"agrawal", 2)] and skipped == []
 

@@ -20,6 +20,7 @@ from streamml.runtime import Output
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.controller import LoopState, open_work, resume_work
+from tests.unit.fakes import FakeMessage
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"unit-test-key"
@@ -200,32 +201,6 @@ def agrawal() -> dict[str, Any]:
     return to_definition(load_file(REPO / "pipelines" / "agrawal.yaml"), raw_topic="u.agrawal.raw").to_avro()
 
 
-class Msg:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        self._t, self._p, self._o, self._v = topic, partition, offset, value
-
-    def topic(self) -> str:
-        return self._t
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def value(self) -> bytes:
-        return self._v
-
-    def key(self) -> bytes | None:
-        return None
-
-    def error(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 0)
-
-
 def monitor(settings: Settings, monkeypatch: pytest.MonkeyPatch, key: bytes) -> Any:
     monkeypatch.setattr(monitor_app, "ensure_topics", lambda *_a, **_k: None)
     service = monitor_app.MonitorService(settings, Catalogue(settings), key)
@@ -233,7 +208,7 @@ def monitor(settings: Settings, monkeypatch: pytest.MonkeyPatch, key: bytes) -> 
     return service
 
 
-def features(service: Any, n: int) -> list[Msg]:
+def features(service: Any, n: int) -> list[FakeMessage]:
     topic = service.catalogue.features("agrawal").name
     codec = codec_for("FeatureVector")
     msgs = []
@@ -242,7 +217,7 @@ def features(service: Any, n: int) -> list[Msg]:
               "features": {"salary": 1.0 * i, "commission": 0.0, "age": 40.0, "elevel": 1.0, "car": 3.0,
                            "zipcode": 2.0, "hvalue": 1.0, "hyears": 1.0, "loan": 1.0},
               "label": None, "source": None}  # fmt: skip
-        msgs.append(Msg(topic, i % 3, i // 3, codec.encode(fv)))
+        msgs.append(FakeMessage(topic, codec.encode(fv), i // 3, partition=i % 3, timestamp=(1, 0)))
     return msgs
 
 

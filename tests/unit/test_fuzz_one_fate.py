@@ -3,8 +3,8 @@
 Every record a service reads is processed, or dead-lettered with the reason (data topics), or skipped with a
 logged reason, a metric and a CONTROL DriftAlert (control topics); nothing a producer sends raises out of a
 handler, and valid records after hostile ones are processed as if the hostile ones had never been sent.
-Strategies and fakes are in fuzz_strategies.py. Each bug the fuzzer found has a minimal test at the end
-(strict xfail while open); while a bug is open, the inputs that trigger it are left out of the properties
+Strategies are in fuzz_strategies.py, fakes in fakes.py. Each bug the fuzzer found has a minimal test at the
+end (strict xfail while open); while a bug is open, the inputs that trigger it are left out of the properties
 (KNOWN_BUGS: True), and set back to False with the fix, so the properties cover those inputs again.
 """
 
@@ -42,7 +42,8 @@ from streams.features import FeatureEngine
 from streams.learner import LabelJoin, OnlineLearner
 from streams.predictor import ModelRegistry, prediction_record
 from tests.unit import fuzz_strategies as fs
-from tests.unit.fuzz_strategies import KAFKA_TS, Event, FakeMessage, FakeProducer
+from tests.unit.fakes import KAFKA_TS, FakeMessage, FakeProducer
+from tests.unit.fuzz_strategies import Event
 
 KNOWN_BUGS = {
     # Fixed (42bb924, 15a7c48); their minimal tests at the end are regression tests now.

@@ -18,6 +18,7 @@ from streams.monitor import (
     offset_ranges,
     stateful_features,
 )
+from tests.unit.fakes import FakeMessage
 
 FEATURES = "s.p.features"
 PREDICTIONS = "s.p.predictions"
@@ -431,28 +432,6 @@ def test_monitor_applies_promotions_received_before_the_pipeline() -> None:
 
 
 # -- the service's handler (no broker) -----------------------------------------------------------------------
-class StubMessage:
-    """What the handler reads from a confluent-kafka Message."""
-
-    def __init__(self, topic: str, offset: int, value: bytes) -> None:
-        self._topic, self._offset, self._value = topic, offset, value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return None
-
-    def value(self) -> bytes:
-        return self._value
-
-
 def test_service_handler_routes_records_dead_letters_and_exports_live_versions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -478,11 +457,11 @@ def test_service_handler_routes_records_dead_letters_and_exports_live_versions(
     for i in range(300):
         x = float(i >= 200)  # a constant feature that jumps: data drift once the reference is taken
         vector = {**fv(f"e{i}", {"x": x}, True), "pipeline": name}
-        msgs.append(StubMessage(catalogue.features(name).name, i, features.encode(vector)))
+        msgs.append(FakeMessage(catalogue.features(name).name, features.encode(vector), i))
         version = 1 if i < 250 else 2
         record = {**pred(f"e{i}", True, {"True": 0.9, "False": 0.1}, version), "pipeline": name}
-        msgs.append(StubMessage(catalogue.predictions(name).name, i, predictions.encode(record)))
-    msgs.append(StubMessage(catalogue.predictions(name).name, 300, b"not avro"))
+        msgs.append(FakeMessage(catalogue.predictions(name).name, predictions.encode(record), i))
+    msgs.append(FakeMessage(catalogue.predictions(name).name, b"not avro", 300))
     service.on_promotion({**promotion(1), "pipeline": name}, None)
     outputs = service.handle(msgs[:500])
 

@@ -24,51 +24,10 @@ from streamml.runtime import BatchLoop, Output
 from streamml.service import ControlFollower, dead_letter
 from streamml.settings import Settings
 from streamml.topics import Catalogue
+from tests.unit.fakes import FakeMessage, FakeProducer
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"poison-test-key"
-
-
-class Msg:
-    """What the data loop hands a handler: a confluent-kafka Message, minus the broker."""
-
-    def __init__(self, topic: str, value: bytes | None, offset: int, key: bytes | None = None) -> None:
-        self._topic, self._value, self._offset, self._key = topic, value, offset, key
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1_700_000_000_000)
-
-    def error(self) -> None:
-        return None
-
-
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes, **_: Any) -> None:
-        self.sent.append((topic, value, key))
-
-    def poll(self, _timeout: float) -> int:
-        return 0
-
-    def flush(self, _timeout: float = 0) -> int:
-        return 0
 
 
 @pytest.fixture
@@ -112,9 +71,9 @@ HOSTILE_RAW: dict[str, bytes] = {
 def test_features_dead_letters_each_hostile_raw_event_and_keeps_going(settings: Settings, name: str) -> None:
     service = features_app.Features(settings, Catalogue(settings))
     service.on_pipeline(agrawal(), None)
-    msgs = [Msg("p.agrawal.raw", json.dumps(valid_event(1)).encode(), 0)]
-    msgs.append(Msg("p.agrawal.raw", HOSTILE_RAW[name] or None, 1))
-    msgs.append(Msg("p.agrawal.raw", json.dumps(valid_event(2)).encode(), 2))
+    msgs = [FakeMessage("p.agrawal.raw", json.dumps(valid_event(1)).encode(), 0)]
+    msgs.append(FakeMessage("p.agrawal.raw", HOSTILE_RAW[name] or None, 1))
+    msgs.append(FakeMessage("p.agrawal.raw", json.dumps(valid_event(2)).encode(), 2))
     outputs = service.handle_through(msgs)  # type: ignore[arg-type]
     assert [o.topic for o in outputs] == ["p.agrawal.features", "p.agrawal.dead-letter", "p.agrawal.features"]
     letter = codec_for("DeadLetter").decode(outputs[1].value or b"")
@@ -123,7 +82,7 @@ def test_features_dead_letters_each_hostile_raw_event_and_keeps_going(settings: 
 
 
 def test_dead_letter_echo_is_capped_and_says_so(settings: Settings) -> None:
-    msg = Msg("p.agrawal.raw", b"x" * 900_000, 5, key=b"k" * 5000)
+    msg = FakeMessage("p.agrawal.raw", b"x" * 900_000, 5, key=b"k" * 5000)
     out = dead_letter(Catalogue(settings), "features", "agrawal", msg, ValueError("e" * 100_000))  # type: ignore[arg-type]
     letter = codec_for("DeadLetter").decode(out.value or b"")
     assert len(letter["original_value"]) == limits.DEAD_LETTER_VALUE_BYTES
@@ -133,11 +92,11 @@ def test_dead_letter_echo_is_capped_and_says_so(settings: Settings) -> None:
 
 def test_dead_letters_go_to_the_source_topics_pipeline_not_the_one_a_record_names(settings: Settings) -> None:
     cat = Catalogue(settings)
-    from_features = Msg("p.agrawal.features", b"junk", 0)
+    from_features = FakeMessage("p.agrawal.features", b"junk", 0)
     assert dead_letter(cat, "predictor", "BAD NAME!/..", from_features, ValueError()).topic == (  # type: ignore[arg-type]
         "p.agrawal.dead-letter"
     )
-    from_control = Msg("p.model-versions", b"junk", 0)
+    from_control = FakeMessage("p.model-versions", b"junk", 0)
     assert dead_letter(cat, "x", "ghost", from_control, ValueError()).topic == "p.dead-letter"  # type: ignore[arg-type]
 
 
@@ -156,7 +115,7 @@ def test_the_loop_survives_a_handler_that_raises_and_dead_letters_only_the_culpr
         topics=set,
         dead_letter=lambda msg, exc: dead_letter(Catalogue(settings), "t", None, msg, exc),
     )
-    msgs = [Msg("p.agrawal.raw", v, i) for i, v in enumerate([b"a", b"poison", b"b"])]
+    msgs = [FakeMessage("p.agrawal.raw", v, i) for i, v in enumerate([b"a", b"poison", b"b"])]
     outputs = loop._handle(msgs)  # type: ignore[arg-type]
     assert [(o.topic, o.value) for o in outputs if o.topic == "out"] == [("out", b"a"), ("out", b"b")]
     assert [o.topic for o in outputs if o.topic != "out"] == ["p.agrawal.dead-letter"]
@@ -202,7 +161,7 @@ def test_predictor_dead_letters_a_vector_naming_an_invalid_pipeline(settings: Se
     good = {**fv, "pipeline": "agrawal", "event_id": "g"}
     stringy = {**good, "features": {"salary": "a lot"}}
     encode = codec_for("FeatureVector").encode
-    msgs = [Msg("p.agrawal.features", encode(v), i) for i, v in enumerate([fv, stringy, good])]
+    msgs = [FakeMessage("p.agrawal.features", encode(v), i) for i, v in enumerate([fv, stringy, good])]
     outputs = predictor.handle(msgs)  # type: ignore[arg-type]
     assert sorted(o.topic for o in outputs) == [
         "p.agrawal.dead-letter",
@@ -220,7 +179,7 @@ def test_learner_dead_letters_bad_labels_and_string_features_and_keeps_learning(
     }  # fmt: skip
     encode = codec_for("FeatureVector").encode
     values = [base, {**base, "label": "garbage"}, {**base, "features": {"salary": "high"}}, base]
-    outputs = learner.handle([Msg("p.agrawal.features", encode(v), i) for i, v in enumerate(values)])  # type: ignore[arg-type]
+    outputs = learner.handle([FakeMessage("p.agrawal.features", encode(v), i) for i, v in enumerate(values)])  # type: ignore[arg-type]
     assert [o.topic for o in outputs] == ["p.agrawal.dead-letter", "p.agrawal.dead-letter"]
     assert learner.learners["agrawal"].events_seen == 2
 
@@ -284,7 +243,7 @@ def test_a_bad_definition_is_skipped_with_a_control_alert_and_the_good_revision_
     follower._apply("p.pipelines", "PipelineDefinition", 0, 2, b"\x00garbage", service.on_pipeline, None)
     assert follower.skipped == 2 and set(service.engines) == {"agrawal"}
     assert service.engines["agrawal"].revision == good["revision"]
-    kinds = [codec_for("DriftAlert").decode(value)["kind"] for _t, value, _k in alerts.sent]
+    kinds = [codec_for("DriftAlert").decode(value)["kind"] for _t, value, _k in alerts.produced]
     assert kinds == ["CONTROL", "CONTROL"]
 
 
@@ -292,7 +251,7 @@ def test_a_bad_alert_is_skipped_without_an_alert_about_it(settings: Settings) ->
     follower = ControlFollower(settings, "controller")
     alerts = follower._alerts = FakeProducer()
     follower._apply("p.drift-alerts", "DriftAlert", 0, 0, b"junk", lambda *_: None, None)
-    assert follower.skipped == 1 and alerts.sent == []
+    assert follower.skipped == 1 and alerts.produced == []
 
 
 @pytest.mark.parametrize(
@@ -363,6 +322,6 @@ def test_the_monitor_dead_letters_forged_predictions(
         {**base, "shadow": True},
     ]
     encode = codec_for("Prediction").encode
-    msgs = [Msg("p.agrawal.predictions", encode(r), i) for i, r in enumerate([*forged, base])]
+    msgs = [FakeMessage("p.agrawal.predictions", encode(r), i) for i, r in enumerate([*forged, base])]
     outputs = service.handle(msgs)  # type: ignore[arg-type]
     assert [o.topic for o in outputs].count("p.agrawal.dead-letter") == len(forged)

@@ -18,7 +18,7 @@ from streamml.runtime import Output
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.repartition import SOURCE_HEADER, Source, key_of, murmur2, partition_for
-from tests.unit.fuzz_strategies import FakeMessage
+from tests.unit.fakes import FakeMessage
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Settings(bootstrap_servers="127.0.0.1:1", topic_prefix="p", signing_key="k", default_partitions=4)  # type: ignore[arg-type]
@@ -51,11 +51,9 @@ class HeaderMessage(FakeMessage):
     """A record read from a topic, with its headers."""
 
     def __init__(self, out: Output, offset: int) -> None:
-        super().__init__(out.topic, out.value, offset, out.partition or 0, out.key)
-        self._headers = out.headers
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return self._headers
+        super().__init__(
+            out.topic, out.value, offset, partition=out.partition or 0, key=out.key, headers=out.headers
+        )
 
 
 def service(definition: dict[str, Any] | None = None) -> features_app.Features:

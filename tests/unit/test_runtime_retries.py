@@ -21,6 +21,7 @@ from streamml.pipelines import load_file, to_definition
 from streamml.runtime import BatchLoop, Outbox, Output, commit_can_wait, is_permanent, is_retriable
 from streamml.settings import Settings
 from streamml.topics import Catalogue
+from tests.unit.fakes import FakeMessage
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = b"retries-test-key"
@@ -71,32 +72,9 @@ def test_commits_the_group_moved_past_can_wait(code: int) -> None:
     assert commit_can_wait(KafkaError(code)) and not is_retriable(KafkaError(code))
 
 
-# -- fakes ---------------------------------------------------------------------------------------------
+# -- fakes (messages: tests/unit/fakes.py) ---------------------------------------------------------------
 
 Outcome = Callable[[str, bytes | None, int], KafkaError | str | None]
-
-
-class Msg:
-    def __init__(self, topic: str, value: bytes | None, offset: int = 0, key: bytes | None = None) -> None:
-        self._topic, self._value, self._offset, self._key = topic, value, offset, key
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def error(self) -> None:
-        return None
 
 
 class FakeProducer:
@@ -137,7 +115,7 @@ class FakeProducer:
                 continue
             if result is None:
                 self.acked.append((topic, value))
-            callback(result, Msg(topic, value, key=key))
+            callback(result, FakeMessage(topic, value, key=key))
         self.queue = waiting
         return len(waiting)
 
@@ -193,7 +171,7 @@ def test_a_retriable_delivery_failure_is_produced_again_and_holds_the_commit_unt
     producer = FakeProducer(fails_first(KafkaError.NOT_LEADER_FOR_PARTITION))
     consumer = FakeConsumer()
     loop = data_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", 0), Msg("in", b"b", 1)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0), FakeMessage("in", b"b", 1)])  # type: ignore[list-item]
     assert loop._commit(force=True) is False  # both failed once: kept, nothing committed
     assert loop._holding and consumer.commits == [] and len(loop._retry) == 2
     assert loop._commit(force=True) is True  # produced again, delivered, then committed
@@ -206,7 +184,7 @@ def test_outputs_stuck_while_the_broker_is_away_are_never_committed_past(setting
     producer = FakeProducer(lambda _t, _v, _n: "stuck" if away else None)
     consumer = FakeConsumer()
     loop = data_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", 4)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 4)])  # type: ignore[list-item]
     for _ in range(3):
         assert loop._commit(force=True, timeout_s=0) is False
     assert consumer.commits == [] and loop._holding
@@ -218,7 +196,7 @@ def test_outputs_stuck_while_the_broker_is_away_are_never_committed_past(setting
 def test_a_timed_out_delivery_is_produced_again(settings: Settings) -> None:
     producer = FakeProducer(fails_first(KafkaError._MSG_TIMED_OUT, times=3))
     loop = data_loop(settings, producer)
-    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
     results = [loop._commit(force=True) for _ in range(4)]
     assert results == [False, False, False, True] and producer.acked == [("out", b"a")]
 
@@ -229,7 +207,7 @@ def test_a_refused_output_is_dropped_and_the_commit_goes_on(settings: Settings) 
     )
     consumer = FakeConsumer()
     loop = data_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"big", 0), Msg("in", b"ok", 1)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"big", 0), FakeMessage("in", b"ok", 1)])  # type: ignore[list-item]
     assert loop._commit(force=True) is True and consumer.commits == [[("in", 0, 2)]]
 
 
@@ -237,7 +215,7 @@ def test_an_error_neither_retriable_nor_permanent_still_fails_the_commit(setting
     producer = FakeProducer(lambda _t, _v, _n: KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED))
     consumer = FakeConsumer()
     loop = data_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
     with pytest.raises(StreamMLError, match="outputs failed"):
         loop._commit(force=True)
     assert consumer.commits == []
@@ -247,7 +225,7 @@ def test_a_full_local_queue_keeps_the_output_for_later_instead_of_raising(settin
     producer = FakeProducer(full=2)
     consumer = FakeConsumer()
     loop = data_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
     assert loop._retry and producer.acked == []
     assert loop._commit(force=True) is True
     assert producer.acked == [("out", b"a")] and consumer.commits == [[("in", 0, 1)]]
@@ -256,7 +234,7 @@ def test_a_full_local_queue_keeps_the_output_for_later_instead_of_raising(settin
 def test_a_commit_the_group_moved_past_is_retried_later_not_fatal(settings: Settings) -> None:
     consumer = FakeConsumer(commit_error=KafkaError(KafkaError.UNKNOWN_MEMBER_ID))
     loop = data_loop(settings, FakeProducer(), consumer)
-    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
     assert loop._commit(force=True) is False
     consumer.commit_error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
     assert loop._commit(force=True) is False
@@ -264,7 +242,7 @@ def test_a_commit_the_group_moved_past_is_retried_later_not_fatal(settings: Sett
     assert loop._commit(force=True) is True and consumer.commits == [[("in", 0, 1)]]
     assert loop._commit(force=True) is True and len(consumer.commits) == 1  # unchanged: not sent again
     consumer.commit_error = KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)
-    loop.process([Msg("in", b"b", 1)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"b", 1)])  # type: ignore[list-item]
     with pytest.raises(StreamMLError, match="committing offsets failed"):
         loop._commit(force=True)
 
@@ -274,7 +252,7 @@ def test_stop_commits_in_flight_work_and_survives_a_consumer_already_out_of_the_
 ) -> None:
     consumer = FakeConsumer(close_error=KafkaError(KafkaError.UNKNOWN_MEMBER_ID))
     loop = data_loop(settings, FakeProducer(), consumer)
-    loop.process([Msg("in", b"a", 7)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 7)])  # type: ignore[list-item]
     asyncio.run(loop.on_stop())
     assert consumer.commits == [[("in", 0, 8)]] and consumer.closed
     loop._on_revoke(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]  # as close() does
@@ -287,7 +265,7 @@ def test_stop_is_bounded_when_the_broker_never_acknowledges(
     monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.4)
     consumer = FakeConsumer()
     loop = data_loop(settings, FakeProducer(lambda _t, _v, _n: "stuck"), consumer)
-    loop.process([Msg("in", b"a", 0)])  # type: ignore[list-item]
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
     started = time.monotonic()
     asyncio.run(loop.on_stop())
     assert time.monotonic() - started < 2.0
@@ -560,7 +538,7 @@ def test_exactly_once_aborts_a_failed_transaction_and_rewinds_to_the_committed_i
         producer.outcome = lambda *_: KafkaError(KafkaError._MSG_TIMED_OUT)
     consumer = RewindConsumer()
     loop = eos_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", offset=7)])
+    loop.process([FakeMessage("in", b"a", offset=7)])
     if where == "delivery":
         producer.flush()
     assert loop._commit(force=True) is True  # not holding: nothing committed, the input is read again
@@ -576,7 +554,7 @@ def test_exactly_once_gives_up_a_transaction_held_too_long(
     producer = TxnFakeProducer(commit_error=KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True))
     consumer = RewindConsumer()
     loop = eos_loop(settings, producer, consumer)
-    loop.process([Msg("in", b"a", offset=7)])
+    loop.process([FakeMessage("in", b"a", offset=7)])
     assert loop._commit(force=True) is False and loop._holding
     assert loop._held_for() < 1.0  # the clock starts at the first hold
     monkeypatch.setattr(runtime, "HOLD_LIMIT_S", -1.0)

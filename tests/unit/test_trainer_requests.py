@@ -16,6 +16,7 @@ from streamml.runtime import Output
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.trainer import owner_partition, route_request
+from tests.unit.fakes import FakeMessage
 
 
 def settings() -> Settings:
@@ -43,21 +44,9 @@ def test_a_request_is_answered_by_its_pipelines_partition_once() -> None:
 
 
 # -- the request loop with a fake trainer ------------------------------------------------------------------
-class FakeMessage:
-    def __init__(self, partition: int, offset: int, value: bytes) -> None:
-        self._p, self._o, self._v = partition, offset, value
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def value(self) -> bytes:
-        return self._v
-
-    def topic(self) -> str:
-        return "p.training-requests"
+def request_message(partition: int, offset: int, value: bytes) -> FakeMessage:
+    """A record of the training-requests topic."""
+    return FakeMessage("p.training-requests", value, offset, partition=partition)
 
 
 def request(request_id: str, pipeline: str = "agrawal") -> dict[str, Any]:
@@ -126,11 +115,11 @@ def test_versions_are_numbered_per_pipeline_and_model_and_each_request_answered_
         loop.trainer.state.on_version({"pipeline": "agrawal", "model_name": "online", "version": 40})
         home, other = owner_partition("agrawal", 3), owner_partition("phishing", 3)
         msgs = [
-            FakeMessage(home, 0, encoded(request("a"))),
-            FakeMessage(home, 1, encoded(request("b"))),
-            FakeMessage(home, 2, encoded(request("a"))),  # the same request again: skipped
-            FakeMessage(other, 0, encoded(request("c", "phishing"))),
-            FakeMessage(home, 1, encoded(request("b"))),  # delivered again after a pause: ignored
+            request_message(home, 0, encoded(request("a"))),
+            request_message(home, 1, encoded(request("b"))),
+            request_message(home, 2, encoded(request("a"))),  # the same request again: skipped
+            request_message(other, 0, encoded(request("c", "phishing"))),
+            request_message(home, 1, encoded(request("b"))),  # delivered again after a pause: ignored
         ]
         for msg in msgs:
             await loop.handle(loop._owned[msg.partition()], msg)  # type: ignore[arg-type]
@@ -151,9 +140,9 @@ def test_an_answer_that_did_not_commit_takes_no_number_and_is_not_marked_answere
         loop, committed = loop_with_fakes(monkeypatch, fail_commits=1)
         home = owner_partition("agrawal", 3)
         with pytest.raises(OwnershipLostError):
-            await loop.handle(loop._owned[home], FakeMessage(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
+            await loop.handle(loop._owned[home], request_message(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
         assert loop.trainer.answered == set()
-        await loop.handle(loop._owned[home], FakeMessage(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
+        await loop.handle(loop._owned[home], request_message(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
         return loop, committed
 
     _loop, committed = asyncio.run(scenario())
@@ -168,7 +157,7 @@ def test_a_request_keyed_otherwise_is_forwarded_to_its_pipelines_partition(
         home = owner_partition("agrawal", 3)
         wrong = (home + 1) % 3
         value = encoded(request("a"))
-        await loop.handle(loop._owned[wrong], FakeMessage(wrong, 7, value))  # type: ignore[arg-type]
+        await loop.handle(loop._owned[wrong], request_message(wrong, 7, value))  # type: ignore[arg-type]
         return committed
 
     committed = asyncio.run(scenario())
@@ -192,7 +181,7 @@ def test_a_request_whose_partition_moved_while_training_is_left_to_the_new_owner
             return [], object()
 
         monkeypatch.setattr(loop.trainer, "read_and_train", revoked_during_fit)
-        await loop.handle(owned, FakeMessage(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
+        await loop.handle(owned, request_message(home, 0, encoded(request("a"))))  # type: ignore[arg-type]
         return loop, committed
 
     loop, committed = asyncio.run(scenario())
@@ -206,9 +195,9 @@ def test_an_invalid_request_is_skipped_with_an_alert_and_its_offset_committed(
         loop, committed = loop_with_fakes(monkeypatch)
         skipped: list[int] = []
         monkeypatch.setattr(loop.trainer.control, "skip", lambda _t, _p, off, _e, _r: skipped.append(off))
-        await loop.handle(loop._owned[0], FakeMessage(0, 3, b"junk"))  # type: ignore[arg-type]
+        await loop.handle(loop._owned[0], request_message(0, 3, b"junk"))  # type: ignore[arg-type]
         bad_name = encoded(request("x", "Not A Pipeline"))
-        await loop.handle(loop._owned[0], FakeMessage(0, 4, bad_name))  # type: ignore[arg-type]
+        await loop.handle(loop._owned[0], request_message(0, 4, bad_name))  # type: ignore[arg-type]
         assert skipped == [3, 4]
         return loop, committed
 
