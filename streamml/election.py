@@ -40,7 +40,7 @@ from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
-from streamml.runtime import RETRIABLE, Output, is_permanent, kafka_error, produce
+from streamml.runtime import RETRIABLE, Output, interleave, is_permanent, kafka_error, produce
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 
@@ -364,7 +364,11 @@ class WriterLoop(mode.Service):
         self._consumer = make_consumer(
             self.settings,
             f"{self.settings.topic_prefix}-{self.name}-writer-data",  # never joined, never committed
-            **{"isolation.level": "read_committed", "fetch.wait.max.ms": 10},
+            **{
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": 10,
+                "max.partition.fetch.bytes": 64 * 1024,
+            },
         )
         self.slots.start()
 
@@ -434,7 +438,7 @@ class WriterLoop(mode.Service):
     def process(self, msgs: list[Message]) -> None:
         started = time.perf_counter()
         groups: dict[str, list[Message]] = defaultdict(list)
-        for msg in msgs:
+        for msg in interleave(msgs):
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:

@@ -9,8 +9,10 @@ our logic plus librdkafka, not Faust's per-message plumbing (measured ~10x faste
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -319,6 +321,28 @@ MIN_BATCH = 50
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
+# Aligned topics: how long a partition with records left to read may hold back the others (as Kafka
+# Streams' max.task.idle.ms) before the rest goes on without its records.
+ALIGN_IDLE_S = 1.0
+
+
+def interleave(msgs: list[Message]) -> list[Message]:
+    """The batch in round-robin order over its partitions, each partition's records in order.
+
+    The consumer hands out records in runs per partition. Where partitions hold different keys (after a
+    repartition by key) runs would make the outputs' order clustered by key, and so every downstream
+    window over "the last N events" (drift detection); round-robin keeps the order per partition (and per
+    key) and mixes the rest, as arrival order did before the repartition."""
+    runs: dict[tuple[str | None, int | None], list[Message]] = {}
+    for msg in msgs:
+        runs.setdefault((msg.topic(), msg.partition()), []).append(msg)
+    if len(runs) < 2:
+        return msgs
+    out: list[Message] = []
+    longest = max(len(run) for run in runs.values())
+    for i in range(longest):
+        out.extend(run[i] for run in runs.values() if i < len(run))
+    return out
 
 
 class BatchLoop(mode.Service):
@@ -345,9 +369,15 @@ class BatchLoop(mode.Service):
         ready: asyncio.Event | None = None,
         dead_letter: Callable[[Message, BaseException], Output] | None = None,
         producer_config: dict[str, Any] | None = None,
+        aligned: Callable[[str], bool] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
+        # Topics whose partitions are read in timestamp order across partitions (see `_take_aligned`).
+        self._aligned = aligned
+        self._buffers: dict[tuple[str, int], deque[Message]] = {}
+        self._starved_since: dict[tuple[str, int], float] = {}
+        self._turns: dict[tuple[str, int], int] = {}
         self.name = name
         # Apart from the Faust app's own group (control agents): two protocols cannot share a group.
         self.group_id = f"{settings.topic_prefix}-{name}-data"
@@ -392,6 +422,8 @@ class BatchLoop(mode.Service):
                 "session.timeout.ms": 10_000,  # a crashed instance's partitions move on within seconds
                 "heartbeat.interval.ms": 1_000,
                 "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
+                # Small runs per partition, so a batch holds several partitions (see `interleave`).
+                "max.partition.fetch.bytes": 64 * 1024,
             },
         )
         overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
@@ -451,6 +483,8 @@ class BatchLoop(mode.Service):
         for p in partitions:
             self._positions.pop((p.topic, p.partition), None)
             self._committed.pop((p.topic, p.partition), None)
+            self._buffers.pop((p.topic, p.partition), None)  # not handled: read again by the next owner
+            self._starved_since.pop((p.topic, p.partition), None)
         if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
             self._on_revoke_hook(partitions)
         self._rewinding = False
@@ -476,6 +510,8 @@ class BatchLoop(mode.Service):
                 await asyncio.sleep(0.1)
                 continue
             msgs = self._consumer.consume(self._batch_limit, 0)
+            if self._aligned is not None:
+                msgs = self._take_aligned(msgs)
             if not msgs:
                 if (
                     self._on_idle is not None
@@ -499,6 +535,64 @@ class BatchLoop(mode.Service):
             self._batch_limit = max(min(MIN_BATCH, self.settings.max_batch), self._batch_limit // 2)
         elif held < STEP_TARGET_S / 4 and n >= self._batch_limit:
             self._batch_limit = min(self.settings.max_batch, self._batch_limit * 2)
+
+    def _take_aligned(self, msgs: list[Message]) -> list[Message]:
+        """Of the consumed records, those to handle now: records of aligned topics go through per-partition
+        buffers and come out in timestamp order across the partitions, as long as every partition that has
+        records left to read has one buffered (or has made us wait ALIGN_IDLE_S) — Kafka Streams' choice of
+        the partition with the oldest head record. Without it, a consumer reading a repartition topic in
+        runs per partition would emit one key-group's events long before another's of the same time."""
+        now_handle: list[Message] = []
+        for msg in msgs:
+            topic = msg.topic() or ""
+            if msg.error() is not None or self._aligned is None or not self._aligned(topic):
+                now_handle.append(msg)
+            else:
+                self._buffers.setdefault((topic, msg.partition() or 0), deque()).append(msg)
+        if not self._buffers:
+            return now_handle
+        assert self._consumer is not None
+        now = time.monotonic()
+        waiting = []
+        for tp in self._consumer.assignment():  # every assigned partition, also those not fetched yet
+            key = (tp.topic, tp.partition)
+            if not self._aligned(tp.topic) or self._buffers.get(key):  # type: ignore[misc]
+                self._starved_since.pop(key, None)
+                continue
+            position = self._positions.get(key)
+            try:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                high = -1
+            # Records left to read (or not known yet: nothing fetched so far): wait for them a moment.
+            if high < 0 or position is None or high > position:
+                since = self._starved_since.setdefault(key, now)
+                if now - since < ALIGN_IDLE_S:
+                    waiting.append(key)
+        # Equal timestamps (a whole batch of the hop can share one millisecond) go round-robin over the
+        # partitions: the count taken from each partition is the second sort key.
+        taken = 0
+        turns = self._turns
+        heads = [(buf[0].timestamp()[1], turns.get(key, 0), key) for key, buf in self._buffers.items() if buf]
+        heapq.heapify(heads)
+        while heads and not waiting and taken < self._batch_limit:
+            _ts, turn, key = heapq.heappop(heads)
+            buf = self._buffers[key]
+            now_handle.append(buf.popleft())
+            taken += 1
+            turns[key] = turn + 1
+            if buf:
+                heapq.heappush(heads, (buf[0].timestamp()[1], turn + 1, key))
+            else:
+                position = (now_handle[-1].offset() or 0) + 1
+                try:
+                    _low, high = self._consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
+                except KafkaException:
+                    high = position
+                if high > position:  # this partition has more to read: wait for its next fetch
+                    self._starved_since.setdefault(key, now)
+                    break
+        return now_handle
 
     def _held_for(self) -> float:
         if not self._holding:
@@ -526,6 +620,7 @@ class BatchLoop(mode.Service):
         self._holding_since, self._abort_needed = None, None
         self._retry.clear()
         self._delivery_errors.clear()
+        self._buffers.clear()
         self._rewinding = True  # until the revoke callback has run (inside the next consume)
         self._consumer.unsubscribe()
         self._subscribed = set()
@@ -554,7 +649,7 @@ class BatchLoop(mode.Service):
         if not good:
             return
         self._begin()  # offsets of records without outputs still commit inside the transaction
-        self._produce_all(self._handle(good))
+        self._produce_all(self._handle(interleave(good)))
         positions = self._positions
         topic_counts: dict[str, int] = {}
         for msg in good:

@@ -278,6 +278,8 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
         on_assign=service.on_assign,
         on_revoke=service.on_revoke,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
+        # events of all keys in the order they came (by the hop's timestamps), not in runs per partition
+        aligned=lambda topic: topic in service.hop_inputs,
     )
     return app, service, loop
 

@@ -24,10 +24,14 @@ DRIFT_AT, DRIFT_WIDTH = 10_000, 100  # River's sigmoid overflows when 4 * positi
 DRIFT = f"drift:agrawal?position={DRIFT_AT}&width={DRIFT_WIDTH}&before=0&after=4&seed=42"
 
 
-def _produce(system: System, spec: str, n: int) -> None:
+def _produce(system: System, spec: str, n: int, rate: float | None = None) -> None:
+    """n events as fast as possible, or at a steady `rate` per second."""
     producer = system.producer()
     topic = system.catalogue.raw("agrawal").name
-    for event in open_source(spec, limit=n):
+    start = time.monotonic()
+    for i, event in enumerate(open_source(spec, limit=n)):
+        if rate is not None and (delay := start + i / rate - time.monotonic()) > 0:
+            time.sleep(delay)
         producer.produce(topic, json.dumps(event.value).encode())
         producer.poll(0)
     assert producer.flush(30) == 0
@@ -85,7 +89,12 @@ def _agrawal_version(
 def test_stationary_stream_raises_no_concept_alert(make_system: SystemFactory) -> None:
     """20k events of one concept with the online learner auto-promoting a version every 2000 events."""
     system = make_system()
-    system.apply("agrawal", snapshot_every_events=2000, snapshot_every_seconds=3600.0)
+    # Windows of 3000 events: through the repartition hop, events reach the monitor in runs per key group
+    # (a backlog is drained in timestamp order only approximately: runtime.BatchLoop aligned topics), and
+    # windows of 1000 raised false DATA/PREDICTION alerts in 3 of 8 runs (known limit, issue 9).
+    system.apply(
+        "agrawal", snapshot_every_events=2000, snapshot_every_seconds=3600.0, monitoring={"data_window": 3000}
+    )
     system.stack.start_all(["features", "learner", "predictor", "monitor"])
     n = 20_000
     _produce(system, STATIONARY, n)

@@ -561,3 +561,11 @@ def test_exactly_once_gives_up_a_transaction_held_too_long(
     assert loop._held_for() > runtime.HOLD_LIMIT_S
     loop._abort_and_rewind("held")
     assert "abort" in producer.calls and consumer.unsubscribed and not loop._holding
+
+
+def test_a_batch_is_interleaved_over_its_partitions_keeping_each_partitions_order() -> None:
+    msgs = [FakeMessage("t", b"a0", 0, partition=0), FakeMessage("t", b"a1", 1, partition=0),
+            FakeMessage("t", b"a2", 2, partition=0), FakeMessage("t", b"b0", 0, partition=1),
+            FakeMessage("u", b"c0", 0, partition=0)]  # fmt: skip
+    assert [m.value() for m in runtime.interleave(msgs)] == [b"a0", b"b0", b"c0", b"a1", b"a2"]
+    assert runtime.interleave(msgs[:3]) == msgs[:3]
