@@ -559,13 +559,7 @@ class BatchLoop(mode.Service):
             if not self._aligned(tp.topic) or self._buffers.get(key):  # type: ignore[misc]
                 self._starved_since.pop(key, None)
                 continue
-            position = self._positions.get(key)
-            try:
-                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                high = -1
-            # Records left to read (or not known yet: nothing fetched so far): wait for them a moment.
-            if high < 0 or position is None or high > position:
+            if self._left_to_read(tp):  # (or not known yet): wait for its records a moment
                 since = self._starved_since.setdefault(key, now)
                 if now - since < ALIGN_IDLE_S:
                     waiting.append(key)
@@ -583,16 +577,24 @@ class BatchLoop(mode.Service):
             turns[key] = turn + 1
             if buf:
                 heapq.heappush(heads, (buf[0].timestamp()[1], turn + 1, key))
-            else:
-                position = (now_handle[-1].offset() or 0) + 1
-                try:
-                    _low, high = self._consumer.get_watermark_offsets(TopicPartition(*key), cached=True)
-                except KafkaException:
-                    high = position
-                if high > position:  # this partition has more to read: wait for its next fetch
-                    self._starved_since.setdefault(key, now)
-                    break
+            elif (  # more on the broker: wait a moment for its next fetch
+                self._left_to_read(TopicPartition(*key))
+                and now - self._starved_since.setdefault(key, now) < ALIGN_IDLE_S
+            ):
+                break
         return now_handle
+
+    def _left_to_read(self, tp: TopicPartition) -> bool:
+        """Whether the broker holds records of the partition the consumer has not fetched yet (True while
+        unknown). The fetch position, not the last record, is compared: transaction markers take offsets
+        but are never delivered."""
+        assert self._consumer is not None
+        try:
+            _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            (position,) = self._consumer.position([TopicPartition(tp.topic, tp.partition)])
+        except KafkaException:
+            return True
+        return high < 0 or position.offset < 0 or position.offset < high
 
     def _held_for(self) -> float:
         if not self._holding:
