@@ -422,8 +422,8 @@ class BatchLoop(mode.Service):
                 "session.timeout.ms": 10_000,  # a crashed instance's partitions move on within seconds
                 "heartbeat.interval.ms": 1_000,
                 "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
-                # Small runs per partition, so a batch holds several partitions (see `interleave`).
-                "max.partition.fetch.bytes": 64 * 1024,
+                # Aligned loops: small runs per partition, so a batch holds several partitions to order.
+                **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
             },
         )
         overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
@@ -651,7 +651,7 @@ class BatchLoop(mode.Service):
         if not good:
             return
         self._begin()  # offsets of records without outputs still commit inside the transaction
-        self._produce_all(self._handle(interleave(good)))
+        self._produce_all(self._handle(interleave(good) if self._aligned is not None else good))
         positions = self._positions
         topic_counts: dict[str, int] = {}
         for msg in good:
