@@ -723,7 +723,9 @@ class PipelineMonitor:
             score = float(served.probabilities.get(self.positive, 0.0))
         else:
             score = served.score
-        if score is None:
+        if score is None or served.key != self.served_model:
+            # A late prediction of a version already replaced: its score says nothing about the version the
+            # watch describes (both windows hold only that version's scores).
             return []
         out = []
         for _name, p, d in self.scores.add({"score": score}, src):

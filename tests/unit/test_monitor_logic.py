@@ -309,6 +309,27 @@ def test_prediction_drift_on_scores() -> None:
     assert 700 < alerts[0]["window"][0]["end_offset"] <= 1000
 
 
+def test_late_predictions_of_a_replaced_version_stay_out_of_the_score_watch() -> None:
+    """A backlog read in runs per partition brings v1's predictions after v2's first ones; the two versions
+    score differently, so mixing them into v2's reference would alert on a stream that never changed."""
+    rng = random.Random(5)
+    pm = PipelineMonitor(definition(data_window=300))
+    stream = Stream(pm)
+
+    def event(version: int) -> None:
+        p = min(0.99, max(0.01, rng.gauss(0.3 if version == 1 else 0.7, 0.05)))
+        stream.event({}, p > 0.5, p > 0.5, {"True": p, "False": 1 - p}, version=version)
+
+    for _ in range(400):
+        event(1)
+    for i in range(600):  # v2 is live; every other record is still one of v1's
+        event(1 if i % 2 else 2)
+    for _ in range(1500):
+        event(2)
+    assert stream.alerts("PREDICTION") == []
+    assert pm.served_model == ("online", 2)
+
+
 def test_cooldown_suppresses_repeats() -> None:
     rng = random.Random(4)
     pm = PipelineMonitor(definition(data_window=200, cooldown_events=1000))
