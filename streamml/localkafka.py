@@ -201,6 +201,10 @@ def node_config(node_id: int, brokers: int, base_port: int, data_dir: Path) -> d
         "group.initial.rebalance.delay.ms": "0",
         "offsets.topic.num.partitions": "5",
         "transaction.state.log.num.partitions": "5",
+        # A crashed exactly-once instance's open transaction holds back every read_committed reader of the
+        # partitions it wrote to until the broker aborts it: at its transaction.timeout.ms (10 s for our
+        # data loops), found by a sweep every this often (Kafka's default 10 s made that 10-20 s).
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
     }
 
 
