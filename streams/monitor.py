@@ -643,6 +643,10 @@ class PipelineMonitor:
             error = abs(float(served.prediction) - float(label))
         else:
             error = 0.0 if served.prediction == label else 1.0
+        if served.key != self.served_model:
+            # A late prediction of a version already replaced (a backlog drained in runs per partition): its
+            # error is that version's (counted in its metrics above), not the served model's.
+            return []
         self.labelled_src.append(entry.src)
         hit = self.concept.update(error)
         if hit is None:

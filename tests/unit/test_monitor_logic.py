@@ -330,6 +330,28 @@ def test_late_predictions_of_a_replaced_version_stay_out_of_the_score_watch() ->
     assert pm.served_model == ("online", 2)
 
 
+def test_late_predictions_of_a_replaced_version_stay_out_of_the_concept_detector() -> None:
+    """v1 (trained on little data) errs 25 % of the time, its successor 2 %: v1's late predictions, arriving
+    among v2's, are no rise of v2's error."""
+    rng = random.Random(6)
+    pm = PipelineMonitor(definition())
+    stream = Stream(pm)
+
+    def event(version: int) -> None:
+        right = rng.random() >= (0.25 if version == 1 else 0.02)
+        stream.event({}, True, right, {"True": 0.9, "False": 0.1} if right else {"True": 0.1, "False": 0.9},
+                     version=version)  # fmt: skip
+
+    for _ in range(3000):
+        event(2) if stream.n >= 1000 else event(1)
+    for _ in range(1500):  # a partition's backlog of v1's predictions comes in late
+        event(1 if rng.random() < 0.7 else 2)
+    for _ in range(2000):
+        event(2)
+    assert stream.alerts("CONCEPT") == []
+    assert pm.versions[("online", 1)].all["accuracy"].get() < 0.8, "still counted as v1's"
+
+
 def test_cooldown_suppresses_repeats() -> None:
     rng = random.Random(4)
     pm = PipelineMonitor(definition(data_window=200, cooldown_events=1000))
