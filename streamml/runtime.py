@@ -326,6 +326,10 @@ HOLD_LIMIT_S = 20.0
 ALIGN_IDLE_S = 1.0
 
 
+def _record_time(msg: Message) -> int:
+    return int(msg.timestamp()[1])
+
+
 def interleave(msgs: list[Message]) -> list[Message]:
     """The batch in round-robin order over its partitions, each partition's records in order.
 
@@ -370,11 +374,15 @@ class BatchLoop(mode.Service):
         dead_letter: Callable[[Message, BaseException], Output] | None = None,
         producer_config: dict[str, Any] | None = None,
         aligned: Callable[[str], bool] | None = None,
+        order_time: Callable[[Message], int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
         # Topics whose partitions are read in timestamp order across partitions (see `_take_aligned`).
         self._aligned = aligned
+        # The time aligned records are ordered by: the record's timestamp unless the caller knows better
+        # (a repartitioned record carries its source record's timestamp, as Kafka Streams keeps it).
+        self._order_time = order_time or _record_time
         self._buffers: dict[tuple[str, int], deque[Message]] = {}
         self._starved_since: dict[tuple[str, int], float] = {}
         self._turns: dict[tuple[str, int], int] = {}
@@ -567,7 +575,8 @@ class BatchLoop(mode.Service):
         # partitions: the count taken from each partition is the second sort key.
         taken = 0
         turns = self._turns
-        heads = [(buf[0].timestamp()[1], turns.get(key, 0), key) for key, buf in self._buffers.items() if buf]
+        order_time = self._order_time
+        heads = [(order_time(buf[0]), turns.get(key, 0), key) for key, buf in self._buffers.items() if buf]
         heapq.heapify(heads)
         while heads and not waiting and taken < self._batch_limit:
             _ts, turn, key = heapq.heappop(heads)
@@ -576,7 +585,7 @@ class BatchLoop(mode.Service):
             taken += 1
             turns[key] = turn + 1
             if buf:
-                heapq.heappush(heads, (buf[0].timestamp()[1], turn + 1, key))
+                heapq.heappush(heads, (order_time(buf[0]), turn + 1, key))
             elif (  # more on the broker: wait a moment for its next fetch
                 self._left_to_read(TopicPartition(*key))
                 and now - self._starved_since.setdefault(key, now) < ALIGN_IDLE_S

@@ -55,6 +55,23 @@ def partition_for(key: bytes | None, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+def source_time(msg: Any) -> int:
+    """The timestamp of the raw record a repartitioned record was (its `streamml-source` header), else the
+    record's own: the time the features service orders its repartition partitions by. Kafka Streams keeps
+    the input record's timestamp on repartition records; the hop's produce time would make thousands of
+    events forwarded in one batch tie, and a tie-break by turns would emit the key groups at equal rates
+    instead of as they came."""
+    headers = msg.headers()
+    if headers:
+        for name, value in headers:
+            if name == SOURCE_HEADER and isinstance(value, bytes):
+                try:
+                    return int(value.rsplit(b"/", 1)[1])
+                except (IndexError, ValueError):
+                    break
+    return int(msg.timestamp()[1])
+
+
 def key_of(raw: Mapping[str, Any], key_field: str) -> bytes | None:
     """The repartition key of a decoded raw event: its key field as the text the windows are keyed by."""
     value = raw["fields"].get(key_field)

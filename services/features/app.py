@@ -35,7 +35,7 @@ from streamml.settings import Settings
 from streamml.state import PartitionedStore, read_changelog
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
-from streams.repartition import Source, key_of, partition_for
+from streams.repartition import Source, key_of, partition_for, source_time
 
 log = logging.getLogger(__name__)
 SERVICE = "features"
@@ -278,8 +278,10 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
         on_assign=service.on_assign,
         on_revoke=service.on_revoke,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
-        # events of all keys in the order they came (by the hop's timestamps), not in runs per partition
+        # events of all keys in the order they came (by their raw records' timestamps), not in runs per
+        # partition
         aligned=lambda topic: topic in service.hop_inputs,
+        order_time=source_time,
     )
     return app, service, loop
 

@@ -14,7 +14,7 @@ from services.features import app as features_app
 from streamml.codec import codec_for
 from streamml.errors import ValidationError
 from streamml.pipelines import load_file, to_definition
-from streamml.runtime import Output
+from streamml.runtime import BatchLoop, Output
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.repartition import SOURCE_HEADER, Source, key_of, murmur2, partition_for
@@ -203,3 +203,38 @@ def test_a_pipeline_file_declares_its_raw_topic_keyed_only_with_a_key_field(tmp_
     unkeyed.write_text(text.replace("key_field: zipcode\n", "") + "\nraw_keyed: true\n")
     with pytest.raises(ValidationError, match="raw_keyed: true needs a key_field"):
         load_file(unkeyed)
+
+
+def test_repartitioned_records_are_ordered_by_their_raw_records_time() -> None:
+    """The hop forwards a batch in one burst: every record bears nearly the same produce time. Aligned
+    reading orders by the raw record's time from the source header, so key groups come out as they came
+    in, not at equal rates."""
+    from streams.repartition import source_time
+
+    def hop_record(partition: int, offset: int, raw_ts: int) -> FakeMessage:
+        headers = Source(RAW, 0, raw_ts, raw_ts).headers()
+        return FakeMessage(HOP, b"{}", offset, partition=partition, headers=headers, timestamp=(1, 5_000))
+
+    assert source_time(hop_record(0, 0, 42)) == 42
+    assert source_time(FakeMessage(HOP, b"{}", 0, timestamp=(1, 7))) == 7, "no header: the record's time"
+    assert source_time(FakeMessage(HOP, b"{}", 0, headers=[(SOURCE_HEADER, b"junk")], timestamp=(1, 8))) == 8
+
+    class Consumer:  # two assigned partitions, both read to the end
+        def assignment(self) -> list[TopicPartition]:
+            return [TopicPartition(HOP, 0), TopicPartition(HOP, 1)]
+
+        def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+            return 0, 10
+
+        def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+            return [TopicPartition(tp.topic, tp.partition, 10) for tp in tps]
+
+    def order(**kw: Any) -> list[int]:
+        loop = BatchLoop(SETTINGS, name="t", handler=lambda msgs: [], topics=set, aligned=bool, **kw)
+        loop._consumer = Consumer()  # type: ignore[assignment]
+        batch = [hop_record(0, o, ts) for o, ts in enumerate([10, 11, 12, 13, 30, 31])]
+        batch += [hop_record(1, o, ts) for o, ts in enumerate([20, 21])]
+        return [source_time(m) for m in loop._take_aligned(batch)]  # type: ignore[arg-type]
+
+    assert order(order_time=source_time) == [10, 11, 12, 13, 20, 21, 30, 31]
+    assert order() == [10, 20, 11, 21, 12, 13, 30, 31], "by produce time all tie: turns"
