@@ -703,16 +703,21 @@ class PipelineMonitor:
         if first and self.data.ref_n == self.data.size:
             self.reference_window = self.data.reference_window
         out = []
+        # One test per feature each time: Bonferroni-corrected over the features tested together (as
+        # Alibi Detect's feature-wise KS does), so a pipeline with more features raises no more false
+        # alarms; measured uncorrected, 12 features of a stationary Agrawal stream alerted in ~1 run of 9.
+        threshold = self.data_threshold / max(1, len(results))
         for feature, p, d in results:
-            if p >= self.data_threshold or self._cooling("DATA", KS, feature):
+            if p >= threshold or self._cooling("DATA", KS, feature):
                 continue
             message = (
                 f"feature {feature!r} of {self.name} changed: two-sample KS statistic {d:.3f}, p={p:.3g} "
-                f"< {self.data_threshold:g} (last {self.data.size} events served by {served.model} "
-                f"v{served.version} against the reference {_describe(self.reference_window)})"
+                f"< {threshold:.3g} ({self.data_threshold:g} over {len(results)} features, Bonferroni; last "
+                f"{self.data.size} events served by {served.model} v{served.version} against the reference "
+                f"{_describe(self.reference_window)})"
             )
             window = self.data.current_window
-            out.append(self._alert("DATA", KS, feature, p, self.data_threshold, window, "WARNING", message,
+            out.append(self._alert("DATA", KS, feature, p, threshold, window, "WARNING", message,
                                    served, event_id, now_ms))  # fmt: skip
         return out
 
