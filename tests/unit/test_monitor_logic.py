@@ -353,6 +353,21 @@ def test_late_predictions_of_a_replaced_version_stay_out_of_the_concept_detector
     assert pm.versions[("online", 1)].all["accuracy"].get() < 0.8, "still counted as v1's"
 
 
+def test_the_key_field_is_not_ks_tested() -> None:
+    """Events reach the monitor in runs per partition, and partitions hold key groups: the key's values
+    come clustered on a stationary stream."""
+    pm = PipelineMonitor({**definition(data_window=200), "key_field": "zone"})
+    stream = Stream(pm)
+    for i in range(1200):
+        stream.event({"zone": float((i // 300) % 2), "x": float(i % 7)}, True, True, {"True": 0.9})
+    assert stream.alerts("DATA") == []
+    pm = PipelineMonitor(definition(data_window=200))  # without a key field the same column is tested
+    stream = Stream(pm)
+    for i in range(1200):
+        stream.event({"zone": float((i // 300) % 2), "x": float(i % 7)}, True, True, {"True": 0.9})
+    assert [a["feature"] for a in stream.alerts("DATA")] == ["zone"]
+
+
 def test_cooldown_suppresses_repeats() -> None:
     rng = random.Random(4)
     pm = PipelineMonitor(definition(data_window=200, cooldown_events=1000))
