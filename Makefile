@@ -28,8 +28,14 @@ DEMO_DRIFT_WIDTH ?= 1000
 DEMO_SOURCE = drift:agrawal?position=$(DEMO_DRIFT_AT)&width=$(DEMO_DRIFT_WIDTH)&before=0&after=4&seed=42
 DEMO_KEY_FILE := .local/demo-signing-key
 DEMO_PRODUCER_PID := .local/producer.pid
-# The services need a signing key: yours if STREAMML_SIGNING_KEY is set, else the local demo key.
-DEMO_ENV = $(KAFKA_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}"
+# Model versions are signed with Ed25519: learner and trainer get the private key file, every service the
+# public key (the stack gives each service only what its role needs). Yours if STREAMML_MODEL_VERIFY_KEYS
+# is set, else a local demo pair. The monitor signs its own state with STREAMML_SIGNING_KEY (HMAC): yours,
+# else a local demo key.
+DEMO_MODEL_KEY := .local/demo-model-signing.pem
+DEMO_ENV = $(KAFKA_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}" \
+	STREAMML_MODEL_SIGNING_KEY_FILE="$${STREAMML_MODEL_SIGNING_KEY_FILE:-$(DEMO_MODEL_KEY)}" \
+	STREAMML_MODEL_VERIFY_KEYS="$${STREAMML_MODEL_VERIFY_KEYS:-$$($(BIN)/streamml keys show $(DEMO_MODEL_KEY) 2>/dev/null)}"
 # Stops the demo producer, after checking the recorded pid still is one (pids get reused).
 STOP_DEMO_PRODUCER = if [ -f $(DEMO_PRODUCER_PID) ]; then pid=$$(cat $(DEMO_PRODUCER_PID)); \
 	if ps -p $$pid -o args= 2>/dev/null | grep -q 'streamml produce'; then kill $$pid; \
@@ -115,6 +121,9 @@ demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each)
 	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
 		(umask 077 && $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
 		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
+	@if [ -z "$$STREAMML_MODEL_VERIFY_KEYS" ] && [ ! -s $(DEMO_MODEL_KEY) ]; then \
+		$(BIN)/streamml keys generate $(DEMO_MODEL_KEY) --comment demo >/dev/null && \
+		echo "created a local demo model signing key pair in $(DEMO_MODEL_KEY) (never commit it)"; fi
 	$(DEMO_ENV) $(BIN)/streamml topics create --pipeline agrawal
 	$(DEMO_ENV) $(PY) -m streamml.stack up --instances $(INSTANCES)
 	@# Debian's `prometheus` scraping the services just started (skipped with a note if not installed).

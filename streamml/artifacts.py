@@ -1,4 +1,5 @@
-"""Model artifacts: serialized, checksummed and HMAC-signed; verified before anything is unpickled."""
+"""Model artifacts: serialized, checksummed and signed (streamml.signing); verified before anything is
+unpickled."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from streamml.errors import StreamMLError
+from streamml.signing import Keys, SignatureError
 
 FORMAT = "pickle"
 
@@ -28,7 +30,16 @@ def sha256_hex(data: bytes) -> str:
 
 
 def sign(data: bytes, key: bytes) -> str:
+    """HMAC-SHA256 of data (the monitor's own state snapshots, written and read by monitors only)."""
     return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def signature(record: Mapping[str, Any], data: bytes, key: bytes | Keys) -> str:
+    """The signature of a ModelVersion record (its pipeline, model, version and sha256 already set)."""
+    signer = Keys.of(key).signer
+    if signer is None:
+        raise ArtifactRejectedError("this service holds no model signing key")
+    return signer.sign(record, data)
 
 
 def library_versions() -> dict[str, str]:
@@ -41,7 +52,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def verify(record: Mapping[str, Any], key: bytes | None) -> bytes:
+def verify(record: Mapping[str, Any], key: bytes | Keys | None) -> bytes:
     """The artifact bytes of a ModelVersion record, only if its checksum and signature are valid."""
     where = f"{record.get('pipeline')}/{record.get('model_name')} v{record.get('version')}"
     data = record.get("artifact")
@@ -51,20 +62,24 @@ def verify(record: Mapping[str, Any], key: bytes | None) -> bytes:
         raise ArtifactRejectedError(f"{where}: unsupported artifact format {record.get('artifact_format')!r}")
     if not hmac.compare_digest(sha256_hex(data).encode(), str(record.get("sha256", "")).encode()):
         raise ArtifactRejectedError(f"{where}: SHA-256 mismatch (artifact corrupted or tampered with)")
-    signature = record.get("signature")
-    if not signature:
+    if not record.get("signature"):
         raise ArtifactRejectedError(f"{where}: unsigned artifact")
-    if key is None:
-        raise ArtifactRejectedError(f"{where}: no signing key configured (set STREAMML_SIGNING_KEY)")
-    if not hmac.compare_digest(sign(data, key).encode(), str(signature).encode()):
-        raise ArtifactRejectedError(f"{where}: bad signature (not signed with this deployment's key)")
+    verifier = Keys.of(key).verifier
+    if not verifier.configured:
+        raise ArtifactRejectedError(
+            f"{where}: no verify keys configured (set STREAMML_MODEL_VERIFY_KEYS or STREAMML_SIGNING_KEY)"
+        )
+    try:
+        verifier.verify(record, bytes(data))
+    except SignatureError as exc:
+        raise ArtifactRejectedError(f"{where}: {exc}") from exc
     return bytes(data)
 
 
-def load(record: Mapping[str, Any], key: bytes | None) -> Any:
-    """Verify, then unpickle. Unpickling happens only for artifacts signed with our key."""
+def load(record: Mapping[str, Any], key: bytes | Keys | None) -> Any:
+    """Verify, then unpickle. Unpickling happens only for artifacts signed with a key we trust."""
     data = verify(record, key)
     try:
-        return pickle.loads(data)  # verified above: checksum and HMAC signature
+        return pickle.loads(data)  # verified above: checksum and signature
     except Exception as exc:  # a signed artifact built by incompatible library versions
         raise ArtifactRejectedError(f"signed artifact could not be loaded: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from streamml import control, pipelines, sources
+from streamml import control, pipelines, signing, sources
 from streamml.codec import codec_for, decode_any, is_avro
 from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import check_broker, ensure_topics, make_admin, make_consumer, make_producer
@@ -33,6 +34,8 @@ pipeline_app = typer.Typer(help="Apply, list, show and delete pipeline definitio
 app.add_typer(pipeline_app, name="pipeline")
 model_app = typer.Typer(help="List model versions, promote and roll back.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+keys_app = typer.Typer(help="Ed25519 keys that sign and verify model versions.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 # Piped output (scripts, tests, CI logs) gets wide tables instead of truncated cells.
 console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
@@ -527,6 +530,34 @@ def status(
     view = status_view.collect(settings, state or dashboard.DEFAULT_STATE, recent=recent, sample_s=sample)
     now_ms = int(time.time() * 1000)
     console.print(status_view.render(view, now_ms=now_ms, title=status_view.title(settings)))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Argument(help="File for the private key (PEM, created with mode 0600).")],
+    comment: Annotated[str, typer.Option(help="Comment after the public key (e.g. who signs with it).")] = "",
+) -> None:
+    """A new Ed25519 key pair: the private key to OUT (for learner and trainer:
+    STREAMML_MODEL_SIGNING_KEY_FILE), the public key printed (for every service: STREAMML_MODEL_VERIFY_KEYS
+    or a line of STREAMML_MODEL_VERIFY_KEYS_FILE). The private key is never printed."""
+    if out.exists():
+        raise StreamMLError(f"{out} exists: refusing to overwrite a key (remove it first)")
+    key = signing.generate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "xb", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:
+        f.write(signing.private_pem(key))
+    console.print(signing.public_line(key.public_key(), comment), soft_wrap=True)
+    err_console.print(f"private key written to {out} (key id {signing.key_id(key.public_key())})")
+
+
+@keys_app.command("show")
+def keys_show(
+    key: Annotated[Path, typer.Argument(help="Private key file (PEM).")],
+) -> None:
+    """The public key line and key id of a private key file."""
+    private = signing.load_private_key(key)
+    console.print(signing.public_line(private.public_key()), soft_wrap=True)
+    err_console.print(f"key id {signing.key_id(private.public_key())}")
 
 
 def main() -> None:

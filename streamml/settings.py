@@ -39,9 +39,27 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the metrics endpoint (0 = off).")
     http_host: str = Field("127.0.0.1", description="Bind address of HTTP APIs (e.g. POST /predict).")
     http_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API.")
+    http_token: SecretStr | None = Field(
+        None, description="Bearer token every HTTP API request must carry (none: no authentication)."
+    )
+    http_token_file: str | None = Field(None, description="File holding the HTTP bearer token.")
 
     signing_key: SecretStr | None = Field(
-        None, description="HMAC-SHA256 key that signs and verifies model artifacts (required to serve)."
+        None,
+        description="Shared HMAC-SHA256 key: signs the monitor's state; signs and verifies models only where "
+        "no Ed25519 keys are configured (the former scheme: every holder can forge).",
+    )
+    model_signing_key_file: str | None = Field(
+        None, description="Ed25519 private key (PEM) that signs model versions: learner and trainer only."
+    )
+    model_verify_keys: str | None = Field(
+        None, description="Public keys that verify model versions: 'ed25519 <base64>' separated by commas."
+    )
+    model_verify_keys_file: str | None = Field(
+        None, description="File of public keys that verify model versions, one 'ed25519 <base64>' per line."
+    )
+    accept_hmac_models: bool = Field(
+        False, description="With Ed25519 verify keys: still accept HMAC-signed versions (while migrating)."
     )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
@@ -57,7 +75,7 @@ class Settings(BaseSettings):
     broker_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker at start.")
     log_level: str = Field("INFO", description="Python log level of services and the CLI.")
 
-    @field_validator("signing_key", "sasl_password", mode="before")
+    @field_validator("signing_key", "sasl_password", "http_token", mode="before")
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         """Compose passes `${VAR:-}` as an empty string: treat it as not configured, never as a key."""

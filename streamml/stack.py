@@ -61,6 +61,23 @@ def parse_instances(text: str) -> dict[str, int]:
     return counts
 
 
+# Services that publish model versions (and so hold the Ed25519 private key) and the one that signs its own
+# state with the shared HMAC key. Everyone else gets public keys only, as their pods would.
+MODEL_SIGNERS = frozenset({"learner", "trainer"})
+STATE_SIGNERS = frozenset({"monitor"})
+
+
+def secrets_for_role(service: str, env: dict[str, str]) -> None:
+    """Remove from a service's environment the secrets its role does not need: the model signing key
+    outside learner and trainer; the shared HMAC key where Ed25519 verify keys are configured, except
+    for the monitor's state (the former scheme, without verify keys, still needs it everywhere)."""
+    if service not in MODEL_SIGNERS:
+        env.pop("STREAMML_MODEL_SIGNING_KEY_FILE", None)
+    ed25519 = env.get("STREAMML_MODEL_VERIFY_KEYS") or env.get("STREAMML_MODEL_VERIFY_KEYS_FILE")
+    if ed25519 and service not in STATE_SIGNERS and not env.get("STREAMML_ACCEPT_HMAC_MODELS"):
+        env.pop("STREAMML_SIGNING_KEY", None)
+
+
 @dataclass
 class Exit:
     """How one run of an instance ended: the signal the stack sent (None: it exited by itself)."""
@@ -182,6 +199,7 @@ class Stack:
             base = Path(env.get("STREAMML_DATA_DIR") or DEFAULT_DATA_DIR)
             env["STREAMML_DATA_DIR"] = str(base / f"instance-{index}")
         env.update(extra_env or {})
+        secrets_for_role(name, env)
         instance_id = env.get("STREAMML_INSTANCE_ID", instance_id)
         log_path = self.log_dir / (f"{name}-{index}.log" if several else f"{name}.log")
         with log_path.open("ab") as out:

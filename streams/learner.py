@@ -17,6 +17,7 @@ from typing import Any
 from river import metrics
 
 from streamml import artifacts, estimators
+from streamml.signing import Keys
 
 
 def new_metrics(regression: bool) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class OnlineLearner:
     estimator_spec: str
     params: dict[str, str]
     regression: bool
-    signing_key: bytes
+    signing_key: bytes | Keys
     model: Any = None
     version: int = 0
     events_seen: int = 0
@@ -84,7 +85,7 @@ class OnlineLearner:
             self.metrics = new_metrics(self.regression)
 
     @classmethod
-    def resume(cls, record: Mapping[str, Any], regression: bool, signing_key: bytes) -> OnlineLearner:
+    def resume(cls, record: Mapping[str, Any], regression: bool, signing_key: bytes | Keys) -> OnlineLearner:
         """Continue from a published (and verified) version: its model, metrics state and offsets."""
         state = artifacts.load(record, signing_key)
         learner = cls(
@@ -144,7 +145,7 @@ class OnlineLearner:
         self.version += 1
         self.since_snapshot = 0
         self.last_snapshot = time.monotonic()
-        return {
+        record = {
             "pipeline": self.pipeline,
             "model_name": self.model_name,
             "version": self.version,
@@ -155,7 +156,7 @@ class OnlineLearner:
             "artifact": data,
             "artifact_uri": None,
             "sha256": artifacts.sha256_hex(data),
-            "signature": artifacts.sign(data, self.signing_key),
+            "signature": None,
             "library_versions": artifacts.library_versions(),
             "metrics": self.metric_values(),
             "training_data": [
@@ -166,6 +167,8 @@ class OnlineLearner:
             "parent_version": parent,
             "created_at": now_ms,
         }
+        record["signature"] = artifacts.signature(record, data, self.signing_key)
+        return record
 
 
 def auto_promotion(version: Mapping[str, Any], decided_at: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamml.artifacts import ArtifactRejectedError, load
+from streamml.signing import Keys
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RegistryEvent:
 class ModelRegistry:
     """Model versions seen so far and the live one per pipeline."""
 
-    signing_key: bytes | None
+    signing_key: bytes | Keys | None  # verifies versions (a predictor needs no private key)
     regression: dict[str, bool] = field(default_factory=dict)  # pipeline -> task is regression
     versions: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     live: dict[str, LiveModel] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from streamml import artifacts, estimators
 from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError, ValidationError
+from streamml.signing import Keys
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
 
 log = logging.getLogger(__name__)
@@ -683,7 +684,7 @@ def version_record(
     *,
     version: int,
     training_data: Sequence[Mapping[str, Any]],
-    signing_key: bytes,
+    signing_key: bytes | Keys,
     now_ms: int,
 ) -> dict[str, Any]:
     """A signed BATCH ModelVersion whose lineage says exactly what was read and how it was trained."""
@@ -694,7 +695,7 @@ def version_record(
             "model-versions record can hold: choose a smaller model (fewer trees, lower depth)"
         )
     request = plan.request
-    return {
+    record = {
         "pipeline": request["pipeline"],
         "model_name": request["model_name"],
         "version": version,
@@ -705,7 +706,7 @@ def version_record(
         "artifact": data,
         "artifact_uri": None,
         "sha256": artifacts.sha256_hex(data),
-        "signature": artifacts.sign(data, signing_key),
+        "signature": None,
         "library_versions": artifacts.library_versions(),
         "metrics": dict(outcome.metrics),
         "training_data": [dict(r) for r in training_data],
@@ -713,6 +714,8 @@ def version_record(
         "parent_version": plan.parent_version,
         "created_at": now_ms,
     }
+    record["signature"] = artifacts.signature(record, data, signing_key)
+    return record
 
 
 def result_record(

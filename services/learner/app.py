@@ -22,12 +22,13 @@ from streamml import artifacts, metrics
 from streamml.artifacts import ArtifactRejectedError
 from streamml.codec import codec_for
 from streamml.election import WriterLoop, WriterSlots, slot_of
-from streamml.errors import ConfigError, ValidationError
+from streamml.errors import ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
 from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app, read_to_end
 from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_service
 from streamml.settings import Settings
+from streamml.signing import Keys, keys_from
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
 from streams.features import FeatureEngine, coerce_label
 from streams.learner import LabelJoin, OnlineLearner, auto_promotion
@@ -38,7 +39,7 @@ OVERSIZED_ALERT_EVERY_S = 600.0  # a model too large to publish stays so: one al
 
 
 class Learner:
-    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes) -> None:
+    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes | Keys) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.key = key
@@ -368,10 +369,9 @@ class Learner:
 
 
 def build(settings: Settings) -> tuple[faust.App, Learner, WriterLoop]:
-    if settings.signing_key is None:
-        raise ConfigError("the learner signs model versions: set STREAMML_SIGNING_KEY")
+    keys = keys_from(settings, signs=True)  # a ConfigError names what is missing
     catalogue = prepare(settings)
-    service = Learner(settings, catalogue, settings.signing_key.get_secret_value().encode())
+    service = Learner(settings, catalogue, keys)
     slots = WriterSlots(
         settings,
         SERVICE,

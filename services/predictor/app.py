@@ -21,6 +21,7 @@ from pydantic import ValidationError as RequestError
 from streamml import limits, metrics
 from streamml.codec import check_fields, codec_for
 from streamml.errors import StreamMLError, ValidationError
+from streamml.httpauth import api_token, authorized
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
@@ -32,6 +33,7 @@ from streamml.service import (
     run_service,
 )
 from streamml.settings import Settings
+from streamml.signing import keys_from
 from streamml.topics import Catalogue
 from streams.features import FeatureEngine
 from streams.predictor import (
@@ -68,8 +70,8 @@ class Predictor:
     def __init__(self, settings: Settings, catalogue: Catalogue) -> None:
         self.settings = settings
         self.catalogue = catalogue
-        key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
-        self.registry = ModelRegistry(signing_key=key, fetch=self._fetch_version)
+        # public keys only (or the former shared HMAC key): a predictor can verify, never sign
+        self.registry = ModelRegistry(signing_key=keys_from(settings, signs=False), fetch=self._fetch_version)
         self.pipelines: dict[str, dict[str, Any]] = {}
         self.engines: dict[str, FeatureEngine] = {}
         self.by_topic: dict[str, str] = {}  # features topic -> its pipeline
@@ -366,10 +368,20 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
         SERVICE, settings, app_id=f"{settings.topic_prefix}-{SERVICE}-{settings.instance_id}", web=True
     )
     predictor.follow(app)
+    token = api_token(settings)
+
+    def refused(request: web.Request) -> web.Response | None:
+        if authorized(request.headers, token):
+            return None
+        return web.json_response(
+            {"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+        )
 
     @app.page("/predict")
     class PredictView(faust.web.View):  # type: ignore[misc]
         async def post(self, request: web.Request) -> web.Response:
+            if (denied := refused(request)) is not None:
+                return denied
             if (request.content_length or 0) > MAX_BODY_BYTES:
                 status, body = 413, {"error": f"request body over {MAX_BODY_BYTES} bytes"}
             else:
@@ -385,6 +397,8 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
     @app.page("/healthz")
     class Health(faust.web.View):  # type: ignore[misc]
         async def get(self, request: web.Request) -> web.Response:
+            if (denied := refused(request)) is not None:
+                return denied
             live = {
                 p: {"model": m.model_name, "version": m.version} for p, m in predictor.registry.live.items()
             }

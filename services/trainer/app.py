@@ -27,12 +27,13 @@ from threadpoolctl import threadpool_limits
 from services.trainer.requests import RequestLoop
 from streamml import artifacts, metrics
 from streamml.codec import codec_for
-from streamml.errors import ConfigError, StreamMLError
+from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer
 from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app
 from streamml.runtime import watermarks as runtime_watermarks
 from streamml.service import ControlFollower, now_ms, prepare, run_service
 from streamml.settings import Settings
+from streamml.signing import Keys, keys_from
 from streamml.topics import Catalogue
 from streams.trainer import (
     Dataset,
@@ -173,7 +174,7 @@ InThread = Callable[..., Awaitable[Any]]
 class Trainer:
     """The trainer's state and handlers, wired by `build`."""
 
-    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes) -> None:
+    def __init__(self, settings: Settings, catalogue: Catalogue, key: bytes | Keys) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.key = key
@@ -355,10 +356,9 @@ class Trainer:
 
 
 def build(settings: Settings) -> tuple[faust.App, Trainer, RequestLoop]:
-    if settings.signing_key is None:
-        raise ConfigError("the trainer signs model versions: set STREAMML_SIGNING_KEY")
+    keys = keys_from(settings, signs=True)  # a ConfigError names what is missing
     catalogue = prepare(settings)
-    trainer = Trainer(settings, catalogue, settings.signing_key.get_secret_value().encode())
+    trainer = Trainer(settings, catalogue, keys)
     trainer.bootstrap()
     app = faust_app(SERVICE, settings)
     trainer.follow(app)

@@ -19,6 +19,7 @@ from streamml.kafka import ensure_topics
 from streamml.localkafka import LocalKafka
 from streamml.runtime import end_offsets
 from streamml.settings import Settings
+from streamml.signing import Keys, Signer, Verifier, load_private_key, parse_public_keys, write_key_pair
 from streamml.stack import Stack
 from streamml.topics import Catalogue
 from tests.conftest import _SESSION_KAFKA, LocalKafkaFactory
@@ -32,7 +33,7 @@ class System:
 
     settings: Settings
     stack: Stack
-    key: bytes
+    key: Keys  # signs and verifies model versions as learner and trainer do (Ed25519)
     catalogue: Catalogue = field(init=False)
     control_producer: Producer | None = None
 
@@ -103,6 +104,15 @@ class System:
 SystemFactory = Callable[..., System]
 
 
+def model_signing(folder: Path) -> tuple[dict[str, str], Keys]:
+    """A deployment's Ed25519 key pair, as an operator sets it up: the private key file for learner and
+    trainer (the stack gives it to no one else), the public key for everyone; and the keys the tests sign
+    versions with."""
+    path, public = write_key_pair(folder)
+    env = {"STREAMML_MODEL_SIGNING_KEY_FILE": str(path), "STREAMML_MODEL_VERIFY_KEYS": public}
+    return env, Keys(Signer(load_private_key(path)), Verifier(parse_public_keys(public)))
+
+
 @pytest.fixture
 def make_system(
     kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -112,11 +122,13 @@ def make_system(
 
     def make(partitions: int = 3, **env_overrides: str) -> System:
         prefix = f"e{uuid.uuid4().hex[:8]}"
-        key = secrets.token_hex(16)
+        key = secrets.token_hex(16)  # the monitor's state key
+        model_env, model_keys = model_signing(tmp_path / prefix / "keys")
         env = {
             "STREAMML_BOOTSTRAP_SERVERS": kafka_bootstrap,
             "STREAMML_TOPIC_PREFIX": prefix,
             "STREAMML_SIGNING_KEY": key,
+            **model_env,
             "STREAMML_DATA_DIR": str(tmp_path / prefix / "data"),
             "STREAMML_DEFAULT_PARTITIONS": str(partitions),
             "STREAMML_LOG_LEVEL": "INFO",
@@ -130,7 +142,7 @@ def make_system(
             _env_file=None,
         )
         ensure_topics(settings, Catalogue(settings).global_topics())
-        system = System(settings, Stack.create(env, tmp_path / prefix / "logs"), key.encode())
+        system = System(settings, Stack.create(env, tmp_path / prefix / "logs"), model_keys)
         made.append(system)
         return system
 
@@ -157,7 +169,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def trained_version(
-    system: System, pipeline: str, version: int, n_events: int, *, key: bytes | None = None
+    system: System, pipeline: str, version: int, n_events: int, *, key: bytes | Keys | None = None
 ) -> dict[str, Any]:
     """A signed ModelVersion of the pipeline's online model trained in-process on n Phishing events."""
     import itertools
@@ -255,11 +267,12 @@ def make_cluster_system(
     ) -> System:
         prefix = f"s{uuid.uuid4().hex[:8]}"
         key = secrets.token_hex(16)
+        model_env, model_keys = model_signing(tmp_path / prefix / "keys")
         env = {**cluster_env(kafka3.bootstrap, prefix, key, tmp_path / prefix, partitions, guarantee),
-               **env_overrides}  # fmt: skip
+               **model_env, **env_overrides}  # fmt: skip
         settings = settings_of(env)
         ensure_topics(settings, Catalogue(settings).global_topics())
-        system = System(settings, Stack.create(env, tmp_path / prefix / "logs", instances), key.encode())
+        system = System(settings, Stack.create(env, tmp_path / prefix / "logs", instances), model_keys)
         made.append(system)
         return system
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import threading
 import time
 import urllib.error
@@ -14,7 +15,8 @@ from confluent_kafka import Message
 from river import datasets
 
 from streamml import artifacts
-from tests.e2e.conftest import System, promote, publish_version, trained_version
+from streamml.signing import Keys, Signer, Verifier, generate
+from tests.e2e.conftest import System, SystemFactory, promote, publish_version, trained_version
 
 PHISHING = list(datasets.Phishing())
 
@@ -94,35 +96,37 @@ def test_tampered_unsigned_and_foreign_artifacts_are_rejected(system: System) ->
     rewritten["artifact"] = rewritten["artifact"][:-3] + b"XYZ"
     rewritten["sha256"] = artifacts.sha256_hex(rewritten["artifact"])  # checksum forged, signature not
     unsigned = {**trained_version(system, "phishing", 4, 400), "signature": None}
-    foreign = trained_version(system, "phishing", 5, 500, key=b"someone else's key")
-    for record in (corrupted, rewritten, unsigned, foreign):
+    foreign = trained_version(system, "phishing", 5, 500, key=Keys(Signer(generate()), Verifier()))
+    shared_key = trained_version(system, "phishing", 6, 500, key=b"the former shared HMAC key")
+    for record in (corrupted, rewritten, unsigned, foreign, shared_key):
         publish_version(system, record)
         promote(system, "phishing", record["version"])
 
     alerts = system.records(
-        system.read(system.catalogue.drift_alerts().name, lambda m: len(m) >= 4), "DriftAlert"
+        system.read(system.catalogue.drift_alerts().name, lambda m: len(m) >= 5), "DriftAlert"
     )
     by_version = {a["model_version"]: a for a in alerts}
     assert {a["kind"] for a in alerts} == {"ARTIFACT"}
     assert "SHA-256 mismatch" in by_version[2]["message"]
-    assert "bad signature" in by_version[3]["message"]
+    assert "bad Ed25519 signature" in by_version[3]["message"]
     assert "unsigned" in by_version[4]["message"]
-    assert "bad signature" in by_version[5]["message"]
+    assert "signed by unknown key" in by_version[5]["message"]
+    assert "HMAC-signed" in by_version[6]["message"], "the predictor holds no shared key to trust"
 
     _produce(system, 100, 2000.0, "b")
     assert {p["model_version"] for _, p in _predictions_for(system, "b", 100)} == {1}, "v1 keeps serving"
     text = system.stack.services["predictor"].metrics_text()
     rejected = [line for line in text.splitlines() if line.startswith("streamml_rejected_artifacts_total{")]
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in rejected) == 4
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in rejected) == 5
 
-    publish_version(system, trained_version(system, "phishing", 6, 600))
-    promote(system, "phishing", 6)
+    publish_version(system, trained_version(system, "phishing", 7, 600))
+    promote(system, "phishing", 7)
     deadline = time.monotonic() + 30
-    while _health(system)["live"].get("phishing", {}).get("version") != 6:
-        assert time.monotonic() < deadline, "v6 never went live"
+    while _health(system)["live"].get("phishing", {}).get("version") != 7:
+        assert time.monotonic() < deadline, "v7 never went live"
         time.sleep(0.2)
     _produce(system, 100, 2000.0, "c")
-    assert {p["model_version"] for _, p in _predictions_for(system, "c", 100)} == {6}
+    assert {p["model_version"] for _, p in _predictions_for(system, "c", 100)} == {7}
 
 
 def _url(system: System, path: str) -> str:
@@ -205,3 +209,31 @@ def test_http_predict_valid_invalid_and_during_swaps(system: System) -> None:
     assert not failures
     assert seen == sorted(seen), "a request never sees an older version after a newer one"
     assert seen[-1] == 6 and len(set(seen)) >= 3
+
+
+def test_http_api_requires_the_bearer_token_when_one_is_configured(make_system: SystemFactory) -> None:
+    token = secrets.token_urlsafe(24)
+    system = make_system(STREAMML_HTTP_TOKEN=token)
+    system.apply("phishing", promotion="manual")
+    system.stack.start_all(["predictor"])
+    x, _ = PHISHING[0]
+    body = json.dumps({"pipeline": "phishing", "event": {"event_id": "t1", **x}}).encode()
+
+    def call(path: str, auth: str | None, data: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        headers = {"Authorization": auth} if auth is not None else {}
+        req = urllib.request.Request(_url(system, path), data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    for auth in (None, "Bearer wrong", f"Basic {token}", "Bearer", f"Bearer {token}x"):
+        assert call("/predict", auth, body)[0] == 401, auth
+        assert call("/healthz", auth)[0] == 401, auth
+    status, answer = call("/predict", f"Bearer {token}", body)
+    assert status == 503 and "no live model" in answer["error"], "past the token: the API answers"
+    status, health = call("/healthz", f"bearer {token}")
+    assert status == 200 and health["status"] == "ok"
+    log_text = system.stack.services["predictor"].log_path.read_text()
+    assert token not in log_text, "the token is never logged"

@@ -128,7 +128,7 @@ REJECTIONS: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], bytes | 
      r"bad signature"),
     ("missing signature", lambda r: {**r, "signature": None}, KEY, r"unsigned artifact"),
     ("empty signature", lambda r: {**r, "signature": ""}, KEY, r"unsigned artifact"),
-    ("no key configured", lambda r: r, None, r"no signing key configured"),
+    ("no key configured", lambda r: r, None, r"no verify keys configured"),
     ("wrong format", lambda r: {**r, "artifact_format": "joblib"}, KEY,
      r"unsupported artifact format 'joblib'"),
     ("no inline artifact", lambda r: {**r, "artifact": None, "artifact_uri": "s3://b/m"}, KEY,

@@ -167,7 +167,7 @@ def test_registry_without_a_key_rejects_everything() -> None:
     registry = ModelRegistry(signing_key=None)
     registry.on_version(version(classifier(5), 1))
     events = registry.on_promotion(decision(1))
-    assert [e.kind for e in events] == ["rejected"] and "no signing key" in events[0].reason
+    assert [e.kind for e in events] == ["rejected"] and "no verify keys" in events[0].reason
     assert registry.live == {}
 
 

@@ -1,0 +1,32 @@
+"""Bearer-token authentication of the HTTP APIs (POST /predict, /healthz)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from pathlib import Path
+
+from streamml.errors import ConfigError
+from streamml.settings import Settings
+
+
+def api_token(settings: Settings) -> bytes | None:
+    """The configured token (from STREAMML_HTTP_TOKEN or the file STREAMML_HTTP_TOKEN_FILE), or None."""
+    if settings.http_token_file:
+        try:
+            token = Path(settings.http_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {settings.http_token_file}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"{settings.http_token_file} is empty: no HTTP token")
+        return token.encode()
+    return settings.http_token.get_secret_value().encode() if settings.http_token else None
+
+
+def authorized(headers: Mapping[str, str], token: bytes | None) -> bool:
+    """Whether a request may proceed: no token configured, or `Authorization: Bearer <token>` with the
+    token compared in constant time."""
+    if token is None:
+        return True
+    scheme, _, given = headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
