@@ -512,6 +512,10 @@ class WindowState(_Record):
     windows: dict[str, list[float]] = Field(
         ..., description="Values of each rolling window of the key by output feature name, oldest first."
     )
+    sources: dict[str, int] = Field(
+        default_factory=dict,
+        description="For events that came through the repartition topic: per source partition ('<raw topic>/<partition>'), the offset of the last raw record applied to these windows; a raw record the hop forwarded twice (at-least-once replay) is applied once.",
+    )
 
 
 class WriterClaim(_Record):

@@ -32,24 +32,34 @@ _NOTHING = object()  # an append that pushed nothing out
 @dataclass
 class KeyedWindows:
     """Rolling windows of the last N values per (step output, entity key), with the input offset of the
-    last event applied to each key, so an event read again after a crash is not counted twice."""
+    last event applied to each key, so an event read again after a crash is not counted twice; and, for
+    events that came through the repartition hop, the offset of the last raw record applied per source
+    partition, so a raw record the hop forwarded twice (at-least-once: its input read again after a crash)
+    is not counted twice either."""
 
     windows: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
     dirty: set[tuple[str, str]] = field(default_factory=set)
     offsets: dict[str, int] = field(default_factory=dict)  # entity key → input offset of its last event
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)  # key → source partition → offset
     frozen: bool = False  # set while scoring a request that is not part of the stream (POST /predict)
     replayed: int = 0  # events not applied again because their key's windows already held them
     outputs: dict[str, list[str]] = field(default_factory=dict)  # entity key → outputs it has windows of
     _offset: int | None = None  # input offset of the event being applied (None: no offsets kept)
+    _source: tuple[str, int] | None = None  # ("topic/partition", offset) of the raw record it was
     _replay: bool = False  # the event being applied is already in its key's windows
     _undo: list[tuple[Any, ...]] = field(default_factory=list)  # how to take the current event back out
 
-    def begin(self, key: str, offset: int | None) -> bool:
-        """Start applying the event at `offset` to `key`'s windows; False if they already hold it."""
+    def begin(self, key: str, offset: int | None, source: tuple[str, int] | None = None) -> bool:
+        """Start applying the event at `offset` (a copy of the raw record `source`, a ("topic/partition",
+        offset) pair) to `key`'s windows; False if they already hold it."""
         self._offset = offset
+        self._source = source
         self._undo = []
         last = self.offsets.get(key)
         self._replay = offset is not None and last is not None and offset <= last
+        if source is not None and not self._replay:
+            seen = self.sources.get(key, {}).get(source[0])
+            self._replay = seen is not None and source[1] <= seen
         if self._replay:
             self.replayed += 1
         return not self._replay
@@ -70,16 +80,20 @@ class KeyedWindows:
             window = self.windows[(output, key)] = deque(window, maxlen=size)
         else:  # what the append pushes out, to put it back if the event is refused later (O(1))
             undo = ("appended", window[0] if len(window) == window.maxlen else _NOTHING)
-        self._undo.append((output, key, *undo, (output, key) in self.dirty, self.offsets.get(key)))
+        source = self._source
+        seen = self.sources.get(key, {}).get(source[0]) if source is not None else None
+        self._undo.append((output, key, *undo, (output, key) in self.dirty, self.offsets.get(key), seen))
         window.append(value)
         self.dirty.add((output, key))
         if self._offset is not None:
             self.offsets[key] = self._offset
+        if source is not None:
+            self.sources.setdefault(key, {})[source[0]] = source[1]
         return window
 
     def rollback(self) -> None:
         """Take the event being applied back out of every window it entered (it was refused later)."""
-        for output, key, how, old, was_dirty, offset in reversed(self._undo):
+        for output, key, how, old, was_dirty, offset, seen in reversed(self._undo):
             if how == "new":
                 del self.windows[(output, key)]
                 self.outputs[key].remove(output)
@@ -98,6 +112,11 @@ class KeyedWindows:
                 self.offsets.pop(key, None)
             else:
                 self.offsets[key] = offset
+            if self._source is not None:
+                if seen is None:
+                    self.sources.get(key, {}).pop(self._source[0], None)
+                else:
+                    self.sources.setdefault(key, {})[self._source[0]] = seen
         self._undo = []
 
     def take_dirty(self) -> dict[tuple[str, str], list[float]]:
@@ -170,6 +189,8 @@ class PartitionedStore:
             for output, vals in record["windows"].items():
                 windows.restore(output, key, vals)
             windows.offsets[key] = record["offset"]
+            if record.get("sources"):
+                windows.sources[key] = dict(record["sources"])
         if skipped:
             where = f"{self.changelog}[{self.changelog_partition(partition)}]"
             log.warning("%s: %d undecodable records in %s skipped", self.pipeline, skipped, where)
@@ -196,6 +217,7 @@ class PartitionedStore:
                     "partition": partition,
                     "key": key,
                     "offset": windows.offsets.get(key, -1),
+                    "sources": windows.sources.get(key, {}),
                     "windows": windows.state_of(key),
                 }
                 outputs.append(

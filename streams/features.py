@@ -295,6 +295,7 @@ class FeatureEngine:
         source: dict[str, Any] | None = None,
         windows: KeyedWindows | None = None,
         offset: int | None = None,
+        raw_record: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
         """The FeatureVector record of one raw event; raises ValidationError with the reason if invalid.
 
@@ -302,6 +303,8 @@ class FeatureEngine:
         event leaves no trace in them. `windows` (default: the engine's own) are those of the event's input
         partition; with `offset`, the event's input offset, an event those windows already hold for its key
         (read again after a crash) is not applied twice: its rolling features are the windows as they stand.
+        `raw_record` ("topic/partition", offset) names the raw record a repartitioned event was: one the hop
+        forwarded twice is applied once.
         """
         values: Mapping[str, Scalar] = raw["fields"]
         event_id = values.get(self.id_field)
@@ -335,7 +338,7 @@ class FeatureEngine:
             event_time = raw.get("event_time") or timestamp_ms
         state = self.windows if windows is None else windows
         if not state.frozen:
-            state.begin(key_str or "", offset)
+            state.begin(key_str or "", offset, raw_record)
         try:
             for step in self.steps:
                 step(features, key_str, state)

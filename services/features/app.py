@@ -189,11 +189,13 @@ class Features:
         partition, offset = msg.partition() or 0, msg.offset() or 0
         origin: Message = msg
         source = Source(topic, partition, offset, msg.timestamp()[1])
+        raw_record = None
         if topic in self.hop_inputs:  # the raw record it was, as stage 1 named it
             named = Source.from_headers(msg.headers())
             if named is not None:
                 source = named
                 origin = cast(Message, named.as_message(msg.value()))
+                raw_record = (f"{named.topic}/{named.partition}", named.offset)
         try:
             raw = decode_raw(msg.value())
             fv = engine.transform(
@@ -208,6 +210,7 @@ class Features:
                 },
                 windows=self.stores[topic].get(partition),
                 offset=offset,
+                raw_record=raw_record,
             )
             value = self._features.encode(fv)
         except Exception as exc:  # the record boundary: any failure dead-letters this record only

@@ -123,6 +123,32 @@ def test_feature_vectors_point_at_the_raw_record_and_changed_windows_go_to_the_s
     assert codec_for("WindowState").decode(changelog.value or b"")["offset"] == 1
 
 
+def test_a_raw_record_the_hop_forwarded_twice_enters_its_keys_windows_once() -> None:
+    """At least once: the hop's input is read again after a crash, so raw records 101-102 reach the
+    repartition topic twice, at new offsets. The copies get the values the first ones had; the windows,
+    the changelog and a restore from it count each raw record once."""
+    s = service()
+    raw = [FakeMessage(RAW, event(i, salary=float(i)), offset=100 + i, partition=1) for i in range(4)]
+    first = s.handle(raw[:3])  # type: ignore[arg-type]
+    again = s.handle(raw[1:])  # type: ignore[arg-type]  # the next owner starts from the committed 101
+    read = [HeaderMessage(o, offset) for offset, o in enumerate([*first, *again])]
+    outputs = s.handle(read)  # type: ignore[arg-type]
+    vectors = [codec_for("FeatureVector").decode(o.value or b"") for o in outputs if o.topic == FEATURES]
+    got = [(v["source"]["start_offset"], v["features"]["zipcode_count_100"]) for v in vectors]
+    assert got == [(100, 1.0), (101, 2.0), (102, 3.0), (101, 3.0), (102, 3.0), (103, 4.0)]
+    assert vectors[-1]["features"]["zipcode_mean_salary_100"] == 1.5  # (0 + 1 + 2 + 3) / 4
+    (changelog,) = [o for o in outputs if o.topic == WINDOWS]
+    state = codec_for("WindowState").decode(changelog.value or b"")
+    assert state["sources"] == {f"{RAW}/1": 103}
+
+    restored = service()
+    part = changelog.partition or 0
+    restored.stores[HOP].restore(part, [changelog.value])
+    replay = HeaderMessage(again[1], 10)  # raw 102 once more, after a restart
+    (fv,) = [o for o in restored.handle([replay]) if o.topic == FEATURES]  # type: ignore[list-item]
+    assert codec_for("FeatureVector").decode(fv.value or b"")["features"]["zipcode_count_100"] == 4.0
+
+
 def test_a_refused_event_after_the_hop_is_dead_lettered_with_the_raw_coordinates() -> None:
     s = service()
     bad = json.dumps({"event_id": "x", "zipcode": 3, "salary": "lots"}).encode()
@@ -184,7 +210,8 @@ def test_assignment_restores_exactly_the_new_partitions_and_revocation_drops_the
     assert reader.stores[HOP].owned() == {partition, (partition + 1) % 4}
     assert reader.on_assign(assigned) == assigned and len(reads) == 1  # owned already: nothing to read
     # the restored windows continue where the writer stopped, and replayed offsets are not counted again
-    again = reader.handle([HeaderMessage(hop[2], 2), HeaderMessage(hop[0], 3)])  # type: ignore[list-item]
+    (fresh,) = writer.handle([FakeMessage(RAW, event(3, salary=10.0), offset=3)])  # type: ignore[misc]
+    again = reader.handle([HeaderMessage(hop[2], 2), HeaderMessage(fresh, 3)])  # type: ignore[list-item]
     counts = [codec_for("FeatureVector").decode(o.value or b"")["features"]["zipcode_count_100"]
               for o in again if o.topic == FEATURES]  # fmt: skip
     assert counts == [3.0, 4.0]

@@ -41,7 +41,7 @@ def test_changes_are_one_record_per_dirty_key_pinned_to_the_input_partition_then
     first = records(outputs)[0]
     assert first == {
         "pipeline": "shop", "input_topic": INPUT, "partition": 2, "key": "c1", "offset": 11,
-        "windows": {"sum": [1.0, 2.0], "mean": [1.0, 2.0]},
+        "windows": {"sum": [1.0, 2.0], "mean": [1.0, 2.0]}, "sources": {},
     }  # fmt: skip
     assert s.changes() == []  # written once: nothing changed since
     apply(s.get(2), "c1", 12, 3.0)
