@@ -59,6 +59,7 @@ from streamml.settings import Settings
 from streamml.sources import open_source
 from streamml.stack import SERVICES, STATEFUL, Stack
 from streamml.topics import Catalogue
+from streams.repartition import Source
 
 log = logging.getLogger("bench.chaos")
 REPO = Path(__file__).resolve().parent.parent
@@ -499,6 +500,17 @@ class Run:
         fcheck = inv.check_rolling_features(
             features, inv.rolling_steps(definition["feature_steps"]), self.raw
         )
+        # The same against the order the window processor really read (the repartition topic).
+        hop_msgs, _ = read_all(s, c.repartition(PIPELINE).name, timeout_s=90)
+        read_order = []
+        for m in sorted(hop_msgs, key=lambda m: (m.partition() or 0, m.offset() or 0)):
+            named = Source.from_headers(m.headers())
+            if named is not None:
+                spot = (named.topic, named.partition, named.offset)
+                read_order.append(((m.key() or b"").decode(errors="replace"), spot))
+        ocheck = inv.check_rolling_in_read_order(
+            features, inv.rolling_steps(definition["feature_steps"]), read_order, self.raw
+        )
         concept = inv.count_alerts([a for a in alerts if a["pipeline"] == PIPELINE], "CONCEPT", expected=1)
         loop = inv.loop_outcome(
             [r for r in requests if r["pipeline"] == PIPELINE],
@@ -541,6 +553,7 @@ class Run:
         unasked = sorted(label for label in self.stack.dead())
         self.details = {
             "count": count, "lineage": lineage, "served": served, "features": fcheck, "concept": concept,
+            "features_read_order": ocheck,
             "loop": loop, "per_stop": per_stop, "stuck": stuck, "exits": exits, "dead": unasked,
             "alerts_by_kind": collections.Counter(a["kind"] for a in alerts),
             "requests": len(requests), "claims": len(claims),
@@ -557,6 +570,7 @@ class Run:
             "duplicate_alerts": concept.duplicates,
             "concept_alerts": concept.records,
             "feature_mismatches": fcheck.mismatches,
+            "feature_mismatches_read_order": ocheck.mismatches,
             "training_requests": loop.requests,
             "loop_completed": loop.completed_once,
             "max_stall_s": {k: round(v, 2) for k, v in sorted(stall.items())},
@@ -583,6 +597,9 @@ class Run:
             ["served version went back", f"{served.regressions:,}", str(served.examples[:3])],
             ["rolling feature mismatches", f"{fcheck.mismatches:,}",
              f"of {fcheck.records:,} records, {fcheck.keys} keys; e.g. {fcheck.examples[:1]}"],
+            ["  in the order the windows read", f"{d['features_read_order'].mismatches:,}",
+             f"of {d['features_read_order'].records:,} (reference in repartition-topic order); "
+             f"e.g. {d['features_read_order'].examples[:1]}"],
             ["CONCEPT alerts (1 expected)", f"{d['concept'].records}",
              ", ".join(f"{k} {v}" for k, v in sorted(d["alerts_by_kind"].items()))],
             ["training requests (1 expected)", f"{loop.requests}",

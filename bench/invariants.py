@@ -206,6 +206,56 @@ def check_rolling_features(
     return check
 
 
+def check_rolling_in_read_order(
+    features: Iterable[Record],
+    steps: Sequence[RollingStep],
+    read_order: Iterable[tuple[str, Where]],
+    raw: Mapping[Where, Record],
+    rel_tol: float = 1e-9,
+) -> FeatureCheck:
+    """Rolling features against a per-key reference built in the order the window processor read its
+    input: `read_order` is (key, raw record) per record of the repartition topic, partition by partition in
+    offset order (a key lives in one partition). A raw record met again (the hop forwarded it twice) adds
+    nothing to the reference; every feature record of a raw record must carry the value at its first place.
+    Unlike `check_rolling_features` nothing is inferred: a mismatch is a wrong window."""
+    steps = list(steps)
+    check = FeatureCheck(0, 0, 0, 0)
+    expected: dict[Where, dict[str, float | None]] = {}
+    windows: dict[str, dict[str, collections.deque[float]]] = {}
+    for key, spot in read_order:
+        if spot in expected or spot not in raw:
+            continue
+        per_key = windows.setdefault(key, {s.output: collections.deque(maxlen=s.window) for s in steps})
+        event = raw[spot]
+        want: dict[str, float | None] = {}
+        for s in steps:
+            v = event.get(s.input)
+            v = float(v) if isinstance(v, int | float) else None
+            want[s.output] = None if v is None else rolling_value(s.op, [*per_key[s.output], v][-s.window :])
+            if v is not None:
+                per_key[s.output].append(v)
+        expected[spot] = want
+    check.keys = len(windows)
+    for fv in features:
+        spot = where_of(fv.get("source"))
+        if fv.get("key") is None or not any(s.output in fv["features"] for s in steps):
+            continue
+        check.records += 1
+        if spot is None or spot not in expected:
+            check.unordered += 1
+            continue
+        bad = {
+            out: (fv["features"].get(out), want)
+            for out, want in expected[spot].items()
+            if not _same(fv["features"].get(out), want, rel_tol)
+        }
+        if bad:
+            check.mismatches += 1
+            if len(check.examples) < EXAMPLES:
+                check.examples.append({"key": fv.get("key"), "source": spot, "got_vs_reference": bad})
+    return check
+
+
 def _input(raw: Mapping[Where, Record] | None, spot: Where, fv: Record, step: RollingStep) -> float | None:
     event = raw.get(spot) if raw is not None else None
     if event is not None and isinstance(event.get(step.input), int | float):

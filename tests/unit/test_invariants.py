@@ -215,3 +215,17 @@ def test_first_after_and_percentile() -> None:
     assert inv.first_after([1.0], 3.0) is None
     assert inv.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert inv.percentile([], 50) is None
+
+
+def test_read_order_reference_counts_a_raw_record_once_and_flags_wrong_windows() -> None:
+    events = [("a", 0, 0, 10.0), ("b", 1, 0, 5.0), ("a", 1, 1, 20.0), ("a", 0, 1, 30.0)]
+    raw = {(RAW, p, o): {"salary": s} for _k, p, o, s in events}
+    read = [(k, (RAW, p, o)) for k, p, o, _s in events]
+    records = windows_of(events)
+    assert inv.check_rolling_in_read_order(records, STEPS_3, read, raw).mismatches == 0
+    forwarded_twice = [*read[:3], read[2], read[3]]  # the hop wrote raw (1, 1) twice: counted once
+    assert inv.check_rolling_in_read_order(records, STEPS_3, forwarded_twice, raw).mismatches == 0
+    counted_twice = windows_of([*events[:3], events[2], events[3]])
+    check = inv.check_rolling_in_read_order(counted_twice, STEPS_3, forwarded_twice, raw)
+    assert check.mismatches == 2 and check.records == 5  # the copy of (1, 1) and then (0, 1)
+    assert check.examples[0]["got_vs_reference"]["n"] == (3.0, 2.0)
