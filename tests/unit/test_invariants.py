@@ -227,5 +227,6 @@ def test_read_order_reference_counts_a_raw_record_once_and_flags_wrong_windows()
     assert inv.check_rolling_in_read_order(records, STEPS_3, forwarded_twice, raw).mismatches == 0
     counted_twice = windows_of([*events[:3], events[2], events[3]])
     check = inv.check_rolling_in_read_order(counted_twice, STEPS_3, forwarded_twice, raw)
-    assert check.mismatches == 2 and check.records == 5  # the copy of (1, 1) and then (0, 1)
-    assert check.examples[0]["got_vs_reference"]["n"] == (3.0, 2.0)
+    assert (check.records, check.copies, check.mismatches) == (5, 1, 1)  # the copy is a copy; (0, 1) is wrong
+    assert check.examples[0]["source"] == (RAW, 0, 1)
+    assert check.examples[0]["got_vs_reference"] == {"m": (70 / 3, 20.0)}  # 20 counted twice
