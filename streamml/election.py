@@ -40,7 +40,15 @@ from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
-from streamml.runtime import RETRIABLE, Output, interleave, is_permanent, kafka_error, produce
+from streamml.runtime import (
+    RETRIABLE,
+    SESSION_TIMEOUT_MS,
+    Output,
+    interleave,
+    is_permanent,
+    kafka_error,
+    produce,
+)
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 
@@ -111,7 +119,7 @@ class WriterSlots:
             self.group_id,
             **{
                 "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": 10_000,  # a crashed writer's slots move on within ~10 s
+                "session.timeout.ms": SESSION_TIMEOUT_MS,  # a crashed writer's slots move on after ~6 s
                 "heartbeat.interval.ms": 1_000,
                 # An instance whose event loop stalls this long (librdkafka heartbeats from its own thread)
                 # leaves the group: its slots move on, and it is fenced if it writes again.

@@ -321,6 +321,10 @@ MIN_BATCH = 50
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
+# Consumer-group session of data loops, writer slots and trainer requests: how long a crashed member keeps
+# its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
+# catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
+SESSION_TIMEOUT_MS = 6_000
 # Aligned topics: how long a partition with records left to read may hold back the others (as Kafka
 # Streams' max.task.idle.ms) before the rest goes on without its records.
 ALIGN_IDLE_S = 1.0
@@ -427,7 +431,9 @@ class BatchLoop(mode.Service):
             **{
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed",
-                "session.timeout.ms": 10_000,  # a crashed instance's partitions move on within seconds
+                # A crashed instance's partitions move on after this: the broker's minimum (6 s by default);
+                # heartbeats come from librdkafka's own thread, so a busy event loop does not expire it.
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 1_000,
                 "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
                 # Aligned loops: small runs per partition, so a batch holds several partitions to order.

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from streamml import metrics
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import Output, is_retriable, kafka_error, produce
+from streamml.runtime import SESSION_TIMEOUT_MS, Output, is_retriable, kafka_error, produce
 from streamml.service import check_record_pipeline
 from streamml.topics import MODEL_MAX_BYTES
 from streams.trainer import route_request
@@ -185,7 +185,7 @@ class RequestLoop(mode.Service):
                 "isolation.level": "read_committed",
                 "enable.auto.offset.store": False,
                 "partition.assignment.strategy": "cooperative-sticky",  # a fit on a kept partition goes on
-                "session.timeout.ms": 10_000,
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 1_000,
                 "fetch.wait.max.ms": 100,
             },
