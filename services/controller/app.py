@@ -141,7 +141,9 @@ class ControllerService:
         pending: list[tuple[int, int, Any, dict[str, Any]]] = []
         for i, (topic, schema, start, apply) in enumerate(sources):
             stop = self.control.applied.get((topic, 0), 0)
-            for msg in _read_from(self.settings, topic, {(topic, 0): start}):
+            # Only up to what the follower applied (committed records): what comes after is the follower's
+            # to apply, and reading on to the end would wait on any writer's open transaction there.
+            for msg in _read_from(self.settings, topic, {(topic, 0): start}, {(topic, 0): stop}):
                 if (msg.offset() or 0) >= stop or msg.value() is None:
                     continue
                 try:
@@ -288,8 +290,14 @@ class ControllerService:
         self._publish(pipeline, outputs, force=force)
 
 
-def _read_from(settings: Settings, topic: str, starts: dict[tuple[str, int], int]) -> list[Message]:
-    """The committed records of a one-partition topic from its start offset in `starts` to the end now."""
+def _read_from(
+    settings: Settings,
+    topic: str,
+    starts: dict[tuple[str, int], int],
+    ends: dict[tuple[str, int], int] | None = None,
+) -> list[Message]:
+    """The committed records of a topic from its start offset in `starts` to the end now (or to the offset
+    in `ends`)."""
     consumer = make_consumer(
         settings, f"{settings.topic_prefix}-{SERVICE}-replay", **{"isolation.level": "read_committed"}
     )
@@ -297,6 +305,8 @@ def _read_from(settings: Settings, topic: str, starts: dict[tuple[str, int], int
         marks = watermarks(consumer, topic) or {}
         out: list[Message] = []
         for partition, (low, high) in marks.items():
+            if ends is not None and (topic, partition) in ends:
+                high = min(high, ends[(topic, partition)])
             start = max(low, starts.get((topic, partition), 0))
             if start >= high:
                 continue
