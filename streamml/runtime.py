@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -47,6 +48,28 @@ class Output:
     headers: list[tuple[str, bytes]] | None = None
 
 
+def faust_credentials(settings: Settings) -> Any:
+    """The Faust (aiokafka) side of the Kafka security settings, as confluent-kafka reads them in
+    `Settings.kafka_config`: TLS with the CA and client certificate, SASL with the mechanism and user."""
+    protocol = settings.security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ssl_ca_location)
+        if settings.ssl_certificate_location:
+            context.load_cert_chain(settings.ssl_certificate_location, settings.ssl_key_location)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return faust.SASLCredentials(
+        username=settings.sasl_username,
+        password=password,
+        mechanism=settings.sasl_mechanism or "PLAIN",
+        ssl_context=context,
+    )
+
+
 def faust_app(service: str, settings: Settings, *, app_id: str | None = None, web: bool = False) -> faust.App:
     """A Faust app configured from settings; web views bind to the configured (loopback) address."""
     brokers = ";".join(f"kafka://{s}" for s in settings.bootstrap_servers.split(","))
@@ -56,6 +79,7 @@ def faust_app(service: str, settings: Settings, *, app_id: str | None = None, we
         app_id or f"{settings.topic_prefix}-{service}",
         broker=brokers,
         store="memory://",
+        broker_credentials=faust_credentials(settings),
         datadir=str(datadir),
         consumer_auto_offset_reset="earliest",
         topic_replication_factor=settings.replication_factor,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+# Secrets that may also come from a file, `<name>_file` (the HTTP token reads its own file where it is used).
+SECRET_FILES = ("sasl_password", "signing_key")
 
 
 class Settings(BaseSettings):
@@ -26,6 +29,7 @@ class Settings(BaseSettings):
     sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512.")
     sasl_username: str | None = Field(None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    sasl_password_file: str | None = Field(None, description="File holding the SASL password (a secret).")
     ssl_ca_location: str | None = Field(None, description="Path of the CA bundle for TLS.")
     ssl_certificate_location: str | None = Field(None, description="Client certificate for mutual TLS.")
     ssl_key_location: str | None = Field(None, description="Client key for mutual TLS.")
@@ -49,6 +53,7 @@ class Settings(BaseSettings):
         description="Shared HMAC-SHA256 key: signs the monitor's state; signs and verifies models only where "
         "no Ed25519 keys are configured (the former scheme: every holder can forge).",
     )
+    signing_key_file: str | None = Field(None, description="File holding the shared HMAC key (a secret).")
     model_signing_key_file: str | None = Field(
         None, description="Ed25519 private key (PEM) that signs model versions: learner and trainer only."
     )
@@ -80,6 +85,22 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         """Compose passes `${VAR:-}` as an empty string: treat it as not configured, never as a key."""
         return None if value == "" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """`<secret>_file` (e.g. STREAMML_SASL_PASSWORD_FILE, a Kubernetes or compose secret) fills the
+        secret when it is not set directly; the file's content is never shown, trailing newlines dropped."""
+        if not isinstance(data, dict):
+            return data
+        for secret in SECRET_FILES:
+            path = data.get(f"{secret}_file")
+            if path and not data.get(secret):
+                try:
+                    data = {**data, secret: Path(path).read_text().rstrip("\r\n")}
+                except OSError as exc:
+                    raise ValueError(f"cannot read {secret}_file {path}: {exc.strerror}") from exc
+        return data
 
     @field_validator("bootstrap_servers")
     @classmethod
