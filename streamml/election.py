@@ -23,6 +23,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import mode
@@ -185,19 +186,31 @@ class WriterSlots:
         if not slots:
             return
         started = time.monotonic()
-        fenced = []
-        for slot in slots:
+
+        def fence(slot: int) -> Producer | KafkaException:
             tid = transactional_id(self.settings, self.service, slot)
             conf = {"transactional.id": tid, "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
             producer = make_producer(self.settings, **{**conf, **self._producer_config})
             try:
                 producer.init_transactions(INIT_TIMEOUT_S)  # fences the previous owner, aborts its open txn
-            except KafkaException as exc:  # e.g. the coordinator moving: claimed again in a while
+            except KafkaException as exc:
+                return exc
+            return producer
+
+        # All slots at once: each init_transactions waits for its coordinator (seconds while a fresh broker
+        # loads its transaction log), and one after another they held the event loop (and SIGTERM) 10-20 s.
+        with ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="fence") as pool:
+            outcomes = list(zip(slots, pool.map(fence, slots), strict=True))
+        fenced = []
+        for slot, outcome in outcomes:
+            if isinstance(outcome, KafkaException):  # e.g. the coordinator moving: claimed again in a while
                 ERRORS.labels(self.service, "fence").inc()
-                log.error("%s: slot %d: cannot fence the previous writer now (%s)", self.service, slot, exc)
+                log.error(
+                    "%s: slot %d: cannot fence the previous writer now (%s)", self.service, slot, outcome
+                )
                 self._dropped_at[slot] = time.monotonic()
                 continue
-            self.producers[slot] = producer
+            self.producers[slot] = outcome
             fenced.append(slot)
         slots = fenced
         if not slots:

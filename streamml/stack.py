@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,8 +124,12 @@ class ServiceProcess:
             urls.append(f"http://127.0.0.1:{self.http_port}{HEALTH_PATHS[self.name]}")
         try:
             for url in urls:
-                with urllib.request.urlopen(url, timeout=timeout_s):  # loopback only
-                    pass
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout_s):  # loopback only
+                        pass
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 401:  # 401: the API answers and wants its bearer token
+                        raise
         except OSError:
             return False
         return True
