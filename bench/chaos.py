@@ -19,7 +19,9 @@ Then every topic is read back (read_committed, as an application reads) and benc
                          not compared); feature_mismatches_inferred: the same against the reference inferred
                          from source offsets alone (replayed copies mislead its merge: an upper bound)
   loop_completed         1 request, one SHADOW then one PROMOTE/DISCARD of the challenger by the controller
-  max_stall_s            longest pause of predictions in any partition after a stop, by signal
+  max_stall_s            longest pause of predictions in any partition after a stop, by signal: a pause
+                         belongs to the stop that came last before it began (a pause already running
+                         when another stop comes is not counted again for that one)
   rebalance_p50_s        median time from a stop to the takeover: the next WriterClaim of a single-writer
                          service, or predictions flowing again in every partition for the features service
 
@@ -537,9 +539,14 @@ class Run:
         stall: dict[str, float] = {}
         takeovers: list[float] = []
         per_stop = []
-        for d in stops:
+        for i, d in enumerate(stops):
             key = d.action.sig if d.action.kind == "stop" else "broker"
-            gap = inv.max_stall(times, d.at, horizon_s=60.0, end=self.produced_at)
+            # A pause is the stop's that came last before it began: its last output came at most 1 s
+            # before the stop, and before the next stop (stops every ~10 s overlap pauses of 10-20 s, and
+            # each was counted for every stop it overlapped).
+            until = stops[i + 1].at - d.at if i + 1 < len(stops) else 60.0
+            gap = inv.max_stall(times, d.at, horizon_s=min(60.0, max(until, 0.0)), end=self.produced_at,
+                                began_after=d.at - 1.0)  # fmt: skip
             if gap is not None:
                 stall[key] = max(stall.get(key, 0.0), gap)
             took: float | None = None

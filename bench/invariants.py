@@ -398,12 +398,15 @@ def max_stall(
     at: float,
     horizon_s: float = 60.0,
     end: float | None = None,
+    began_after: float | None = None,
 ) -> float | None:
     """Longest pause in output, in any partition, from `at` (a kill) on: the longest gap between
     consecutive output times (seconds) that ends after `at` and starts within `horizon_s` of it, counted
     from `at` at the earliest. A partition that produced nothing after `at` counts up to `at + horizon_s`.
     None when no partition had produced anything before `at` (there was no flow to interrupt). `end` is
-    when the input ended: a partition silent after a stop at or after it has nothing left to say."""
+    when the input ended: a partition silent after a stop at or after it has nothing left to say. With
+    `began_after`, a pause whose last output came before it (it was already running: an earlier stop's)
+    is not counted."""
     worst: float | None = None
     for times in times_by_partition.values():
         ordered = sorted(times)
@@ -415,10 +418,12 @@ def max_stall(
         for t in ordered[len(before) :]:
             if previous > at + horizon_s:
                 break
-            worst = max(worst, t - max(previous, at))
+            if began_after is None or previous >= began_after:
+                worst = max(worst, t - max(previous, at))
             previous = t
         else:
-            if previous <= at and (end is None or at < end):
+            earlier = began_after is not None and previous < began_after
+            if previous <= at and (end is None or at < end) and not earlier:
                 worst = max(worst, horizon_s)
     return worst
 

@@ -208,6 +208,10 @@ def test_stall_is_the_longest_gap_after_a_kill_in_any_partition() -> None:
     assert inv.max_stall({0: [1.0, 2.0]}, at=3.0, horizon_s=30.0) == 30.0  # never resumed
     assert inv.max_stall({0: [1.0, 2.0]}, at=3.0, end=2.5) == 0.0  # the input had ended: silence is right
     assert inv.max_stall({0: [4.0, 5.0]}, at=3.0) is None  # no flow before the kill: nothing to measure
+    # a pause already running when a second stop comes (at 7.0) is the first stop's, not the second's
+    assert inv.max_stall({0: steady, 1: stalled}, at=7.0, began_after=6.0) == pytest.approx(0.1)
+    assert inv.max_stall({0: steady, 1: stalled}, at=5.5, began_after=4.5) == pytest.approx(2.5)
+    assert inv.max_stall({0: [1.0, 2.0]}, at=3.0, horizon_s=30.0, began_after=2.5) == 0.0
 
 
 def test_first_after_and_percentile() -> None:
