@@ -12,7 +12,7 @@ from importlib import metadata
 from typing import Any
 
 from streamml.errors import StreamMLError
-from streamml.signing import Keys, SignatureError
+from streamml.signing import Keys, SignatureError, hmac_hex
 
 FORMAT = "pickle"
 
@@ -31,7 +31,7 @@ def sha256_hex(data: bytes) -> str:
 
 def sign(data: bytes, key: bytes) -> str:
     """HMAC-SHA256 of data (the monitor's own state snapshots, written and read by monitors only)."""
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hmac_hex(key, data)
 
 
 def signature(record: Mapping[str, Any], data: bytes, key: bytes | Keys) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -543,9 +542,7 @@ def keys_generate(
     if out.exists():
         raise StreamMLError(f"{out} exists: refusing to overwrite a key (remove it first)")
     key = signing.generate()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "xb", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:
-        f.write(signing.private_pem(key))
+    signing.write_private_key(out, key)
     console.print(signing.public_line(key.public_key(), comment), soft_wrap=True)
     err_console.print(f"private key written to {out} (key id {signing.key_id(key.public_key())})")
 

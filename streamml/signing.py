@@ -86,14 +86,24 @@ def generate() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """The key as PEM in a new file readable by its owner only (an existing file is never overwritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
+        f.write(private_pem(key))
+
+
 def write_key_pair(folder: Path, name: str = "model-signing.pem") -> tuple[Path, str]:
     """A new key pair: the private key in folder/name (mode 0600); returns its path and the public line."""
     key = generate()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
-        f.write(private_pem(key))
+    write_private_key(path, key)
     return path, public_line(key.public_key())
+
+
+def hmac_hex(key: bytes, data: bytes) -> str:
+    """HMAC-SHA256 of data, hex: the former model signature, and the monitor's state snapshots'."""
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def private_pem(key: Ed25519PrivateKey) -> bytes:
@@ -132,7 +142,7 @@ class Signer:
             sig = self.private.sign(message(record))
             return f"{PREFIX}:{self.id}:{base64.b64encode(sig).decode()}"
         assert self.hmac_key is not None
-        return hmac.new(self.hmac_key, data, hashlib.sha256).hexdigest()
+        return hmac_hex(self.hmac_key, data)
 
 
 @dataclass
@@ -168,8 +178,7 @@ class Verifier:
             return
         if self.hmac_key is None:
             raise SignatureError("HMAC-signed, and the shared HMAC key is not configured here")
-        expected = hmac.new(self.hmac_key, data, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected.encode(), signature.encode()):
+        if not hmac.compare_digest(hmac_hex(self.hmac_key, data).encode(), signature.encode()):
             raise SignatureError("bad signature (not signed with this deployment's key)")
 
 
