@@ -33,6 +33,10 @@ pipeline_app = typer.Typer(help="Apply, list, show and delete pipeline definitio
 app.add_typer(pipeline_app, name="pipeline")
 model_app = typer.Typer(help="List model versions, promote and roll back.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+acl_app = typer.Typer(
+    help="Principals and ACLs of a secured cluster, from the catalogue.", no_args_is_help=True
+)
+app.add_typer(acl_app, name="acl")
 keys_app = typer.Typer(help="Ed25519 keys that sign and verify model versions.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 # Piped output (scripts, tests, CI logs) gets wide tables instead of truncated cells.
@@ -228,7 +232,7 @@ def tail(
     settings = _settings()
     check_broker(settings)
     spec = Catalogue(settings).resolve(topic)
-    consumer = make_consumer(settings, f"streamml-tail-{uuid.uuid4().hex[:8]}")
+    consumer = make_consumer(settings, f"{settings.topic_prefix}-cli-tail-{uuid.uuid4().hex[:8]}")
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -529,6 +533,53 @@ def status(
     view = status_view.collect(settings, state or dashboard.DEFAULT_STATE, recent=recent, sample_s=sample)
     now_ms = int(time.time() * 1000)
     console.print(status_view.render(view, now_ms=now_ms, title=status_view.title(settings)))
+
+
+@acl_app.command("apply")
+def acl_apply(
+    pipeline: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pipeline", "-p", help="Also cover this pipeline file's topics (before it is applied)."
+        ),
+    ] = None,
+    secrets_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of <user>.password files (missing ones are generated, mode 0600)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the changes; change nothing.")] = False,
+) -> None:
+    """Create the SCRAM users and ACLs of every service and the CLI (idempotent; run as the operator).
+
+    Covers the global topics, every pipeline on the pipelines topic and each --pipeline file; ACLs of
+    StreamML's users that the catalogue no longer declares are removed.
+    """
+    from streamml import acl
+    from streamml.localkafka import default_home
+
+    settings = _settings()
+    check_broker(settings)
+    catalogue = Catalogue(settings)
+    covered: dict[str, str | None] = {}
+    for name, rec in control.read_pipelines(settings).current.items():
+        if not rec["deleted"]:
+            covered[name] = rec["raw_topic"]
+    for file in pipeline or []:
+        spec = pipelines.load_file(file)
+        covered[spec.name] = spec.raw_topic or catalogue.raw(spec.name).name
+    wanted = acl.plan(catalogue, covered.items())
+    folder = secrets_dir or default_home() / "users"
+    changes = acl.apply(make_admin(settings), wanted, folder, dry_run=dry_run)
+    verb = "would " if dry_run else ""
+    for user in changes.users_created:
+        console.print(f"{verb}set SCRAM credential: {user} (password in {acl.password_file(folder, user)})")
+    for grant in changes.added:
+        console.print(f"{verb}add    {grant.line()}", highlight=False)
+    for grant in changes.removed:
+        console.print(f"{verb}remove {grant.line()}", highlight=False)
+    names = ", ".join(sorted(covered)) or "-"
+    summary = f"{len(wanted)} ACLs for {len(acl.PRINCIPALS)} principals, pipelines: {names}"
+    console.print(("no changes; " if changes.empty else "") + summary, highlight=False)
 
 
 @keys_app.command("generate")

@@ -41,11 +41,12 @@ def setup_logging(settings: Settings) -> None:
     )
 
 
-def prepare(settings: Settings) -> Catalogue:
-    """Fail fast without a broker; make sure the global topics exist before anything subscribes."""
+def prepare(settings: Settings, service: str) -> Catalogue:
+    """Fail fast without a broker; make sure the global topics the service uses exist before anything
+    subscribes (only those: on a secured cluster its principal may see no others)."""
     check_broker(settings)
     catalogue = Catalogue(settings)
-    ensure_topics(settings, catalogue.global_topics())
+    ensure_topics(settings, catalogue.used_by(catalogue.global_topics(), service))
     return catalogue
 
 

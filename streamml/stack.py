@@ -79,6 +79,17 @@ def secrets_for_role(service: str, env: dict[str, str]) -> None:
         env.pop("STREAMML_SIGNING_KEY", None)
 
 
+def principal_for(service: str, env: dict[str, str], users_dir: Path) -> None:
+    """On a secured cluster every service connects as its own SCRAM user (`streamml acl apply` made it),
+    its password read from <users_dir>/<user>.password; no shared password is passed on."""
+    from streamml.acl import password_file, user_name
+
+    user = user_name(env.get("STREAMML_TOPIC_PREFIX") or "streamml", service)
+    env.pop("STREAMML_SASL_PASSWORD", None)
+    env["STREAMML_SASL_USERNAME"] = user
+    env["STREAMML_SASL_PASSWORD_FILE"] = str(password_file(users_dir, user))
+
+
 @dataclass
 class Exit:
     """How one run of an instance ended: the signal the stack sent (None: it exited by itself)."""
@@ -153,14 +164,22 @@ class Stack:
     log_dir: Path
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     instances: dict[str, int] = field(default_factory=dict)
+    # Secured cluster: each service connects as its own SCRAM user with the password file found here.
+    users_dir: Path | None = None
 
     @classmethod
-    def create(cls, env: Mapping[str, str], log_dir: Path, instances: int | Mapping[str, int] = 1) -> Stack:
+    def create(
+        cls,
+        env: Mapping[str, str],
+        log_dir: Path,
+        instances: int | Mapping[str, int] = 1,
+        users_dir: Path | None = None,
+    ) -> Stack:
         log_dir.mkdir(parents=True, exist_ok=True)
         counts = dict.fromkeys(SERVICES, instances) if isinstance(instances, int) else dict(instances)
         if any(n < 1 for n in counts.values()):
             raise ValueError(f"every service needs at least one instance, got {counts}")
-        return cls(env=dict(env), log_dir=log_dir, instances=counts)
+        return cls(env=dict(env), log_dir=log_dir, instances=counts, users_dir=users_dir)
 
     def count(self, name: str) -> int:
         return self.instances.get(name, 1)
@@ -203,6 +222,8 @@ class Stack:
             env["STREAMML_INSTANCE_ID"] = instance_id
             base = Path(env.get("STREAMML_DATA_DIR") or DEFAULT_DATA_DIR)
             env["STREAMML_DATA_DIR"] = str(base / f"instance-{index}")
+        if self.users_dir is not None:
+            principal_for(name, env, self.users_dir)
         env.update(extra_env or {})
         secrets_for_role(name, env)
         instance_id = env.get("STREAMML_INSTANCE_ID", instance_id)
@@ -334,7 +355,7 @@ class Stack:
             }
             for label, s in self.services.items()
         }
-        public_env = {k: v for k, v in self.env.items() if not k.endswith(("_KEY", "_PASSWORD"))}
+        public_env = {k: v for k, v in self.env.items() if not k.endswith(("_KEY", "_PASSWORD", "_TOKEN"))}
         path.write_text(json.dumps({"env": public_env, "services": state}, indent=2))  # never secrets
         path.chmod(0o600)
 
@@ -381,6 +402,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="1",
         help="instances per service: N for all, or service=N[,service=N] (default 1)",
     )
+    up.add_argument(
+        "--users-dir",
+        type=Path,
+        default=None,
+        help="secured cluster: each service connects as its own user, password from <dir>/<user>.password",
+    )
     down = sub.add_parser("down", help="stop the services started by `up`")
     down.add_argument("--state", type=Path, default=REPO_ROOT / ".local" / "stack.json")
     args = parser.parse_args(argv)
@@ -392,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.state.exists():
             stop_saved(args.state)
         env = {k: v for k, v in os.environ.items() if k.startswith("STREAMML_")}
-        stack = Stack.create(env, args.logs, counts)
+        stack = Stack.create(env, args.logs, counts, args.users_dir)
         try:
             stack.start_all()
         finally:

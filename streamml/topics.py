@@ -31,6 +31,10 @@ class TopicSpec:
     # Partitions may be added to an existing topic with fewer (its readers re-route records by key, so
     # an upgrade that raised the count needs no manual step); other topics must match exactly.
     may_grow: bool = False
+    # Who reads and who writes it: the principals (services, and "cli" for the user's streamml commands
+    # and producers) that `streamml acl apply` grants access to, and nobody else.
+    readers: tuple[str, ...] = ()
+    writers: tuple[str, ...] = ()
 
     def topic_config(self, min_insync_replicas: int) -> dict[str, str]:
         """The topic-level configs to create the topic with."""
@@ -55,6 +59,14 @@ def check_pipeline_name(name: str) -> str:
 # Compacted topics keep their latest record per key forever (retention -1): model versions and decisions
 # have unique keys, so nothing is removed unless a tombstone replaces it.
 MODEL_MAX_BYTES = 64 * 1024 * 1024
+
+# The principals of the access declarations below: one per service, and the user's (the `streamml` CLI, the
+# data engineers' producers, app teams' consumers).
+FEATURES, LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER, CLI = (
+    "features", "learner", "predictor", "monitor", "controller", "trainer", "cli",
+)  # fmt: skip
+SERVICES = (FEATURES, LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER)
+EVERY_SERVICE = SERVICES
 
 
 class Catalogue:
@@ -84,6 +96,18 @@ class Catalogue:
         "windows",
     )
 
+    # (readers, writers) of each per-pipeline topic; the user (CLI) reads every topic.
+    DATA_ACCESS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+        "raw": ((FEATURES, CLI), (CLI,)),
+        "features": ((LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER, CLI), (FEATURES,)),
+        "labels": ((LEARNER, MONITOR, TRAINER, CLI), (CLI,)),
+        "predictions": ((MONITOR, CLI), (PREDICTOR,)),
+        "shadow-predictions": ((MONITOR, CLI), (PREDICTOR,)),
+        "dead-letter": ((CLI,), EVERY_SERVICE),
+        "repartition": ((FEATURES, CLI), (FEATURES,)),
+        "windows": ((FEATURES, CLI), (FEATURES,)),
+    }
+
     def __init__(self, settings: Settings) -> None:
         self.prefix = settings.topic_prefix
         self.partitions = settings.default_partitions
@@ -96,6 +120,7 @@ class Catalogue:
             f"{self.prefix}.pipelines", "pipelines", "PipelineDefinition", "avro", "pipeline name",
             "Pipeline definitions; the latest record per pipeline is its current revision.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
+            readers=(*EVERY_SERVICE, CLI), writers=(CLI,),
         )  # fmt: skip
 
     def model_versions(self) -> TopicSpec:
@@ -105,6 +130,7 @@ class Catalogue:
             "Every model version with its signed artifact and lineage.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
             config={"max.message.bytes": str(MODEL_MAX_BYTES)},
+            readers=(LEARNER, PREDICTOR, TRAINER, CLI), writers=(LEARNER, TRAINER),
         )  # fmt: skip
 
     def promotions(self) -> TopicSpec:
@@ -112,6 +138,7 @@ class Catalogue:
             f"{self.prefix}.promotions", "promotions", "Promotion", "avro", "pipeline/model/decision-time",
             "Deployment decisions (promote, rollback, shadow, discard) with their reasons.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
+            readers=(LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER, CLI), writers=(CONTROLLER, CLI),
         )  # fmt: skip
 
     def training_requests(self) -> TopicSpec:
@@ -120,6 +147,7 @@ class Catalogue:
             "Requests to train a batch model on an exact slice of a topic. Trainer instances share its "
             "partitions; keyed by pipeline, so one instance at a time answers (and numbers) a pipeline's.",
             self.partitions, self.rf, retention_ms=30 * DAY_MS, may_grow=True,
+            readers=(TRAINER, CLI), writers=(CONTROLLER, CLI),
         )  # fmt: skip
 
     def training_results(self) -> TopicSpec:
@@ -127,6 +155,7 @@ class Catalogue:
             f"{self.prefix}.training-results", "training-results", "TrainingResult", "avro", "request id",
             "The outcome of each training request: the candidate version, or why it was rejected.",
             1, self.rf, retention_ms=30 * DAY_MS,
+            readers=(TRAINER, CONTROLLER, CLI), writers=(TRAINER,),
         )  # fmt: skip
 
     def evaluations(self) -> TopicSpec:
@@ -134,6 +163,7 @@ class Catalogue:
             f"{self.prefix}.evaluations", "evaluations", "Evaluation", "avro", "pipeline",
             "Champion/challenger comparisons on the same labelled events.",
             1, self.rf, retention_ms=30 * DAY_MS,
+            readers=(CONTROLLER, CLI), writers=(MONITOR,),
         )  # fmt: skip
 
     def drift_alerts(self) -> TopicSpec:
@@ -141,6 +171,7 @@ class Catalogue:
             f"{self.prefix}.drift-alerts", "drift-alerts", "DriftAlert", "avro", "pipeline",
             "Drift and artifact alerts.",
             1, self.rf, retention_ms=30 * DAY_MS,
+            readers=(LEARNER, CONTROLLER, CLI), writers=(MONITOR, LEARNER, PREDICTOR),
         )  # fmt: skip
 
     def dead_letters(self) -> TopicSpec:
@@ -150,6 +181,7 @@ class Catalogue:
             "Records no pipeline could claim (unknown or invalid pipeline), with the original bytes and the "
             "reason.",
             1, self.rf, retention_ms=30 * DAY_MS,
+            readers=(CLI,), writers=EVERY_SERVICE,
         )  # fmt: skip
 
     def writers(self) -> TopicSpec:
@@ -159,6 +191,7 @@ class Catalogue:
             "controller). Each service's instances join one group on it; whoever is assigned slot k writes "
             "for the pipelines hashed to k (and records a WriterClaim there).",
             self.writer_slots, self.rf,
+            readers=(LEARNER, MONITOR, CONTROLLER, CLI), writers=(LEARNER, MONITOR, CONTROLLER),
         )  # fmt: skip
 
     def monitor_state(self) -> TopicSpec:
@@ -168,6 +201,7 @@ class Catalogue:
             "over without repeating or missing an alert.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
             config={"max.message.bytes": str(MODEL_MAX_BYTES)},
+            readers=(MONITOR, CLI), writers=(MONITOR,),
         )  # fmt: skip
 
     def controller_state(self) -> TopicSpec:
@@ -176,6 +210,7 @@ class Catalogue:
             "The controller's open work per pipeline and where its inputs resume: how a new writer takes "
             "over without a second request or decision for one alert.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
+            readers=(CONTROLLER, CLI), writers=(CONTROLLER,),
         )  # fmt: skip
 
     # -- per-pipeline data topics -----------------------------------------------------------------
@@ -183,9 +218,11 @@ class Catalogue:
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
     ) -> TopicSpec:
         check_pipeline_name(pipeline)
+        readers, writers = self.DATA_ACCESS[role]
         return TopicSpec(
-            f"{self.prefix}.{pipeline}.{role}", role, schema, encoding, key, doc, self.partitions, self.rf
-        )
+            f"{self.prefix}.{pipeline}.{role}", role, schema, encoding, key, doc, self.partitions, self.rf,
+            readers=readers, writers=writers,
+        )  # fmt: skip
 
     def raw(self, pipeline: str) -> TopicSpec:
         return self._data(
@@ -263,6 +300,10 @@ class Catalogue:
             self.repartition(pipeline),
             self.windows(pipeline),
         ]
+
+    def used_by(self, specs: list[TopicSpec], principal: str) -> list[TopicSpec]:
+        """The topics of `specs` that `principal` reads or writes: what a service verifies at start."""
+        return [s for s in specs if principal in s.readers or principal in s.writers]
 
     def resolve(self, topic: str) -> TopicSpec | None:
         """The declaration of a topic name, if StreamML declares it (used by `streamml tail`)."""

@@ -326,7 +326,7 @@ def _read_from(
 
 
 def build(settings: Settings) -> tuple[faust.App, ControllerService]:
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     service = ControllerService(settings, catalogue)
     c = catalogue
     service.control.bootstrap(c.pipelines().name, "PipelineDefinition", service.on_pipeline)

@@ -76,7 +76,9 @@ class Features:
         engine = None
         if not record["deleted"]:  # build and prepare the new revision before dropping the old one
             engine = FeatureEngine(record)
-            ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+            ensure_topics(
+                self.settings, self.catalogue.used_by(self.catalogue.pipeline_topics(name), SERVICE)
+            )
         old = self.engines.pop(name, None)
         if old is not None:
             self.hops = {t: h for t, h in self.hops.items() if h.engine is not old}
@@ -268,7 +270,7 @@ class _Loopback:
 
 
 def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     service = Features(settings, catalogue)
     service.control.bootstrap(catalogue.pipelines().name, "PipelineDefinition", service.on_pipeline)
     app = faust_app(SERVICE, settings)

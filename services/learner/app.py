@@ -97,7 +97,7 @@ class Learner:
         # Everything that can fail comes first, so a revision that cannot be applied changes nothing.
         engine = FeatureEngine(record)
         learner = self._learner_for(record) if self.owns(name) else None
-        ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+        ensure_topics(self.settings, self.catalogue.used_by(self.catalogue.pipeline_topics(name), SERVICE))
         self.engines[name] = engine
         self.pipelines[name] = record
         if learner is not None:
@@ -370,7 +370,7 @@ class Learner:
 
 def build(settings: Settings) -> tuple[faust.App, Learner, WriterLoop]:
     keys = keys_from(settings, signs=True)  # a ConfigError names what is missing
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     service = Learner(settings, catalogue, keys)
     slots = WriterSlots(
         settings,

@@ -81,7 +81,9 @@ class MonitorService:
             return
         name = record["name"]
         if not record["deleted"]:
-            ensure_topics(self.settings, self.catalogue.pipeline_topics(name))
+            ensure_topics(
+                self.settings, self.catalogue.used_by(self.catalogue.pipeline_topics(name), SERVICE)
+            )
         if record["deleted"] or self.owns(name):
             self.monitor.on_pipeline(record)
         self.routes = {t: r for t, r in self.routes.items() if r[0] != name}
@@ -399,7 +401,7 @@ class MonitorService:
 def build(settings: Settings) -> tuple[faust.App, MonitorService, WriterLoop]:
     if settings.signing_key is None:
         raise ConfigError("the monitor signs its state snapshots: set STREAMML_SIGNING_KEY")
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     service = MonitorService(settings, catalogue, settings.signing_key.get_secret_value().encode())
     slots = WriterSlots(
         settings,

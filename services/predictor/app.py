@@ -361,7 +361,7 @@ def _attempt(live: LiveModel, fv: dict[str, Any], now: int) -> dict[str, Any] | 
 
 
 def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     predictor = Predictor(settings, catalogue)
     predictor.bootstrap()
     app = faust_app(

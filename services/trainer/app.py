@@ -357,7 +357,7 @@ class Trainer:
 
 def build(settings: Settings) -> tuple[faust.App, Trainer, RequestLoop]:
     keys = keys_from(settings, signs=True)  # a ConfigError names what is missing
-    catalogue = prepare(settings)
+    catalogue = prepare(settings, SERVICE)
     trainer = Trainer(settings, catalogue, keys)
     trainer.bootstrap()
     app = faust_app(SERVICE, settings)

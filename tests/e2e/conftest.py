@@ -60,7 +60,7 @@ class System:
 
     def producer(self) -> Producer:
         """A plain confluent-kafka producer, as any data engineer would use."""
-        return Producer({"bootstrap.servers": self.settings.bootstrap_servers, "linger.ms": 5})
+        return Producer({**self.settings.kafka_config(), "linger.ms": 5})
 
     def read(
         self,
@@ -72,8 +72,8 @@ class System:
         """All records of a topic from the beginning, polling until `until(records)` holds."""
         consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.bootstrap_servers,
-                "group.id": f"e2e-{uuid.uuid4().hex}",
+                **self.settings.kafka_config(),
+                "group.id": f"{self.settings.topic_prefix}-cli-e2e-{uuid.uuid4().hex}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed" if read_committed else "read_uncommitted",
@@ -214,9 +214,7 @@ def promote(system: System, pipeline: str, version: int, model_name: str = "onli
         "decided_at": decided,
     }
     if system.control_producer is None:
-        system.control_producer = Producer(
-            {"bootstrap.servers": system.settings.bootstrap_servers, "linger.ms": 0}
-        )
+        system.control_producer = Producer({**system.settings.kafka_config(), "linger.ms": 0})
     system.control_producer.produce(
         system.catalogue.promotions().name,
         codec_for("Promotion").encode(record),
