@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from pathlib import Path
 
-from streamml.errors import ConfigError
 from streamml.settings import Settings
 
 
 def api_token(settings: Settings) -> bytes | None:
-    """The configured token (from STREAMML_HTTP_TOKEN or the file STREAMML_HTTP_TOKEN_FILE), or None."""
-    if settings.http_token_file:
-        try:
-            token = Path(settings.http_token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {settings.http_token_file}: {exc.strerror}") from exc
-        if not token:
-            raise ConfigError(f"{settings.http_token_file} is empty: no HTTP token")
-        return token.encode()
-    return settings.http_token.get_secret_value().encode() if settings.http_token else None
+    """The configured token (STREAMML_HTTP_TOKEN, or read from STREAMML_HTTP_TOKEN_FILE), or None."""
+    return settings.http_token.get_secret_value().strip().encode() if settings.http_token else None
 
 
 def authorized(headers: Mapping[str, str], token: bytes | None) -> bool:

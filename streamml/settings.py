@@ -10,8 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-# Secrets that may also come from a file, `<name>_file` (the HTTP token reads its own file where it is used).
-SECRET_FILES = ("sasl_password", "signing_key")
+# Secrets that may also come from a file, `<name>_file` (Kubernetes and compose secrets are files).
+SECRET_FILES = ("sasl_password", "signing_key", "http_token")
 
 
 class Settings(BaseSettings):
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     http_token: SecretStr | None = Field(
         None, description="Bearer token every HTTP API request must carry (none: no authentication)."
     )
-    http_token_file: str | None = Field(None, description="File holding the HTTP bearer token.")
+    http_token_file: str | None = Field(None, description="File holding the HTTP bearer token (a secret).")
 
     signing_key: SecretStr | None = Field(
         None,
@@ -97,9 +97,12 @@ class Settings(BaseSettings):
             path = data.get(f"{secret}_file")
             if path and not data.get(secret):
                 try:
-                    data = {**data, secret: Path(path).read_text().rstrip("\r\n")}
+                    text = Path(path).read_text().rstrip("\r\n")
                 except OSError as exc:
                     raise ValueError(f"cannot read {secret}_file {path}: {exc.strerror}") from exc
+                if not text.strip():  # an empty secret is a mistake, never "no password" or "no token"
+                    raise ValueError(f"{secret}_file {path} is empty")
+                data = {**data, secret: text}
         return data
 
     @field_validator("bootstrap_servers")

@@ -42,7 +42,11 @@ def _produce(system: System, events: list[dict[str, Any]], rate: float, stop: th
 
 @pytest.mark.slow
 def test_drift_is_detected_retrained_and_the_challenger_promoted(make_system: SystemFactory) -> None:
-    system = make_system(partitions=1)
+    run_closed_loop(make_system(partitions=1))
+
+
+def run_closed_loop(system: System) -> None:
+    """Drift → alert → retrain → shadow → promotion → recovery, checked on the topics (one partition)."""
     system.apply(
         "agrawal",
         snapshot_every_events=2000,

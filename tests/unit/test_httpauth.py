@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from streamml.errors import ConfigError
 from streamml.httpauth import api_token, authorized
 from streamml.settings import Settings
 
@@ -37,6 +36,6 @@ def test_the_token_comes_from_the_setting_or_a_file(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("from-a-file\n")
     assert api_token(Settings(**BASE, http_token_file=str(tmp_path / "token"))) == b"from-a-file"  # type: ignore[arg-type]
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(ConfigError, match="empty"):
-        api_token(Settings(**BASE, http_token_file=str(tmp_path / "empty")))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"http_token_file .* is empty"):  # refused when settings are read
+        Settings(**BASE, http_token_file=str(tmp_path / "empty"))  # type: ignore[arg-type]
     assert "abc" not in repr(Settings(**BASE, http_token="abc")), "a secret is never shown"  # type: ignore[arg-type]
