@@ -14,6 +14,8 @@ LOCK_TOOLS := .local/lock-tools
 LOCK_FLAGS ?=
 BROKERS ?= 1
 PORT ?= 9092
+# `make kafka-up SECURE=1`: TLS listeners, SCRAM logins for applications, mutual TLS for the operator, ACLs.
+SECURE ?=
 BOOTSTRAP ?= 127.0.0.1:$(PORT)
 DEMO_PIPELINE ?= agrawal
 DEMO_RATE ?= 200
@@ -78,8 +80,8 @@ kafka-jars: $(VENV_STAMP) ## Fetch the Apache Kafka jars with Maven into .local/
 	@$(REQUIRE_JAVA)
 	$(PY) -m streamml.localkafka jars
 
-kafka-up: kafka-jars ## Start a local KRaft Kafka on 127.0.0.1 (BROKERS=3 for a 3-broker cluster)
-	$(PY) -m streamml.localkafka up --brokers $(BROKERS) --port $(PORT)
+kafka-up: kafka-jars ## Start a local KRaft Kafka on 127.0.0.1 (BROKERS=3 for a 3-broker cluster, SECURE=1 for TLS+SCRAM+ACLs)
+	$(PY) -m streamml.localkafka up --brokers $(BROKERS) --port $(PORT) $(if $(filter 1 true yes,$(SECURE)),--secure,--no-secure)
 
 kafka-down: $(VENV_STAMP) ## Stop the local Kafka
 	$(PY) -m streamml.localkafka down
@@ -150,8 +152,8 @@ down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus
 	$(PY) -m streamml.stack down
 	@$(MAKE) --no-print-directory kafka-down
 
-bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min)
-	$(PY) -m bench
+bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min; SECURE=1 adds predictor and e2e on a secured cluster)
+	$(PY) -m bench $(if $(filter 1 true yes,$(SECURE)),--secure,)
 
 fuzz: kafka-jars ## Hostile-input benchmark (not a test): >=100k hostile records + 10k HTTP bodies against the running stack; JSON last line
 	$(PY) -m bench.fuzz

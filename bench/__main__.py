@@ -32,7 +32,7 @@ from bench.workload import (
     signed_versions,
 )
 from streamml.codec import codec_for
-from streamml.localkafka import LocalKafka, free_port_block
+from streamml.localkafka import LocalKafka, free_port_block, ports_per_node
 
 log = logging.getLogger("bench")
 T = TypeVar("T")
@@ -69,6 +69,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {MEASURES}")
     p.add_argument("--profile-dir", type=Path, help="record the predictor and learner with py-spy here")
     p.add_argument("--keep", type=Path, help="work folder to keep (broker data, service logs)")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="also measure predictor and e2e on a secured cluster (TLS, SCRAM, ACLs; `make bench SECURE=1`)",
+    )
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(MEASURES)
     if unknown:
@@ -93,13 +98,72 @@ class Bench:
         self.failures: dict[str, str] = {}
         self.deployments: dict[str, Deployment] = {}
         self.breakdowns: dict[str, dict[str, float]] = {}
+        self.secure: LocalKafka | None = None  # set by run_secure: later deployments are on it
+        self.inputs: tuple[list[dict[str, Any]], list[Any]] = ([], [])  # events and records, for run_secure
 
     def deployment(self, name: str, pipeline: str = PIPELINE) -> Deployment:
-        dep = Deployment(
-            self.bootstrap, f"bench{self.run_id}-{name}", self.key, self.workdir / name, pipeline=pipeline
-        )
+        prefix = f"bench{self.run_id}-{name}"
+        if self.secure is None:
+            dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, pipeline=pipeline)
+        else:
+            dep = self.secure_deployment(self.secure, name, prefix, pipeline)
         self.deployments[name] = dep
         return dep
+
+    def secure_deployment(self, kafka: LocalKafka, name: str, prefix: str, pipeline: str) -> Deployment:
+        """A deployment on the secured cluster: the operator applies its principals and ACLs (as
+        `streamml acl apply` does), the bench acts as the user, every service as its own principal."""
+        from streamml import acl
+        from streamml.kafka import make_admin
+        from streamml.settings import Settings
+        from streamml.topics import Catalogue
+
+        users = self.workdir / "users"
+        admin_env = {k.removeprefix("STREAMML_").lower(): v for k, v in kafka.admin_env().items()}
+        admin = Settings(**{**admin_env, "topic_prefix": prefix}, _env_file=None)
+        acl.apply(make_admin(admin), acl.plan(Catalogue(admin), [(pipeline, None)]), users)
+        user = acl.user_name(prefix, acl.CLI)
+        return Deployment(
+            kafka.bootstrap, prefix, self.key, self.workdir / name, pipeline=pipeline,
+            security_env=kafka.client_env(user, acl.password_file(users, user)), users_dir=users,
+        )  # fmt: skip
+
+    def run_secure(self, kafka: LocalKafka, events: list[dict[str, Any]], records: list[Any]) -> None:
+        """Issue 10: the predictor and e2e measurements again, on a secured cluster (same inputs)."""
+        a = self.args
+        self.secure = kafka
+        definition = pipeline_definition("bench.raw", estimator=a.estimator)
+        warm = feature_vectors(definition, events[:2000])
+        one = signed_versions(self.key.encode(), warm, 1, len(warm), a.estimator)[0]
+
+        def predictor() -> Measured:
+            dep = self.deployment("predictor_secure")
+            definition = pipeline_definition(dep.raw_topic, estimator=a.estimator)
+            return measures.predictor_service(dep, definition, records, one, None)
+
+        def e2e() -> Measured:
+            dep = self.deployment("e2e_secure")
+            definition = pipeline_definition(dep.raw_topic, estimator=a.estimator)
+            return measures.e2e_latency(
+                dep,
+                definition,
+                events,
+                one,
+                a.rate,
+                a.duration,
+                a.warmup,
+                None,
+                list(kafka.node_pids().values()),
+            )
+
+        if "predictor" in self.only:
+            got = self.attempt("predictor_secure", predictor)
+            if got is not None:
+                self.results["predictor_secure"] = got
+        if "e2e" in self.only:
+            got = self.attempt("e2e_secure", e2e)
+            if got is not None:
+                self.results["e2e_secure"] = got
 
     def attempt(self, name: str, fn: Callable[[], T]) -> T | None:
         started = time.monotonic()
@@ -181,6 +245,7 @@ class Bench:
         if "breakdown" in self.only:
             self.attempt("breakdown", lambda: self.breakdown(one))
         self.closed_loop()
+        self.inputs = (events, records)  # for run_secure
 
     def closed_loop(self) -> None:
         """Issue 4: the loop on the six services, false alarms on a stationary stream, monitor throughput."""
@@ -257,6 +322,20 @@ class Bench:
             "recovery_gap_pts": r(self.value("loop", "gap_pts"), 2),
             "recovery_events": count(self.value("loop", "recovery_events")),
             "monitor_eps": r(self.value("monitor"), 1),
+            **(self.secure_result() if self.args.secure else {}),
+        }
+
+    def secure_result(self) -> dict[str, float | None]:
+        """Secured (TLS + SCRAM + ACLs) against PLAINTEXT, measured in the same run."""
+        plain_eps, secure_eps = self.value("predictor"), self.value("predictor_secure")
+        plain_p50, secure_p50 = self.value("e2e"), self.value("e2e_secure")
+        ratio = stats.ratio
+        return {
+            "predictor_eps_secure": None if secure_eps is None else round(secure_eps, 1),
+            "predictor_secure_ratio": None if (x := ratio(secure_eps, plain_eps)) is None else round(x, 3),
+            "e2e_p50_ms_secure": None if secure_p50 is None else round(secure_p50, 2),
+            "e2e_p99_ms_secure": None if (p := self.value("e2e_secure", "p99")) is None else round(p, 2),
+            "e2e_secure_ratio": None if (y := ratio(secure_p50, plain_p50)) is None else round(y, 3),
         }
 
     def text(self, elapsed_s: float) -> str:
@@ -307,6 +386,16 @@ class Bench:
             ["learner / in-process River", n(res["learner_ratio"], 2), "",
              f"by main-thread CPU per event: {n(cpu_ratio('river', 'learner'), 2)}"],
         ]  # fmt: skip
+        if a.secure:
+            rows += [
+                ["predictor on the secured cluster (SASL_SSL, ACLs)", n(res["predictor_eps_secure"]),
+                 "events/s", f"secured / PLAINTEXT: {n(res['predictor_secure_ratio'], 2)}; "
+                 f"{cpu_note('predictor_secure')}"],
+                ["e2e p50 on the secured cluster", n(res["e2e_p50_ms_secure"], 1), "ms",
+                 f"secured / PLAINTEXT: {n(res['e2e_secure_ratio'], 2)}; "
+                 f"p99 {n(res['e2e_p99_ms_secure'], 1)} ms, "
+                 f"{n(d('e2e_secure', 'received'))}/{n(d('e2e_secure', 'sent'))} received"],
+            ]  # fmt: skip
         load = os.getloadavg()
         title = (
             f"StreamML bench: N={a.events:,} records, 1 partition, model {a.estimator}, e2e at "
@@ -477,6 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("Kafka at %s (work folder %s)", bootstrap, workdir)
             bench = Bench(bootstrap, workdir, args, list(kafka.node_pids().values()))
             bench.run()
+            if args.secure:
+                kafka.stop()  # one cluster at a time on a small machine
+                kafka = LocalKafka(
+                    workdir / "kafka-secure", brokers=1, base_port=free_port_block(ports_per_node(True)),
+                    die_with_parent=True, secure=True,
+                )  # fmt: skip
+                kafka.start(timeout_s=120)
+                log.info("secured Kafka at %s", kafka.bootstrap)
+                bench.run_secure(kafka, *bench.inputs)
         finally:
             if bench is not None:
                 for dep in bench.deployments.values():

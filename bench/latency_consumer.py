@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -33,7 +34,7 @@ def sent_ns_of(key: bytes) -> int | None:
 Sample = tuple[int, int, int, int, int]  # sent ns, latency µs, then ms spent in each of the 3 stages
 
 
-def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
+def run(conf: dict[str, Any], topic: str, expected: int, conn: Connection) -> None:
     """Samples of `expected` measured predictions (or until the parent says "stop"), sent as a list.
 
     The stages come from the stamps the services write (feature_time, prediction_time: the start of
@@ -41,8 +42,7 @@ def run(bootstrap: str, topic: str, expected: int, conn: Connection) -> None:
     """
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-latency-{time.time_ns()}",
+            **conf,  # the deployment's brokers, security and a group of its own
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 100,

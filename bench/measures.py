@@ -104,7 +104,7 @@ def _copy(
 ) -> tuple[list[tuple[float, int]], float]:
     """The first n features records copied to `out` by a new consumer group: (batch stamps, end time)."""
     consumer = make_consumer(
-        dep.settings, f"{dep.prefix}-passthrough-{run}",
+        dep.settings, f"{dep.prefix}-cli-passthrough-{run}",
         **{"enable.auto.offset.store": False, "isolation.level": "read_committed"},
     )  # fmt: skip
     producer = make_producer(dep.settings, **{"linger.ms": 2})
@@ -290,7 +290,9 @@ def e2e_latency(
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     probe = ctx.Process(
-        target=latency_consumer.run, args=(dep.bootstrap, dep.predictions_topic, expected, child), daemon=True
+        target=latency_consumer.run,
+        args=(dep.consumer_config("latency"), dep.predictions_topic, expected, child),
+        daemon=True,
     )
     # linger.ms=1: the latency includes the client's batching wait, as an application's would.
     producer = make_producer(dep.settings, **{"linger.ms": 1})

@@ -246,14 +246,23 @@ class Deployment:
     signing_key: str
     workdir: Path
     pipeline: str = PIPELINE  # the pipeline whose data topics it creates and reads
+    # A secured cluster: the user's STREAMML_* security settings (the bench acts as the `cli` principal)
+    # and the folder of every service's password file (each service runs as its own principal).
+    security_env: dict[str, str] = field(default_factory=dict)
+    users_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        security = {k.removeprefix("STREAMML_").lower(): v for k, v in self.security_env.items()}
         self.settings = Settings(
-            bootstrap_servers=self.bootstrap,
-            topic_prefix=self.prefix,
-            default_partitions=1,
-            signing_key=self.signing_key,
-            data_dir=str(self.workdir / "data"),
+            **{
+                **security,
+                "bootstrap_servers": self.bootstrap,
+                "topic_prefix": self.prefix,
+                "default_partitions": 1,
+                "signing_key": self.signing_key,
+                "data_dir": str(self.workdir / "data"),
+            },
+            _env_file=None,
         )
         self.catalogue = Catalogue(self.settings)
         self.key = self.signing_key.encode()
@@ -313,7 +322,7 @@ class Deployment:
     def topic_count(self, topic: str) -> int:
         """Records in a topic (sum of high - low watermarks): cheap, so it does not load the services."""
         if self._counter is None:  # one client for all polls: a new one per poll costs real CPU
-            self._counter = make_consumer(self.settings, f"{self.prefix}-bench-count")
+            self._counter = make_consumer(self.settings, f"{self.prefix}-cli-bench-count")
         meta = self._counter.list_topics(topic, timeout=10).topics[topic]
         total = 0
         for p in meta.partitions:
@@ -348,6 +357,7 @@ class Deployment:
     # -- services -------------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         return {
+            **self.security_env,
             "STREAMML_BOOTSTRAP_SERVERS": self.bootstrap,
             "STREAMML_TOPIC_PREFIX": self.prefix,
             "STREAMML_DEFAULT_PARTITIONS": "1",
@@ -359,7 +369,7 @@ class Deployment:
     @contextmanager
     def services(self, *names: str) -> Iterator[Stack]:
         """The named services running (ready), stopped on exit even on error."""
-        stack = Stack.create(self.env(), self.workdir / "logs")
+        stack = Stack.create(self.env(), self.workdir / "logs", users_dir=self.users_dir)
         try:
             for name in names:
                 stack.start(name)
@@ -368,6 +378,11 @@ class Deployment:
             yield stack
         finally:
             stack.stop_all()
+
+    def consumer_config(self, purpose: str) -> dict[str, Any]:
+        """A plain confluent-kafka consumer's settings (for a helper process): this deployment's security,
+        a group of the user's own (`<prefix>-cli-...`, the only groups its principal may use)."""
+        return {**self.settings.kafka_config(), "group.id": f"{self.prefix}-cli-{purpose}-{time.time_ns()}"}
 
     def close(self) -> None:
         self._control.flush(10)

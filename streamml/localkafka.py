@@ -1,6 +1,7 @@
 """Run a real Apache Kafka cluster (KRaft, 1 or 3 nodes) as local Java processes, without Docker.
 
 Used by `make kafka-up` / `make kafka-down` and by the pytest broker fixture, so both run the same broker.
+PLAINTEXT by default; secure mode (`make kafka-up SECURE=1`) adds TLS, SCRAM logins and ACLs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from streamml.errors import StreamMLError
+from streamml.tlsca import ADMIN_NAME, BROKER_NAME, TlsFiles, ensure_tls, write_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,12 @@ HOST = "127.0.0.1"
 DEFAULT_BASE_PORT = 9092
 MAX_BROKERS = 9
 CLUSTER_FILE = "cluster.json"
+ADMIN_ENV_FILE = "admin.env"
+TLS_DIR = "tls"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+# Who may do anything on a secure cluster: the nodes themselves (inter-broker and controller traffic) and the
+# operator's admin certificate. Kafka names a TLS peer by its certificate's subject DN, in RFC 2253 form.
+SUPER_USERS = (f"User:CN={BROKER_NAME}", f"User:CN={ADMIN_NAME}")
 _PROC = Path("/proc")
 # Ports handed out by free_port_block stay below Linux's ephemeral range so that outgoing client
 # connections cannot be holding them.
@@ -161,12 +169,23 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
+def ports_per_node(secure: bool) -> int:
+    """A PLAINTEXT node listens on 2 ports (clients, controller); a secure one on 3 (plus INTERNAL)."""
+    return 3 if secure else 2
+
+
 def port_layout(brokers: int, base_port: int) -> list[tuple[int, int]]:
     """(broker port, controller port) per node: brokers on base..base+N-1, controllers on base+N..base+2N-1.
 
     With one node this is Kafka's usual 9092 (clients) / 9093 (controller).
     """
     return [(base_port + i, base_port + brokers + i) for i in range(brokers)]
+
+
+def internal_ports(brokers: int, base_port: int) -> list[int]:
+    """Secure mode's INTERNAL (inter-broker and admin) port per node: base+2N..base+3N-1, after the ports
+    of port_layout, which keep their places (one secure node: 9092 clients, 9093 controller, 9094 admin)."""
+    return [base_port + 2 * brokers + i for i in range(brokers)]
 
 
 def node_config(node_id: int, brokers: int, base_port: int, data_dir: Path) -> dict[str, str]:
@@ -208,8 +227,65 @@ def node_config(node_id: int, brokers: int, base_port: int, data_dir: Path) -> d
     }
 
 
+def secure_node_config(
+    node_id: int, brokers: int, base_port: int, data_dir: Path, tls: TlsFiles, key_pem: str, chain_pem: str
+) -> dict[str, str]:
+    """server.properties of one node of a secure cluster: node_config with three TLS listeners and ACLs.
+
+    CLIENT (SASL_SSL, SCRAM-SHA-512) is for applications; INTERNAL (mutual TLS) carries inter-broker
+    traffic and the operator's admin client; CONTROLLER (mutual TLS) the KRaft quorum. Every node presents
+    the same certificate, CN=streamml-broker, as server and as client, so the nodes are super users and
+    nothing else is unless an ACL says so.
+
+    The node's key (key_pem, unencrypted PKCS#8) and chain (chain_pem) are given inline: a PEM keystore
+    *file* needs ssl.key.password and so an encrypted key, and the PBES2 encryption we can write is one
+    Java 17 cannot read. So the config holds the private key: write it readable by its owner only.
+    """
+    config = node_config(node_id, brokers, base_port, data_dir)
+    client_port, controller_port = port_layout(brokers, base_port)[node_id - 1]
+    internal_port = internal_ports(brokers, base_port)[node_id - 1]
+    listeners = {
+        "listeners": (
+            f"CLIENT://{HOST}:{client_port},INTERNAL://{HOST}:{internal_port},"
+            f"CONTROLLER://{HOST}:{controller_port}"
+        ),
+        "advertised.listeners": f"CLIENT://{HOST}:{client_port},INTERNAL://{HOST}:{internal_port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL",
+        "inter.broker.listener.name": "INTERNAL",
+    }
+    security = {
+        # One key and chain for every listener and for the node's own connections to the other nodes.
+        "ssl.keystore.type": "PEM",
+        "ssl.keystore.key": _pem_value(key_pem),
+        "ssl.keystore.certificate.chain": _pem_value(chain_pem),
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(tls.ca_cert),
+        # Mutual TLS on INTERNAL and CONTROLLER: a controller listener that accepted anonymous peers would
+        # see the brokers as User:ANONYMOUS, and the authorizer would deny them CLUSTER_ACTION.
+        "ssl.client.auth": "required",
+        # Applications log in with SCRAM on CLIENT and need no certificate there.
+        "listener.name.client.ssl.client.auth": "none",
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "listener.name.client.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        f"listener.name.client.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": ";".join(SUPER_USERS),
+    }
+    replaced = {key: value for key, value in config.items() if key not in listeners}
+    return {**replaced, **listeners, **security}
+
+
+def _pem_value(pem: str) -> str:
+    """PEM text as one .properties value: each line break written as the escape \\n."""
+    return "\\n".join(pem.strip().splitlines())
+
+
 def render_properties(config: dict[str, str]) -> str:
-    """Java .properties text (our values never need escaping: ports, paths, ids)."""
+    """Java .properties text (values are ports, paths, ids and escaped PEM: none needs more escaping)."""
     lines = ["# Written by streamml.localkafka; regenerated on every start."]
     lines += [f"{key}={value}" for key, value in config.items()]
     return "\n".join(lines) + "\n"
@@ -238,7 +314,8 @@ def port_answers(port: int, timeout_s: float = 0.5) -> bool:
 def free_port_block(n: int, attempts: int = 200) -> int:
     """First port of n consecutive free ports on 127.0.0.1, picked at random so parallel runs rarely clash.
 
-    A cluster of N brokers needs free_port_block(2 * N) as its base_port (see port_layout).
+    A cluster of N brokers needs free_port_block(2 * N) as its base_port (see port_layout), a secure one
+    free_port_block(3 * N) (see internal_ports), i.e. free_port_block(ports_per_node(secure) * N).
     """
     low, high = _FREE_PORT_RANGE
     for _ in range(attempts):
@@ -255,6 +332,7 @@ class ClusterLayout:
     brokers: int
     base_port: int
     cluster_id: str
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,9 +340,19 @@ class KafkaNode:
     """Files and ports of one node; everything lives under <home>/node-<id>/."""
 
     node_id: int
-    broker_port: int
+    broker_port: int  # the CLIENT listener in secure mode
     controller_port: int
     root: Path
+    internal_port: int | None = None  # secure mode only: inter-broker and admin (mutual TLS)
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(p for p in (self.broker_port, self.controller_port, self.internal_port) if p is not None)
+
+    @property
+    def admin_port(self) -> int:
+        """Where the operator's admin client connects: INTERNAL when secure, else the broker port."""
+        return self.internal_port if self.internal_port is not None else self.broker_port
 
     @property
     def properties(self) -> Path:
@@ -301,6 +389,10 @@ class LocalKafka:
     `make kafka-up`, or `make kafka-down` - finds and controls the same cluster. With die_with_parent
     the nodes stay in the caller's process group and get SIGTERM when the caller dies (Linux, setpriv),
     so a killed test run leaves no broker behind.
+
+    With secure=True every listener speaks TLS with certificates of a local CA in home/tls/ (see
+    secure_node_config): applications log in with SCRAM on `bootstrap`, the operator with a client
+    certificate on `admin_bootstrap`, and ACLs decide what each may do.
     """
 
     def __init__(
@@ -311,11 +403,13 @@ class LocalKafka:
         libs_dir: Path | None = None,
         heap_mb: int = 512,
         die_with_parent: bool = False,
+        secure: bool = False,
     ) -> None:
         if not 1 <= brokers <= MAX_BROKERS:
             raise LocalKafkaError(f"brokers must be between 1 and {MAX_BROKERS}, got {brokers}")
-        if not 1024 <= base_port <= 65535 - 2 * brokers:
-            raise LocalKafkaError(f"base port {base_port} leaves no room for {2 * brokers} ports")
+        ports = ports_per_node(secure) * brokers
+        if not 1024 <= base_port <= 65535 - ports:
+            raise LocalKafkaError(f"base port {base_port} leaves no room for {ports} ports")
         if heap_mb < 128:
             raise LocalKafkaError(f"heap_mb must be at least 128, got {heap_mb}")
         self.home = home.resolve()
@@ -326,8 +420,10 @@ class LocalKafka:
         # For test fixtures: brokers that die with the process that started them, even if it is killed,
         # instead of outliving it in their own session as `make kafka-up` brokers must.
         self.die_with_parent = die_with_parent
+        self.secure = secure
+        internal: list[int | None] = [*internal_ports(brokers, base_port)] if secure else [None] * brokers
         self.nodes = [
-            KafkaNode(i + 1, bport, cport, self.home / f"node-{i + 1}")
+            KafkaNode(i + 1, bport, cport, self.home / f"node-{i + 1}", internal[i])
             for i, (bport, cport) in enumerate(port_layout(brokers, base_port))
         ]
         # Popen handles of nodes this object launched, so their exit status is collected (no zombies).
@@ -335,16 +431,74 @@ class LocalKafka:
 
     @classmethod
     def from_home(cls, home: Path, libs_dir: Path | None = None) -> LocalKafka:
-        """The cluster already set up in home (its size and ports come from home/cluster.json)."""
+        """The cluster already set up in home (its size, ports and mode come from home/cluster.json)."""
         layout = _read_layout(home.resolve())
         if layout is None:
             raise LocalKafkaError(f"no local Kafka cluster in {home} (run `make kafka-up` first)")
-        return cls(home, brokers=layout.brokers, base_port=layout.base_port, libs_dir=libs_dir)
+        return cls(
+            home, brokers=layout.brokers, base_port=layout.base_port, libs_dir=libs_dir, secure=layout.secure
+        )
 
     @property
     def bootstrap(self) -> str:
-        """bootstrap.servers for clients of this cluster."""
+        """bootstrap.servers for clients of this cluster (the SASL_SSL CLIENT listeners when secure)."""
         return ",".join(f"{HOST}:{node.broker_port}" for node in self.nodes)
+
+    @property
+    def admin_bootstrap(self) -> str:
+        """bootstrap.servers of the operator's admin client: the mutual-TLS INTERNAL listeners when secure."""
+        return ",".join(f"{HOST}:{node.admin_port}" for node in self.nodes)
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where a secure cluster keeps its CA, certificates and keys (made on first start)."""
+        return self.home / TLS_DIR
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.tls_dir)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate clients of a secure cluster trust (STREAMML_SSL_CA_LOCATION)."""
+        return self.tls.ca_cert
+
+    def admin_env(self) -> dict[str, str]:
+        """STREAMML_* settings of the operator's admin client: mutual TLS on INTERNAL when secure."""
+        if not self.secure:
+            return {"STREAMML_BOOTSTRAP_SERVERS": self.bootstrap}
+        tls = self.tls
+        return {
+            "STREAMML_BOOTSTRAP_SERVERS": self.admin_bootstrap,
+            "STREAMML_SECURITY_PROTOCOL": "SSL",
+            "STREAMML_SSL_CA_LOCATION": str(tls.ca_cert),
+            "STREAMML_SSL_CERTIFICATE_LOCATION": str(tls.admin_cert),
+            "STREAMML_SSL_KEY_LOCATION": str(tls.admin_key),
+        }
+
+    def client_env(self, username: str, password_file: Path) -> dict[str, str]:
+        """STREAMML_* settings of an application logging in as username (SCRAM, SASL_SSL) when secure.
+
+        Holds the password file's path, never the password. A PLAINTEXT cluster has no logins: there it is
+        the bootstrap alone, so callers need not care which mode runs.
+        """
+        if not self.secure:
+            return {"STREAMML_BOOTSTRAP_SERVERS": self.bootstrap}
+        return {
+            "STREAMML_BOOTSTRAP_SERVERS": self.bootstrap,
+            "STREAMML_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAMML_SASL_MECHANISM": SCRAM_MECHANISM,
+            "STREAMML_SASL_USERNAME": username,
+            "STREAMML_SASL_PASSWORD_FILE": str(Path(password_file).resolve()),
+            "STREAMML_SSL_CA_LOCATION": str(self.ca_file),
+        }
+
+    def write_admin_env(self) -> Path:
+        """home/admin.env: admin_env() as KEY=VALUE lines (paths only, no secret), readable by its owner."""
+        path = self.home / ADMIN_ENV_FILE
+        text = "".join(f"{key}={value}\n" for key, value in self.admin_env().items())
+        write_private_file(path, text.encode())
+        return path
 
     def node(self, node_id: int) -> KafkaNode:
         for node in self.nodes:
@@ -353,12 +507,33 @@ class LocalKafka:
         raise LocalKafkaError(f"no node {node_id}: this cluster has nodes 1..{self.brokers}")
 
     def write_configs(self) -> None:
-        """Write every node's server.properties (done by start; public so tests can inspect them)."""
+        """Write every node's server.properties (done by start; public so tests can inspect them).
+
+        When secure, first makes (or renews) the TLS material; the configs then hold the broker's private
+        key, so they are written readable by their owner only.
+        """
+        if self.secure:
+            self._write_secure_configs()
+            return
         for node in self.nodes:
             node.root.mkdir(parents=True, exist_ok=True)
             text = render_properties(node_config(node.node_id, self.brokers, self.base_port, node.data_dir))
             if not node.properties.is_file() or node.properties.read_text() != text:
                 node.properties.write_text(text)
+
+    def _write_secure_configs(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        tls = ensure_tls(self.tls_dir)
+        key_pem, chain_pem = tls.read_broker_pem()
+        for node in self.nodes:
+            node.root.mkdir(parents=True, exist_ok=True)
+            config = secure_node_config(
+                node.node_id, self.brokers, self.base_port, node.data_dir, tls, key_pem, chain_pem
+            )
+            text = render_properties(config)
+            path = node.properties
+            if not path.is_file() or path.stat().st_mode & 0o077 or path.read_text() != text:
+                write_private_file(path, text.encode())
 
     def is_formatted(self) -> bool:
         return all(node.is_formatted() for node in self.nodes)
@@ -454,34 +629,50 @@ class LocalKafka:
         shutil.rmtree(self.home)
 
     def check_layout(self) -> None:
-        """Refuse a home whose formatted storage belongs to a cluster of another size or ports."""
+        """Refuse a home whose formatted storage belongs to a cluster of another size, ports or mode."""
         layout = _read_layout(self.home)
-        if layout is None or (layout.brokers, layout.base_port) == (self.brokers, self.base_port):
+        if layout is None or (layout.brokers, layout.base_port, layout.secure) == self._layout_key():
             return
-        if any(self.home.glob("node-*/data/meta.properties")):
+        if not any(self.home.glob("node-*/data/meta.properties")):
+            return
+        if layout.secure != self.secure:
+            held, wanted = ("secure", "PLAINTEXT") if layout.secure else ("PLAINTEXT", "secure")
             raise LocalKafkaError(
-                f"{self.home} holds a {layout.brokers}-broker cluster on base port {layout.base_port}, "
-                f"not {self.brokers} on {self.base_port}: delete it with "
-                f"`python -m streamml.localkafka down --wipe --home {self.home}` or use another --home"
+                f"{self.home} holds a {held} cluster, not a {wanted} one: `make kafka-down` stops it and "
+                f"`python -m streamml.localkafka down --wipe --home {self.home}` deletes it with its data, "
+                "or point STREAMML_KAFKA_HOME (or --home) at another folder"
             )
+        raise LocalKafkaError(
+            f"{self.home} holds a {layout.brokers}-broker cluster on base port {layout.base_port}, "
+            f"not {self.brokers} on {self.base_port}: delete it with "
+            f"`python -m streamml.localkafka down --wipe --home {self.home}` or use another --home"
+        )
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _layout_key(self) -> tuple[int, int, bool]:
+        return (self.brokers, self.base_port, self.secure)
 
     def _ensure_layout_file(self) -> str:
         """Create home/cluster.json on first start; the cluster id in it must never change."""
         layout = _read_layout(self.home)
-        if layout is not None and (layout.brokers, layout.base_port) == (self.brokers, self.base_port):
+        if layout is not None and (layout.brokers, layout.base_port, layout.secure) == self._layout_key():
             return layout.cluster_id
         # New, or never formatted (check_layout passed): the layout may still change.
         self.home.mkdir(parents=True, exist_ok=True)
         cluster_id = layout.cluster_id if layout is not None else new_cluster_id()
-        data = {"brokers": self.brokers, "base_port": self.base_port, "cluster_id": cluster_id}
+        data = {
+            "brokers": self.brokers,
+            "base_port": self.base_port,
+            "cluster_id": cluster_id,
+            "secure": self.secure,
+        }
         (self.home / CLUSTER_FILE).write_text(json.dumps(data, indent=2) + "\n")
         return cluster_id
 
     def _check_ports_free(self, nodes: Iterable[KafkaNode]) -> None:
         for node in nodes:
-            for port in (node.broker_port, node.controller_port):
+            for port in node.ports:
                 if not port_is_free(port):
                     raise LocalKafkaError(
                         f"port {HOST}:{port} needed by Kafka node {node.node_id} is already in use by "
@@ -569,9 +760,9 @@ class LocalKafka:
                         f"Kafka node {node.node_id} exited while starting; its last log lines:\n"
                         f"{self.logs(40)}"
                     )
-            if all(port_answers(node.broker_port) for node in watch):
+            if all(port_answers(port) for node in watch for port in {node.broker_port, node.admin_port}):
                 if admin is None:
-                    admin = _quiet_admin(self.bootstrap)
+                    admin = _quiet_admin(self.admin_bootstrap, self._admin_tls_config())
                 try:
                     metadata = admin.list_topics(timeout=max(0.5, min(2.0, deadline - time.monotonic())))
                 except KafkaException as exc:
@@ -587,6 +778,18 @@ class LocalKafka:
                     f"its last log lines:\n{self.logs(40)}"
                 )
             time.sleep(0.2)
+
+    def _admin_tls_config(self) -> dict[str, str]:
+        """librdkafka options of the admin client's mutual-TLS connection (none when PLAINTEXT)."""
+        if not self.secure:
+            return {}
+        tls = self.tls
+        return {
+            "security.protocol": "SSL",
+            "ssl.ca.location": str(tls.ca_cert),
+            "ssl.certificate.location": str(tls.admin_cert),
+            "ssl.key.location": str(tls.admin_key),
+        }
 
     def _stop_nodes(self, nodes: Sequence[KafkaNode], timeout_s: float) -> None:
         pids = {node.node_id: pid for node in nodes if (pid := self._node_pid(node)) is not None}
@@ -723,7 +926,10 @@ def _read_layout(home: Path) -> ClusterLayout | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return ClusterLayout(int(data["brokers"]), int(data["base_port"]), str(data["cluster_id"]))
+        secure = data.get("secure", False)  # absent in homes made before secure mode existed
+        if not isinstance(secure, bool):
+            raise TypeError(f"secure must be true or false, not {secure!r}")
+        return ClusterLayout(int(data["brokers"]), int(data["base_port"]), str(data["cluster_id"]), secure)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LocalKafkaError(f"{path} is damaged ({exc}); delete {home} to start afresh") from exc
 
@@ -758,8 +964,11 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _quiet_admin(bootstrap: str) -> AdminClient:
-    """An admin client that keeps librdkafka's connection-refused chatter out of the terminal."""
+def _quiet_admin(bootstrap: str, extra: dict[str, str] | None = None) -> AdminClient:
+    """An admin client that keeps librdkafka's connection-refused chatter out of the terminal.
+
+    extra: more client options, e.g. the TLS ones of a secure cluster's admin listener.
+    """
     silent = logging.getLogger(f"{__name__}.librdkafka")
     silent.propagate = False
     silent.addHandler(logging.NullHandler())
@@ -767,6 +976,7 @@ def _quiet_admin(bootstrap: str) -> AdminClient:
         "bootstrap.servers": bootstrap,
         "log_level": 0,
         "socket.connection.setup.timeout.ms": 2000,
+        **(extra or {}),
     }
     return AdminClient(conf, logger=silent, error_cb=lambda _err: None)
 
@@ -811,10 +1021,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     layout = _read_layout(home)
     brokers = args.brokers or (layout.brokers if layout else 1)
     port = args.port or (layout.base_port if layout else DEFAULT_BASE_PORT)
-    kafka = LocalKafka(home, brokers=brokers, base_port=port, libs_dir=libs, heap_mb=args.heap_mb)
+    secure = args.secure if args.secure is not None else (layout.secure if layout else False)
+    kafka = LocalKafka(
+        home, brokers=brokers, base_port=port, libs_dir=libs, heap_mb=args.heap_mb, secure=secure
+    )
     kafka.check_layout()
     if kafka.is_running():
         print(f"Kafka already running at {kafka.bootstrap} (pids {sorted(kafka.node_pids().values())})")
+        if kafka.secure:
+            _print_secure_access(kafka)
         return 0
     began = time.monotonic()
     if not jars_present(libs):
@@ -824,10 +1039,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     bootstrap = kafka.start(timeout_s=args.timeout)
     noun = "broker" if brokers == 1 else "brokers"
-    print(f"Kafka ready at {bootstrap} ({brokers} {noun}, {kind}, {time.monotonic() - started:.1f} s)")
-    print(f"  export STREAMML_BOOTSTRAP_SERVERS={bootstrap}")
+    took = time.monotonic() - started
+    if not kafka.secure:
+        print(f"Kafka ready at {bootstrap} ({brokers} {noun}, {kind}, {took:.1f} s)")
+        print(f"  export STREAMML_BOOTSTRAP_SERVERS={bootstrap}")
+        print(f"  data and logs: {kafka.home}")
+        return 0
+    print(f"Secure Kafka ready at {bootstrap} ({brokers} {noun}, {kind}, {took:.1f} s)")
+    _print_secure_access(kafka)
     print(f"  data and logs: {kafka.home}")
     return 0
+
+
+def _print_secure_access(kafka: LocalKafka) -> None:
+    """Where clients and the operator connect, and the operator's settings file (paths only, no keys)."""
+    env_file = kafka.write_admin_env()
+    print(f"  applications: {kafka.bootstrap} (SASL_SSL, {SCRAM_MECHANISM} users, CA {kafka.ca_file})")
+    print(f"  operator (admin, mutual TLS): {kafka.admin_bootstrap}")
+    print(f"  admin client settings: {env_file} (load with `set -a; . {env_file}; set +a`)")
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -866,8 +1095,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
             state = f"running (pid {pid})"
         else:
             state = f"starting (pid {pid})"
-        print(f"node {node.node_id}  {HOST}:{node.broker_port}  {state}")
+        if kafka.secure:
+            print(f"node {node.node_id}  {HOST}:{node.broker_port} (admin {HOST}:{node.admin_port})  {state}")
+        else:
+            print(f"node {node.node_id}  {HOST}:{node.broker_port}  {state}")
     print(f"bootstrap: {kafka.bootstrap}")
+    if kafka.secure:
+        print(f"admin bootstrap: {kafka.admin_bootstrap}")
+        env_file = kafka.home / ADMIN_ENV_FILE
+        print(f"security: secure (TLS, {SCRAM_MECHANISM} logins, ACLs; admin settings in {env_file})")
+    else:
+        print("security: PLAINTEXT (no TLS, no logins)")
     return 0 if kafka.is_running() else 1
 
 
@@ -894,6 +1132,13 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--libs", help=libs_help)
     up.add_argument("--heap-mb", type=int, default=512, help="JVM heap per node in MB (default 512)")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait until ready")
+    up.add_argument(
+        "--secure",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS everywhere, SCRAM logins for applications, mutual TLS for the operator, ACLs "
+        "(default: as the existing cluster, else PLAINTEXT)",
+    )
     up.set_defaults(func=_cmd_up)
 
     down = sub.add_parser("down", help="stop the cluster")

@@ -73,19 +73,23 @@ def test_three_node_config_replicates_three_ways_with_min_isr_two(tmp_path: Path
     assert kafka.bootstrap == "127.0.0.1:19600,127.0.0.1:19601,127.0.0.1:19602"
 
 
-def test_every_listener_binds_loopback_only(tmp_path: Path) -> None:
-    kafka = LocalKafka(tmp_path, brokers=3, base_port=19700)
+@pytest.mark.parametrize("secure", [False, True])
+def test_every_listener_binds_loopback_only(tmp_path: Path, secure: bool) -> None:
+    kafka = LocalKafka(tmp_path, brokers=3, base_port=19700, secure=secure)
     kafka.write_configs()
     for node in kafka.nodes:
         props = read_properties(node.properties)
-        for listener in props["listeners"].split(","):
+        listeners = props["listeners"].split(",")
+        assert len(listeners) == (3 if secure else 2)
+        for listener in listeners:
             assert listener.split("://")[1].rsplit(":", 1)[0] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("secure", [False, True])
 @pytest.mark.parametrize("brokers", [1, 3])
-def test_brokers_never_create_topics_on_their_own(tmp_path: Path, brokers: int) -> None:
+def test_brokers_never_create_topics_on_their_own(tmp_path: Path, brokers: int, secure: bool) -> None:
     """Topics come from the catalogue: a producer or consumer naming an unknown topic must not create it."""
-    kafka = LocalKafka(tmp_path, brokers=brokers, base_port=19800)
+    kafka = LocalKafka(tmp_path, brokers=brokers, base_port=19800, secure=secure)
     kafka.write_configs()
     for node in kafka.nodes:
         assert read_properties(node.properties)["auto.create.topics.enable"] == "false"
@@ -193,3 +197,212 @@ def test_nothing_runs_in_a_fresh_home(tmp_path: Path) -> None:
     assert kafka.node_pids() == {}
     assert not kafka.is_running()
     kafka.stop()  # stopping a cluster that never ran is fine
+
+
+# -- secure mode (`make kafka-up SECURE=1`) ------------------------------------------------------------
+
+
+def java_unescape(value: str) -> str:
+    """The \\n escapes of a .properties value as Java's Properties.load reads them."""
+    return value.replace("\\n", "\n")
+
+
+def test_secure_node_has_sasl_ssl_clients_and_mutual_tls_internal_and_controller_listeners(
+    tmp_path: Path,
+) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True)
+    kafka.write_configs()
+
+    props = read_properties(tmp_path / "node-1" / "server.properties")
+
+    assert props["listeners"] == (
+        "CLIENT://127.0.0.1:19500,INTERNAL://127.0.0.1:19502,CONTROLLER://127.0.0.1:19501"
+    )
+    assert props["advertised.listeners"] == "CLIENT://127.0.0.1:19500,INTERNAL://127.0.0.1:19502"
+    assert props["listener.security.protocol.map"] == "CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL"
+    assert props["inter.broker.listener.name"] == "INTERNAL"
+    assert props["controller.listener.names"] == "CONTROLLER"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19501"
+    assert props["ssl.client.auth"] == "required"
+    assert props["listener.name.client.ssl.client.auth"] == "none"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["listener.name.client.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["listener.name.client.scram-sha-512.sasl.jaas.config"] == (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    )
+    assert props["authorizer.class.name"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["super.users"] == "User:CN=streamml-broker;User:CN=streamml-admin"
+    assert props["ssl.truststore.type"] == "PEM"
+    assert props["ssl.truststore.location"] == str(kafka.ca_file)
+    assert "PLAINTEXT" not in props["listener.security.protocol.map"]
+    assert (kafka.bootstrap, kafka.admin_bootstrap) == ("127.0.0.1:19500", "127.0.0.1:19502")
+
+
+def test_secure_node_gets_the_broker_key_and_chain_inline_in_an_owner_only_config(tmp_path: Path) -> None:
+    """A PEM keystore file would need ssl.key.password and an encrypted key Java 17 cannot decrypt (PBES2)."""
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True)
+    kafka.write_configs()
+
+    props = read_properties(kafka.nodes[0].properties)
+
+    assert props["ssl.keystore.type"] == "PEM"
+    assert java_unescape(props["ssl.keystore.key"]) == (kafka.tls_dir / "broker.key").read_text().strip()
+    chain = java_unescape(props["ssl.keystore.certificate.chain"])
+    assert chain == (kafka.tls_dir / "broker.pem").read_text().strip()
+    assert chain.count("BEGIN CERTIFICATE") == 2
+    for absent in ("ssl.keystore.location", "ssl.keystore.password", "ssl.key.password"):
+        assert absent not in props
+    assert oct(kafka.nodes[0].properties.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_secure_config_over_an_old_readable_one_becomes_owner_only(tmp_path: Path) -> None:
+    # e.g. a PLAINTEXT home that never formatted its storage, started again with SECURE=1
+    LocalKafka(tmp_path, brokers=1, base_port=19500).write_configs()
+    properties = tmp_path / "node-1" / "server.properties"
+    properties.chmod(0o644)
+
+    LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True).write_configs()
+
+    assert properties.stat().st_mode & 0o777 == 0o600
+    assert read_properties(properties)["inter.broker.listener.name"] == "INTERNAL"
+
+
+def test_secure_three_nodes_use_three_ports_each(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=3, base_port=19600, secure=True)
+    kafka.write_configs()
+
+    nodes = [read_properties(node.properties) for node in kafka.nodes]
+
+    voters = "1@127.0.0.1:19603,2@127.0.0.1:19604,3@127.0.0.1:19605"
+    for node_id, props in enumerate(nodes, start=1):
+        client, controller, internal = 19599 + node_id, 19602 + node_id, 19605 + node_id
+        assert props["controller.quorum.voters"] == voters
+        assert props["listeners"] == (
+            f"CLIENT://127.0.0.1:{client},INTERNAL://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller}"
+        )
+        assert props["min.insync.replicas"] == "2"
+    assert kafka.bootstrap == "127.0.0.1:19600,127.0.0.1:19601,127.0.0.1:19602"
+    assert kafka.admin_bootstrap == "127.0.0.1:19606,127.0.0.1:19607,127.0.0.1:19608"
+    # One CA and one broker certificate for the whole cluster.
+    assert len({read_properties(n.properties)["ssl.keystore.certificate.chain"] for n in kafka.nodes}) == 1
+
+
+def test_plaintext_cluster_makes_no_tls_material(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500)
+    kafka.write_configs()
+    assert not kafka.tls_dir.exists()
+    assert "ssl.keystore.key" not in read_properties(kafka.nodes[0].properties)
+
+
+def test_secure_cluster_needs_room_for_three_ports_per_node(tmp_path: Path) -> None:
+    LocalKafka(tmp_path, brokers=3, base_port=65528)  # 6 ports fit
+    with pytest.raises(LocalKafkaError, match="9 ports"):
+        LocalKafka(tmp_path, brokers=3, base_port=65528, secure=True)
+
+
+def test_secure_mode_is_recorded_and_restored(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True)
+    kafka._ensure_layout_file()
+
+    assert json.loads((tmp_path / "cluster.json").read_text())["secure"] is True
+    reopened = LocalKafka.from_home(tmp_path)
+    assert reopened.secure
+    assert reopened.admin_bootstrap == "127.0.0.1:19502"
+
+
+def test_a_home_from_before_secure_mode_is_plaintext(tmp_path: Path) -> None:
+    write_layout(tmp_path, brokers=1, base_port=19800, formatted=False)
+    assert not LocalKafka.from_home(tmp_path).secure
+
+
+@pytest.mark.parametrize(("held", "wanted"), [(False, True), (True, False)])
+def test_start_refuses_a_home_formatted_in_the_other_mode(tmp_path: Path, held: bool, wanted: bool) -> None:
+    LocalKafka(tmp_path, brokers=1, base_port=19800, secure=held)._ensure_layout_file()
+    (tmp_path / "node-1" / "data").mkdir(parents=True)
+    (tmp_path / "node-1" / "data" / "meta.properties").write_text("node.id=1\n")
+
+    with pytest.raises(LocalKafkaError) as caught:
+        LocalKafka(tmp_path, brokers=1, base_port=19800, secure=wanted).start()
+
+    message = str(caught.value)
+    assert ("holds a secure cluster" if held else "holds a PLAINTEXT cluster") in message
+    assert "make kafka-down" in message and "--wipe" in message and "STREAMML_KAFKA_HOME" in message
+
+
+def test_a_never_formatted_home_may_become_secure(tmp_path: Path) -> None:
+    write_layout(tmp_path, brokers=1, base_port=19800, formatted=False)
+
+    LocalKafka(tmp_path, brokers=1, base_port=19800, secure=True).check_layout()
+
+
+def test_admin_env_is_mutual_tls_on_the_internal_listeners(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=3, base_port=19600, secure=True)
+    tls = tmp_path.resolve() / "tls"
+
+    assert kafka.tls_dir == tls
+    assert kafka.ca_file == tls / "ca.pem"
+    assert kafka.admin_env() == {
+        "STREAMML_BOOTSTRAP_SERVERS": "127.0.0.1:19606,127.0.0.1:19607,127.0.0.1:19608",
+        "STREAMML_SECURITY_PROTOCOL": "SSL",
+        "STREAMML_SSL_CA_LOCATION": str(tls / "ca.pem"),
+        "STREAMML_SSL_CERTIFICATE_LOCATION": str(tls / "admin.pem"),
+        "STREAMML_SSL_KEY_LOCATION": str(tls / "admin.key"),
+    }
+
+
+def test_client_env_is_scram_over_tls_with_the_password_in_a_file(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True)
+    password_file = tmp_path / "learner.password"
+
+    assert kafka.client_env("learner", password_file) == {
+        "STREAMML_BOOTSTRAP_SERVERS": "127.0.0.1:19500",
+        "STREAMML_SECURITY_PROTOCOL": "SASL_SSL",
+        "STREAMML_SASL_MECHANISM": "SCRAM-SHA-512",
+        "STREAMML_SASL_USERNAME": "learner",
+        "STREAMML_SASL_PASSWORD_FILE": str(password_file.resolve()),
+        "STREAMML_SSL_CA_LOCATION": str(tmp_path.resolve() / "tls" / "ca.pem"),
+    }
+
+
+def test_plaintext_envs_are_the_bootstrap_alone(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500)
+    assert kafka.admin_bootstrap == kafka.bootstrap == "127.0.0.1:19500"
+    assert kafka.admin_env() == {"STREAMML_BOOTSTRAP_SERVERS": "127.0.0.1:19500"}
+    assert kafka.client_env("learner", tmp_path / "pw") == {"STREAMML_BOOTSTRAP_SERVERS": "127.0.0.1:19500"}
+
+
+def test_admin_env_file_is_owner_only_and_names_paths_not_keys(tmp_path: Path) -> None:
+    kafka = LocalKafka(tmp_path, brokers=1, base_port=19500, secure=True)
+    kafka.write_configs()
+
+    path = kafka.write_admin_env()
+
+    assert path == tmp_path.resolve() / "admin.env"
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text()
+    assert "-----BEGIN" not in text
+    assert dict(line.split("=", 1) for line in text.splitlines()) == kafka.admin_env()
+
+
+def test_cli_up_takes_secure_from_the_home_unless_told(tmp_path: Path) -> None:
+    parser = localkafka._parser()
+    assert parser.parse_args(["up"]).secure is None
+    assert parser.parse_args(["up", "--secure"]).secure is True
+    assert parser.parse_args(["up", "--no-secure"]).secure is False
+
+
+def test_cli_status_says_whether_the_cluster_is_secure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    LocalKafka(tmp_path / "s", brokers=1, base_port=19500, secure=True)._ensure_layout_file()
+    LocalKafka(tmp_path / "p", brokers=1, base_port=19500)._ensure_layout_file()
+
+    assert localkafka.main(["status", "--home", str(tmp_path / "s")]) == 1  # not running
+    secure_out = capsys.readouterr().out
+    localkafka.main(["status", "--home", str(tmp_path / "p")])
+    plain_out = capsys.readouterr().out
+
+    assert "security: secure" in secure_out and "admin bootstrap: 127.0.0.1:19502" in secure_out
+    assert "security: PLAINTEXT" in plain_out
+    assert plain_out.splitlines()[0] == "node 1  127.0.0.1:19500  stopped"
