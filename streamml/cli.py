@@ -561,15 +561,17 @@ def acl_apply(
     check_broker(settings)
     catalogue = Catalogue(settings)
     covered: dict[str, str | None] = {}
-    for name, rec in control.read_pipelines(settings).current.items():
-        if not rec["deleted"]:
-            covered[name] = rec["raw_topic"]
+    admin = make_admin(settings)
+    if catalogue.pipelines().name in admin.list_topics(timeout=30).topics:  # none before `topics create`
+        for name, rec in control.read_pipelines(settings).current.items():
+            if not rec["deleted"]:
+                covered[name] = rec["raw_topic"]
     for file in pipeline or []:
         spec = pipelines.load_file(file)
         covered[spec.name] = spec.raw_topic or catalogue.raw(spec.name).name
     wanted = acl.plan(catalogue, covered.items())
     folder = secrets_dir or default_home() / "users"
-    changes = acl.apply(make_admin(settings), wanted, folder, dry_run=dry_run)
+    changes = acl.apply(admin, wanted, folder, dry_run=dry_run)
     verb = "would " if dry_run else ""
     for user in changes.users_created:
         console.print(f"{verb}set SCRAM credential: {user} (password in {acl.password_file(folder, user)})")
