@@ -280,7 +280,12 @@ class WriterSlots:
             ERRORS.labels(self.service, "not_writer").inc()
             return False
         if slot not in self._open:
-            producer.begin_transaction()
+            try:
+                producer.begin_transaction()
+            except KafkaException as exc:  # a producer in a fatal state: a new one reclaims the slot
+                ERRORS.labels(self.service, "fenced").inc()
+                self._drop([slot], f"its producer failed ({kafka_error(exc) or exc})")
+                raise Fenced(f"{self.service}: slot {slot}: {kafka_error(exc) or exc}") from exc
             self._open.add(slot)
         try:
             produce(producer, output)
@@ -315,8 +320,12 @@ class WriterSlots:
                 ERRORS.labels(self.service, "txn_aborted").inc()
                 try:
                     producer.abort_transaction(timeout_s)
-                except KafkaException:
-                    log.exception("%s: slot %d: abort failed", self.service, slot)
+                except KafkaException as abort_exc:
+                    # The producer cannot go on (e.g. INVALID_TXN_STATE after an authorization failure):
+                    # let go of the slot; it is claimed again, by a new producer, after REGAIN_AFTER_S.
+                    ERRORS.labels(self.service, "fenced").inc()
+                    self._drop([slot], f"its transaction could not be aborted ({kafka_error(abort_exc)})")
+                    raise Fenced(f"{self.service}: slot {slot}: {err}; abort failed") from exc
                 self._open.discard(slot)
                 self.changes += 1
                 self.on_lose([slot])

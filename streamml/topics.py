@@ -138,7 +138,8 @@ class Catalogue:
             f"{self.prefix}.promotions", "promotions", "Promotion", "avro", "pipeline/model/decision-time",
             "Deployment decisions (promote, rollback, shadow, discard) with their reasons.",
             1, self.rf, cleanup_policy="compact", retention_ms=-1,
-            readers=(LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER, CLI), writers=(CONTROLLER, CLI),
+            readers=(LEARNER, PREDICTOR, MONITOR, CONTROLLER, TRAINER, CLI),
+            writers=(CONTROLLER, LEARNER, CLI),  # the learner promotes its own versions (promotion: auto)
         )  # fmt: skip
 
     def training_requests(self) -> TopicSpec:

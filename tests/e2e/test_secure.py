@@ -206,6 +206,8 @@ def test_each_principal_gets_what_the_catalogue_grants_and_nothing_more(secured:
 def test_the_closed_loop_runs_with_every_service_on_its_own_principal(
     secured: Secured, tmp_path: Path
 ) -> None:
+    created = streamml(secured.env_of("cli"), "topics", "create")  # the user's principal creates them
+    assert created.returncode == 0, created.stderr
     model_env, model_keys = model_signing(tmp_path / "keys")
     env = {
         **secured.env_of("cli"),

@@ -34,11 +34,15 @@ class TxnProducer:
         self.calls: list[str] = []
         self.produced: list[tuple[str, bytes | None, int | None]] = []
         self.fail_commit: KafkaError | None = None
+        self.fail_abort: KafkaError | None = None
+        self.fail_begin: KafkaError | None = None
 
     def init_transactions(self, _timeout: float) -> None:
         self.calls.append("init")
 
     def begin_transaction(self) -> None:
+        if self.fail_begin is not None:
+            raise KafkaException(self.fail_begin)
         self.calls.append("begin")
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, **kw: Any) -> None:
@@ -51,6 +55,8 @@ class TxnProducer:
         self.calls.append("commit")
 
     def abort_transaction(self, _timeout: float) -> None:
+        if self.fail_abort is not None:
+            raise KafkaException(self.fail_abort)
         self.calls.append("abort")
 
     def flush(self, _timeout: float = 0) -> int:
@@ -180,6 +186,30 @@ def test_an_abortable_failure_aborts_and_restores_from_durable_state(
     assert producer.calls[-1] == "abort"
     assert rec.events[-2:] == [("lose", [5]), ("gain", [5])]  # in-memory state ran ahead: restored
     assert 5 in slots.producers
+
+
+def test_a_producer_that_cannot_abort_or_begin_lets_go_of_the_slot_for_a_new_one(
+    settings: Settings, producers: dict[str, TxnProducer]
+) -> None:
+    """An ACL refusal in a transaction leaves the producer unable to abort (INVALID_TXN_STATE): the slot is
+    dropped, so it is claimed again later by a new producer, instead of failing every step forever."""
+    slots, rec = writer(settings)
+    slots._assigned(None, [TopicPartition("u.writers", 2), TopicPartition("u.writers", 3)])  # type: ignore[arg-type]
+    slots.commit_all()
+    slots.send(2, Output("t", b"k", b"v"))
+    producer = producers["u-learner-writer-2"]
+    producer.fail_commit = KafkaError(
+        KafkaError.TOPIC_AUTHORIZATION_FAILED, "refused", txn_requires_abort=True
+    )
+    producer.fail_abort = KafkaError(KafkaError.INVALID_TXN_STATE, "invalid state", fatal=True)
+    with pytest.raises(Fenced, match="abort failed"):
+        slots.commit(2)
+    assert 2 not in slots.producers and rec.events[-1] == ("lose", [2])
+    assert slots.send(2, Output("t", b"k", b"v")) is False
+    producers["u-learner-writer-3"].fail_begin = KafkaError(KafkaError.INVALID_TXN_STATE, "fatal", fatal=True)
+    with pytest.raises(Fenced):
+        slots.send(3, Output("t", b"k", b"v"))
+    assert 3 not in slots.producers and set(slots._dropped_at) == {2, 3}  # both claimed again later
 
 
 def test_a_retriable_commit_failure_keeps_the_transaction_open(
