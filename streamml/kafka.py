@@ -114,7 +114,15 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
             try:
                 future.result()
             except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                code = exc.args[0].code()
+                if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                    raise TopicMismatchError(
+                        f"cannot create topic {name}: it does not exist or this principal "
+                        f"({settings.sasl_username or 'anonymous'}) may not see it. On a secured cluster the "
+                        "user creates the topics (`streamml topics create`, `streamml pipeline apply`) after "
+                        "the operator granted them (`streamml acl apply --pipeline FILE`)."
+                    ) from exc
+                if code != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise TopicMismatchError(f"cannot create topic {name}: {exc}") from exc
             else:
                 created.add(name)

@@ -36,6 +36,8 @@ class System:
     key: Keys  # signs and verifies model versions as learner and trainer do (Ed25519)
     catalogue: Catalogue = field(init=False)
     control_producer: Producer | None = None
+    # Who publishes model versions (on a secured cluster only learner and trainer may): default `settings`.
+    publisher: Settings | None = None
 
     def __post_init__(self) -> None:
         self.catalogue = Catalogue(self.settings)
@@ -196,7 +198,8 @@ def trained_version(
 
 def publish_version(system: System, record: dict[str, Any]) -> None:
     key = f"{record['pipeline']}/{record['model_name']}/{record['version']}"
-    control.publish(system.settings, system.catalogue.model_versions().name, "ModelVersion", key, record)
+    settings = system.publisher or system.settings
+    control.publish(settings, system.catalogue.model_versions().name, "ModelVersion", key, record)
 
 
 def promote(system: System, pipeline: str, version: int, model_name: str = "online") -> float:

@@ -4,29 +4,36 @@ end, and the broker's own refusals of whatever a principal was not granted."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from river import datasets
 
 from streamml.acl import password_file, user_name
 from streamml.localkafka import LocalKafka, free_port_block, ports_per_node
 from streamml.settings import Settings
+from streamml.signing import Keys, Signer, Verifier, generate
 from streamml.stack import Stack
 from tests.conftest import _SESSION_KAFKA
-from tests.e2e.conftest import REPO, System, model_signing
+from tests.e2e.conftest import REPO, System, model_signing, promote, publish_version, trained_version
 from tests.e2e.test_closed_loop import run_closed_loop
 
 AGRAWAL = REPO / "pipelines" / "agrawal.yaml"
+PHISHING = REPO / "pipelines" / "phishing.yaml"
 _QUIET = logging.getLogger("tests.secure.librdkafka")  # refusals are expected: keep them off stderr
 
 
@@ -86,13 +93,22 @@ def secured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         prefix = f"z{uuid.uuid4().hex[:8]}"
         users = home / "users"
         admin_env = {**kafka.admin_env(), "STREAMML_TOPIC_PREFIX": prefix}
-        plan = streamml(admin_env, "acl", "apply", "--pipeline", str(AGRAWAL), "--secrets-dir", str(users),
-                        "--dry-run")  # fmt: skip
+        apply = [
+            "acl",
+            "apply",
+            "--pipeline",
+            str(AGRAWAL),
+            "--pipeline",
+            str(PHISHING),
+            "--secrets-dir",
+            str(users),
+        ]
+        plan = streamml(admin_env, *apply, "--dry-run")
         assert plan.returncode == 0, plan.stderr
         assert f"add    User:{prefix}-predictor" in plan.stdout and not users.exists()  # nothing done
-        done = streamml(admin_env, "acl", "apply", "--pipeline", str(AGRAWAL), "--secrets-dir", str(users))
+        done = streamml(admin_env, *apply)
         assert done.returncode == 0, done.stderr
-        again = streamml(admin_env, "acl", "apply", "--pipeline", str(AGRAWAL), "--secrets-dir", str(users))
+        again = streamml(admin_env, *apply)
         assert again.returncode == 0 and "no changes" in again.stdout, again.stdout + again.stderr
         for output in (plan, done, again):  # passwords are in files only, never printed
             for file in users.iterdir():
@@ -228,3 +244,77 @@ def test_the_closed_loop_runs_with_every_service_on_its_own_principal(
     for label, svc in stack.services.items():  # no service was refused anything on the way
         log = svc.log_path.read_text()
         assert "AUTHORIZATION_FAILED" not in log and "Authorization failed" not in log, label
+
+
+def _call(url: str, token: str | None, data: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_signed_versions_rotation_and_the_token_on_the_secured_cluster(
+    secured: Secured, tmp_path: Path
+) -> None:
+    """Versions published by the trainer's principal: a key rotation (old and new key both trusted) serves
+    every valid version, a version signed by an unknown key is rejected while the live one keeps serving,
+    and the HTTP API wants its token."""
+    from tests.e2e.test_hot_swap import _predictions_for, _produce
+
+    created = streamml(secured.env_of("cli"), "topics", "create")
+    assert created.returncode == 0, created.stderr
+    old_env, old_key = model_signing(tmp_path / "old")
+    new_env, new_key = model_signing(tmp_path / "new")
+    token = secrets.token_urlsafe(24)
+    env = {
+        **secured.env_of("cli"),
+        "STREAMML_SIGNING_KEY": secrets.token_hex(16),
+        **new_env,  # the signer switched to the new key ...
+        # ... and verifiers trust both while versions signed with the old one are still around
+        "STREAMML_MODEL_VERIFY_KEYS": ",".join(e["STREAMML_MODEL_VERIFY_KEYS"] for e in (old_env, new_env)),
+        "STREAMML_DATA_DIR": str(tmp_path / "data"),
+        "STREAMML_HTTP_TOKEN": token,
+    }
+    stack = Stack.create(env, tmp_path / "logs", users_dir=secured.users)
+    system = System(secured.settings_of("cli"), stack, old_key, publisher=secured.settings_of("trainer"))
+    try:
+        system.apply("phishing", promotion="manual")
+        publish_version(system, trained_version(system, "phishing", 1, 100, key=old_key))
+        promote(system, "phishing", 1)
+        stack.start_all(["features", "predictor"])
+        _produce(system, 100, 2000.0, "a")
+        assert {p["model_version"] for _, p in _predictions_for(system, "a", 100)} == {1}
+
+        publish_version(system, trained_version(system, "phishing", 2, 200, key=new_key))
+        promote(system, "phishing", 2)
+        foreign = Keys(Signer(generate()), Verifier())
+        publish_version(system, trained_version(system, "phishing", 3, 300, key=foreign))
+        promote(system, "phishing", 3)
+        alerts = system.records(
+            system.read(system.catalogue.drift_alerts().name, lambda m: len(m) >= 1), "DriftAlert"
+        )
+        assert [(a["kind"], a["model_version"]) for a in alerts] == [("ARTIFACT", 3)]
+        assert "signed by unknown key" in alerts[0]["message"]
+        _produce(system, 100, 2000.0, "b")
+        assert {p["model_version"] for _, p in _predictions_for(system, "b", 100)} == {2}, "v2 keeps serving"
+        text = stack.services["predictor"].metrics_text()
+        rejected = [
+            line for line in text.splitlines() if line.startswith("streamml_rejected_artifacts_total{")
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in rejected) == 1, "no valid version was rejected"
+
+        url = f"http://127.0.0.1:{stack.services['predictor'].http_port}"
+        x, _ = next(iter(datasets.Phishing()))
+        body = json.dumps({"pipeline": "phishing", "event": {"event_id": "h1", **x}}).encode()
+        assert _call(f"{url}/predict", None, body)[0] == 401
+        assert _call(f"{url}/predict", "wrong", body)[0] == 401
+        status, answer = _call(f"{url}/predict", token, body)
+        assert status == 200 and answer["model_version"] == 2, answer
+    except BaseException:
+        for label in stack.services:
+            print(f"\n===== {label} log (last 60 lines) =====\n{stack.tail(label, 60)}")
+        raise
+    finally:
+        stack.stop_all()
