@@ -292,16 +292,21 @@ def test_signed_versions_rotation_and_the_token_on_the_secured_cluster(
         foreign = Keys(Signer(generate()), Verifier())
         publish_version(system, trained_version(system, "phishing", 3, 300, key=foreign))
         promote(system, "phishing", 3)
-        alerts = system.records(
-            system.read(system.catalogue.drift_alerts().name, lambda m: len(m) >= 1), "DriftAlert"
-        )
+        alerts_topic = system.catalogue.drift_alerts().name  # shared with the closed loop's pipeline
+
+        def phishing_alerts(msgs: list[Any]) -> list[dict[str, Any]]:
+            return [a for a in system.records(msgs, "DriftAlert") if a["pipeline"] == "phishing"]
+
+        alerts = phishing_alerts(system.read(alerts_topic, lambda m: len(phishing_alerts(m)) >= 1))
         assert [(a["kind"], a["model_version"]) for a in alerts] == [("ARTIFACT", 3)]
         assert "signed by unknown key" in alerts[0]["message"]
         _produce(system, 100, 2000.0, "b")
         assert {p["model_version"] for _, p in _predictions_for(system, "b", 100)} == {2}, "v2 keeps serving"
         text = stack.services["predictor"].metrics_text()
         rejected = [
-            line for line in text.splitlines() if line.startswith("streamml_rejected_artifacts_total{")
+            line  # of this pipeline: the closed loop's versions, signed by another key, are refused too
+            for line in text.splitlines()
+            if line.startswith("streamml_rejected_artifacts_total{") and 'pipeline="phishing"' in line
         ]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in rejected) == 1, "no valid version was rejected"
 
