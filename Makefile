@@ -35,7 +35,13 @@ DEMO_PRODUCER_PID := .local/producer.pid
 # is set, else a local demo pair. The monitor signs its own state with STREAMML_SIGNING_KEY (HMAC): yours,
 # else a local demo key.
 DEMO_MODEL_KEY := .local/demo-model-signing.pem
-DEMO_ENV = $(KAFKA_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}" \
+# `make demo SECURE=1`: the operator (mutual TLS, admin.env) applies the principals and ACLs; the CLI and the
+# producer then run as the user streamml-cli, every service as its own user (passwords stay in files).
+SECURE_ON = $(filter 1 true yes,$(SECURE))
+KAFKA_HOME_DIR = $${STREAMML_KAFKA_HOME:-.local/kafka}
+CLI_ENV_FILE := .local/demo-cli.env
+USER_ENV = $(if $(SECURE_ON),env $$(cat $(CLI_ENV_FILE)),)
+DEMO_ENV = $(KAFKA_ENV) $(USER_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}" \
 	STREAMML_MODEL_SIGNING_KEY_FILE="$${STREAMML_MODEL_SIGNING_KEY_FILE:-$(DEMO_MODEL_KEY)}" \
 	STREAMML_MODEL_VERIFY_KEYS="$${STREAMML_MODEL_VERIFY_KEYS:-$$($(BIN)/streamml keys show $(DEMO_MODEL_KEY) 2>/dev/null)}"
 # Stops the demo producer, after checking the recorded pid still is one (pids get reused).
@@ -118,7 +124,7 @@ test-integration: kafka-jars ## Integration tests against a real Kafka broker st
 test-e2e: kafka-jars ## End-to-end tests of whole services against a real broker
 	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
-demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each), a drifting Agrawal stream and `streamml top`
+demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each; SECURE=1: TLS, SCRAM, ACLs), a drifting Agrawal stream and `streamml top`
 	@mkdir -p .local/logs
 	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
 		(umask 077 && $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
@@ -126,8 +132,12 @@ demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each)
 	@if [ -z "$$STREAMML_MODEL_VERIFY_KEYS" ] && [ ! -s $(DEMO_MODEL_KEY) ]; then \
 		$(BIN)/streamml keys generate $(DEMO_MODEL_KEY) --comment demo >/dev/null && \
 		echo "created a local demo model signing key pair in $(DEMO_MODEL_KEY) (never commit it)"; fi
+	@if [ -n "$(SECURE_ON)" ]; then \
+		env $$(cat $(KAFKA_HOME_DIR)/admin.env) $(BIN)/streamml acl apply --pipeline pipelines/agrawal.yaml && \
+		$(PY) -m streamml.localkafka client-env --user streamml-cli > $(CLI_ENV_FILE); \
+	else rm -f $(CLI_ENV_FILE); fi
 	$(DEMO_ENV) $(BIN)/streamml topics create --pipeline agrawal
-	$(DEMO_ENV) $(PY) -m streamml.stack up --instances $(INSTANCES)
+	$(DEMO_ENV) $(PY) -m streamml.stack up --instances $(INSTANCES) $(if $(SECURE_ON),--users-dir $(KAFKA_HOME_DIR)/users,)
 	@# Debian's `prometheus` scraping the services just started (skipped with a note if not installed).
 	$(PY) -m streamml.promstack up --optional
 	$(DEMO_ENV) $(BIN)/streamml pipeline apply pipelines/agrawal.yaml

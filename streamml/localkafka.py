@@ -1109,6 +1109,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if kafka.is_running() else 1
 
 
+def _cmd_client_env(args: argparse.Namespace) -> int:
+    """KEY=VALUE lines of a SCRAM user's settings on this cluster (paths only: the password stays in its
+    file), for `env $(cat FILE) streamml ...`; `make demo SECURE=1` runs the CLI and producer this way."""
+    kafka = _cluster_for(args, must_exist=True)
+    assert kafka is not None
+    if not kafka.secure:
+        print("error: this cluster is PLAINTEXT: it has no users", file=sys.stderr)
+        return 1
+    users = Path(args.users).resolve() if args.users else kafka.home / "users"
+    password_file = users / f"{args.user}.password"
+    if not password_file.is_file():
+        print(f"error: no {password_file}: run `streamml acl apply` as the operator first", file=sys.stderr)
+        return 1
+    for key, value in kafka.client_env(args.user, password_file).items():
+        print(f"{key}={value}")
+    return 0
+
+
 def _cmd_jars(args: argparse.Namespace) -> int:
     libs = Path(args.libs).resolve() if args.libs else default_libs_dir()
     began = time.monotonic()
@@ -1154,6 +1172,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show which nodes run (exit code 1 if not all)")
     status.add_argument("--home", help=home_help)
     status.set_defaults(func=_cmd_status)
+
+    client_env = sub.add_parser("client-env", help="a SCRAM user's STREAMML_* settings (secure cluster)")
+    client_env.add_argument("--user", required=True, help="the user, e.g. streamml-cli")
+    client_env.add_argument("--users", help="folder of <user>.password files (default: <home>/users)")
+    client_env.add_argument("--home", help=home_help)
+    client_env.set_defaults(func=_cmd_client_env)
 
     jars = sub.add_parser("jars", help="only fetch the pinned Kafka jars")
     jars.add_argument("--libs", help=libs_help)
