@@ -86,3 +86,21 @@ def test_passwords_are_generated_once_private_and_reused(tmp_path: Path) -> None
     assert created and not created_again and first == again and len(first) >= 40
     assert stat.S_IMODE(acl.password_file(folder, "sm-features").stat().st_mode) == 0o600
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_readme_s_access_table_says_what_the_catalogue_declares() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    specs = CATALOGUE.global_topics() + CATALOGUE.pipeline_topics("p")
+    for service in ("features", "learner", "predictor", "monitor", "controller", "trainer"):
+        row = re.search(rf"^\| {service} \| (.*) \| (.*) \|$", readme, re.MULTILINE)
+        assert row is not None, f"README's access table has no row for {service}"
+        for column, who in ((row.group(1), "readers"), (row.group(2), "writers")):
+            documented = {re.sub(r" \(.*\)", "", part).strip() for part in column.split(", ")}
+            declared = {
+                "dead letters" if s.role == "dead-letter" else s.role
+                for s in specs
+                if service in getattr(s, who)
+            }
+            assert documented == declared, (service, who, documented ^ declared)
