@@ -67,6 +67,7 @@ DEAD_LETTERED = "streamml_events_dead_lettered_total"
 LIVE_VERSION = "streamml_live_model_version"
 SWAPS = "streamml_model_swaps_total"
 LEARNER_METRIC = "streamml_learner_metric"
+MODEL_METRIC = "streamml_model_metric"
 VERSIONS_PUBLISHED = "streamml_model_versions_published_total"
 DRIFT_ALERTS = "streamml_drift_alerts_total"
 TRAINING_REQUESTS = "streamml_training_requests_total"
@@ -176,6 +177,10 @@ class PipelineRow:
     accuracy: float | None  # prequential, over everything the learner has seen
     recent_accuracy: float | None  # prequential, over the events between its last two snapshots
     latency_s: float | None  # mean event-to-prediction latency over the last interval
+    # what the live version served, on joined labels, as the monitor measures it: since it went live and
+    # over the monitor's rolling window (None: no monitor, or no label joined yet)
+    served_accuracy: float | None = None
+    served_recent: float | None = None
     # the closed loop: monitor alerts, controller retrains and decisions (None when not running)
     drift_alerts: float | None = None
     retrains: float | None = None
@@ -399,6 +404,7 @@ def build_view(
                 accuracy=None if reading is None else reading[0],
                 recent_accuracy=(recent_accuracy or {}).get(pipeline),
                 latency_s=_interval_latency(previous, current, pipeline),
+                **_served(current, pipeline),
                 drift_alerts=_counter(current.samples_of("monitor"), DRIFT_ALERTS, pipeline=pipeline),
                 retrains=_counter(current.samples_of("controller"), TRAINING_REQUESTS, pipeline=pipeline),
                 shadowed=_counter(
@@ -413,6 +419,28 @@ def build_view(
             )
         )
     return View(current.services, tuple(rows), seconds)
+
+
+def _served(scrape: Scrape, pipeline: str) -> dict[str, float | None]:
+    """The monitor's accuracy of the live version (the first one named, if several), from the monitor
+    instance that has joined the most labels for it: one that handed the pipeline over keeps its last,
+    stale, figures."""
+    none: dict[str, float | None] = {"served_accuracy": None, "served_recent": None}
+    live = _live_model(scrape, pipeline)
+    model, _, version = (live or "").split(",")[0].strip().partition(" v")
+    if not model or not version.isdigit():
+        return none
+    best: tuple[float, float | None, float | None] | None = None
+    for scraped in scrape.instances_of("monitor"):
+        if scraped.samples is None:
+            continue
+        labels = {"pipeline": pipeline, "model": model, "version": version}
+        covered = _gauge(scraped.samples, MODEL_METRIC, **labels, metric="labelled", window="all")
+        overall = _gauge(scraped.samples, MODEL_METRIC, **labels, metric="accuracy", window="all")
+        recent = _gauge(scraped.samples, MODEL_METRIC, **labels, metric="accuracy", window="rolling")
+        if overall is not None and (best is None or (covered or 0.0) > best[0]):
+            best = (covered or 0.0, overall, recent)
+    return none if best is None else {"served_accuracy": best[1], "served_recent": best[2]}
 
 
 def _interval_latency(previous: Scrape | None, current: Scrape, pipeline: str) -> float | None:
@@ -474,8 +502,10 @@ def render(view: View, *, title: str = "", ascii_only: bool = False) -> Renderab
         "live model",
         "swaps",
         "versions",
-        "accuracy",
-        "recent",
+        "served",
+        "served recent",
+        "learner",
+        "learner recent",
         "latency",
         box=style,
     )
@@ -500,6 +530,8 @@ def render(view: View, *, title: str = "", ascii_only: bool = False) -> Renderab
             row.live_model or "-",
             _count(row.swaps),
             _count(row.versions),
+            _percent(row.served_accuracy),
+            _percent(row.served_recent),
             _percent(row.accuracy),
             _percent(row.recent_accuracy),
             _latency(row.latency_s),

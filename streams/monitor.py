@@ -181,6 +181,7 @@ class VersionMetrics:
         """(metric, window) → value, window being "all" or "rolling"."""
         out = {(name, "all"): float(m.get()) for name, m in self.all.items()}
         out.update({(name, "rolling"): float(m.get()) for name, m in self.rolling.items()})
+        out[("labelled", "all")] = float(self.labelled)  # how much the figures cover (and which is newest)
         return out
 
 

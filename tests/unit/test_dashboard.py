@@ -282,8 +282,13 @@ def test_render_shows_rates_totals_and_models() -> None:
     ]
     assert "\n".join(flow) in out
     assert "| (no pipeline) | dead-lettered   |      0.5 |     1 |" in out
-    assert "| agrawal  | online v7  |     7 |        4 |    85.0% |  70.0% |  100 ms |" in out
-    assert "| other    | none yet   |     0 |        0 |        - |      - |       - |" in out
+    models = [  # served: no monitor in this scrape; learner: prequential, overall and recent
+        "| agrawal  | online v7  |     7 |        4 |      - |             - |   85.0% |          70.0% "
+        "|  100 ms |",
+        "| other    | none yet   |     0 |        0 |      - |             - |       - |              - "
+        "|       - |",
+    ]
+    assert all(row in out for row in models), out
     assert "| features  | up     | 101 | 127.0.0.1:9101 |" in out
 
 
@@ -564,3 +569,32 @@ def test_an_instance_that_stops_answering_does_not_turn_the_rates_negative() -> 
     )
     # and the learner that has learned the most now is learner-1: its accuracy is shown
     assert {r.pipeline: r for r in build_view(second, back).rows}["agrawal"].accuracy == 0.9
+
+
+def _monitor_page(version: int, labelled: float, overall: float, recent: float) -> str:
+    labels = f'model="online",pipeline="agrawal",version="{version}"'
+    return (
+        "# TYPE streamml_model_metric gauge\n"
+        f'streamml_model_metric{{{labels},metric="accuracy",window="all"}} {overall}\n'
+        f'streamml_model_metric{{{labels},metric="accuracy",window="rolling"}} {recent}\n'
+        f'streamml_model_metric{{{labels},metric="labelled",window="all"}} {labelled}\n'
+    )
+
+
+def test_served_accuracy_of_the_live_version_comes_from_the_monitor_that_joined_the_most() -> None:
+    """Issue 12: what the served model achieves (the monitor, per live version) next to the learner's
+    prequential accuracy; a monitor instance that handed the pipeline over keeps stale figures."""
+    monitor, monitor_1 = Target("monitor", 104, 9104, None), Target("monitor-1", 114, 9114, None)
+    pages = {
+        monitor: _monitor_page(7, 300, 0.70, 0.60) + _monitor_page(6, 9000, 0.99, 0.99),
+        monitor_1: _monitor_page(7, 1200, 0.977, 0.95),
+    }
+    extra = tuple(ServiceScrape(t, parse_metrics(p), "") for t, p in pages.items())
+    scrape = Scrape(SECOND.at, SECOND.services + extra)
+    row = {r.pipeline: r for r in build_view(FIRST, scrape).rows}["agrawal"]
+    assert row.live_model == "online v7"
+    assert (row.served_accuracy, row.served_recent, row.accuracy) == (0.977, 0.95, 0.85)
+    out = plain(render(build_view(FIRST, scrape), ascii_only=True))
+    assert "served recent" in out and "97.7%" in out and "85.0%" in out
+    no_monitor = {r.pipeline: r for r in build_view(FIRST, SECOND).rows}["agrawal"]
+    assert no_monitor.served_accuracy is None
