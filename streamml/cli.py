@@ -584,6 +584,25 @@ def acl_apply(
     console.print(("no changes; " if changes.empty else "") + summary, highlight=False)
 
 
+@app.command()
+def doctor(
+    state: Annotated[Path, typer.Option(help="The local stack's state file.")] = Path(".local/stack.json"),
+) -> None:
+    """Check a deployment from your seat: broker, topics, principals and ACLs, signing keys, services."""
+    from streamml import doctor as checks
+
+    marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]",
+             "skip": "[dim]skip[/dim]"}  # fmt: skip
+
+    def report(check: checks.Check) -> None:
+        console.print(f"{marks[check.status]:>20}  {check.area}: {check.detail}", highlight=False)
+        if check.fix:
+            console.print(f"{'':>6}fix: {check.fix}", highlight=False)
+
+    if not checks.run(_settings(), state, report):
+        raise typer.Exit(1)
+
+
 @keys_app.command("generate")
 def keys_generate(
     out: Annotated[Path, typer.Argument(help="File for the private key (PEM, created with mode 0600).")],

@@ -323,3 +323,20 @@ def test_signed_versions_rotation_and_the_token_on_the_secured_cluster(
         raise
     finally:
         stack.stop_all()
+
+
+def test_doctor_checks_the_principals_and_acls_with_the_operator_s_credentials(
+    secured: Secured, tmp_path: Path
+) -> None:
+    from streamml import doctor
+
+    admin_env = {k.removeprefix("STREAMML_").lower(): v for k, v in secured.admin_env.items()}
+    admin = Settings(**admin_env, default_partitions=1, _env_file=None)
+    found: list[doctor.Check] = []
+    doctor.run(admin, tmp_path / "none.json", found.append)
+    principals = [c for c in found if c.area == "principals"]
+    assert [c.status for c in principals] == ["ok"], principals
+    mine: list[doctor.Check] = []
+    doctor.run(secured.settings_of("predictor"), tmp_path / "none.json", mine.append)
+    assert next(c for c in mine if c.area == "broker").status == "ok"
+    assert next(c for c in mine if c.area == "principals").status == "skip"  # a service may not read ACLs
