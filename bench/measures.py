@@ -179,7 +179,7 @@ def predictor_service(
     """The predictor service (1 worker) drains N feature vectors once its model is promoted."""
     dep.create_topics()
     dep.publish_pipeline(definition)
-    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
+    produce_all(dep.producer_as("features", **{"linger.ms": 20}), dep.features_topic, records)
     dep.publish_version(version)
     n = len(records)
     with dep.services("predictor") as stack:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from pydantic import SecretStr
 from river.datasets import synth
 
 from streamml.codec import codec_for
@@ -267,6 +268,7 @@ class Deployment:
         self.catalogue = Catalogue(self.settings)
         self.key = self.signing_key.encode()
         self._control = make_producer(self.settings, **{"linger.ms": 0})
+        self._producers: dict[str, Producer] = {}  # per principal, for records only a service may write
         self._counter: Consumer | None = None
 
     # -- topics and control records ---------------------------------------------------------------
@@ -291,15 +293,36 @@ class Deployment:
             self.settings, self.catalogue.global_topics() + self.catalogue.pipeline_topics(self.pipeline)
         )
 
-    def publish(self, topic: str, schema: str, key: str, record: dict[str, Any]) -> int:
+    def settings_as(self, who: str) -> Settings:
+        """The settings of a service's principal on a secured cluster (the bench injects what only that
+        service may write: features for the predictor, versions as the trainer); else the bench's own."""
+        if self.users_dir is None:
+            return self.settings
+        user = f"{self.prefix}-{who}"
+        password = (self.users_dir / f"{user}.password").read_text().strip()
+        return self.settings.model_copy(update={"sasl_username": user, "sasl_password": SecretStr(password)})
+
+    def producer_as(self, who: str, **conf: Any) -> Producer:
+        if self.users_dir is None:
+            return make_producer(self.settings, **conf)
+        return make_producer(self.settings_as(who), **conf)
+
+    def publish(
+        self, topic: str, schema: str, key: str, record: dict[str, Any], as_who: str | None = None
+    ) -> int:
         """Produce one control record and wait for its ack; returns the ms stamp taken just before produce."""
         value = codec_for(schema).encode(record)
         errors: list[str] = []
         stamp = now_ms()
-        self._control.produce(
+        producer = self._control
+        if as_who is not None and self.users_dir is not None:
+            if as_who not in self._producers:
+                self._producers[as_who] = self.producer_as(as_who, **{"linger.ms": 0})
+            producer = self._producers[as_who]
+        producer.produce(
             topic, value, key.encode(), on_delivery=lambda e, _m: errors.append(str(e)) if e else None
         )
-        if self._control.flush(30) or errors:
+        if producer.flush(30) or errors:
             raise DeliveryFailed(f"could not publish to {topic}: {errors or 'timed out'}")
         return stamp
 
@@ -308,7 +331,7 @@ class Deployment:
 
     def publish_version(self, record: dict[str, Any]) -> None:
         key = f"{PIPELINE}/{MODEL}/{record['version']}"
-        self.publish(self.versions_topic, "ModelVersion", key, record)
+        self.publish(self.versions_topic, "ModelVersion", key, record, as_who="trainer")
 
     def promote(self, version: int, previous: int | None) -> int:
         """Publish a PROMOTE record; returns its produce time (ms since epoch)."""
@@ -386,6 +409,8 @@ class Deployment:
 
     def close(self) -> None:
         self._control.flush(10)
+        for producer in self._producers.values():
+            producer.flush(10)
         if self._counter is not None:
             self._counter.close()
             self._counter = None

@@ -507,11 +507,12 @@ def top(
     duration: Annotated[
         float | None, typer.Option(min=0.1, help="Exit after this many seconds (default: until Ctrl-C).")
     ] = None,
+    svg: Annotated[Path | None, typer.Option(help="Also save the last view as an SVG picture.")] = None,
 ) -> None:
     """Live view of a running stack: events/s per stage, dead letters, live model, swaps, accuracy."""
     from streamml import dashboard  # imported here so other commands do not pay for rich.live
 
-    dashboard.run(state or dashboard.DEFAULT_STATE, duration=duration, console=console)
+    dashboard.run(state or dashboard.DEFAULT_STATE, duration=duration, console=console, svg=svg)
 
 
 @app.command()

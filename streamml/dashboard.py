@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import http.client
+import io
 import json
 import logging
 import re
@@ -610,11 +611,13 @@ def run(
     fetch: Fetch = http_get,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    svg: Path | None = None,
 ) -> None:
     """Refresh the view until ``duration`` elapses or Ctrl-C (which ends the view, never the stack).
 
     On a terminal the view redraws in place every ``refresh_s``; otherwise (a pipe, a log) a plain
-    snapshot is printed every ``plain_every_s`` so the output stays readable.
+    snapshot is printed every ``plain_every_s`` so the output stays readable. With ``svg``, the last view
+    is also saved as a picture (rich's terminal export), as README's is.
     """
     console = console or Console()
     targets = load_targets(state)  # fail fast, with a hint, when no stack was started
@@ -639,10 +642,12 @@ def run(
             targets = load_targets(state)
         return scrape(targets, fetch, clock)
 
+    last: Scrape | None = None
     try:
         with Live(console=console, auto_refresh=False) if live_mode else contextlib.nullcontext() as live:
             while True:
                 current = tick()
+                last = current
                 if isinstance(live, Live):
                     live.update(frame(current), refresh=True)  # redrawn in place
                 else:
@@ -652,6 +657,11 @@ def run(
                     break
     except KeyboardInterrupt:
         log.debug("view ended by Ctrl-C")
+    if svg is not None and last is not None:
+        picture = Console(record=True, width=112, file=io.StringIO(), force_terminal=True)
+        view = build_view(previous if previous is not last else None, last, accuracy.update(last))
+        picture.print(render(view, title="StreamML top"))
+        picture.save_svg(str(svg), title="streamml top")
 
 
 def _finished(

@@ -386,6 +386,24 @@ def test_run_prints_plain_snapshots_until_the_duration(tmp_path: Path) -> None:
     assert "| agrawal  | features in     |      250 | 1,500 |" in out  # 500 events in the last 2 s
 
 
+def test_run_saves_the_last_view_as_a_picture(tmp_path: Path) -> None:
+    state = write_state(tmp_path / "stack.json")
+    console, _ = captured()
+    clock = FakeClock()
+    picture = tmp_path / "top.svg"
+    run(
+        state,
+        duration=6,
+        console=console,
+        fetch=counting_pages(),
+        clock=clock,
+        sleep=clock.sleep,
+        svg=picture,
+    )
+    svg = picture.read_text()
+    assert svg.startswith("<svg") and "StreamML" in svg and "features" in svg
+
+
 def test_run_ends_quietly_on_ctrl_c(tmp_path: Path) -> None:
     state = write_state(tmp_path / "stack.json")
     console, buffer = captured()
