@@ -95,3 +95,26 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`STREAMML_{name.upper()}`" in readme, f"README's configuration table misses {name}"
+
+
+def test_readme_s_command_list_shows_every_cli_command() -> None:
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from streamml.cli import app
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    root = typer.main.get_command(app)
+    commands = []
+    for name, command in root.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(command, "commands", None)
+        commands += [f"{name} {sub}" for sub in subs] if subs else [name]
+    for command in commands:
+        words = command.split()
+        pattern = rf"streamml {re.escape(words[0])}\b" + (
+            rf"[^\n]*\b{re.escape(words[1])}\b" if len(words) > 1 else ""
+        )
+        assert re.search(pattern, block), f"README's command list misses `streamml {command}`"
