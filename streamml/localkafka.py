@@ -1193,6 +1193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamMLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... status | head -1` stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
     return code
 
 
