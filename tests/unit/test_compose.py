@@ -425,7 +425,13 @@ def test_secret_check_tells_substitutions_from_literals(value: str, expected: bo
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_no_secret_literals_in_compose(name: str) -> None:
     for key, value in _env(SERVICES[name]).items():
-        if SECRET_KEY.search(key):
+        if SECRET_KEY.search(key) and key.endswith("_FILE"):  # a path: it must be a compose secret's file
+            secret = value.removeprefix("/run/secrets/")
+            assert value.startswith("/run/secrets/") and secret in SERVICES[name].get("secrets", []), (
+                f"{name}: {key} must name a compose secret it declares, not {value!r}"
+            )
+            assert secret in COMPOSE.get("secrets", {}), f"{name}: secret {secret} is not declared"
+        elif SECRET_KEY.search(key):
             assert _is_substituted(value), (
                 f"{name}: {key} must come from ${{...}} with no default, not {value!r}"
             )
