@@ -57,10 +57,10 @@ REQUIRE_JAVA = { command -v java >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexis
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
-        test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz chaos
+        test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz chaos k8s-manifests
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 install: $(VENV_STAMP) ## Create .venv from requirements.lock (every target does this itself when needed)
 
@@ -112,6 +112,9 @@ format: $(VENV_STAMP) ## Format the code and sort imports
 
 codegen: $(VENV_STAMP) ## Regenerate streamml/records.py from schemas/*.avsc
 	$(PY) -m streamml.codegen
+
+k8s-manifests: $(VENV_STAMP) ## Regenerate deploy/k8s/**/generated/ (Deployments, KafkaTopics, KafkaUsers+ACLs, KEDA) from the code
+	$(PY) -m streamml.k8s
 
 test: lint test-unit test-integration test-e2e ## Lint + unit + integration + e2e (starts and stops its own broker)
 

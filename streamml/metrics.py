@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from collections.abc import Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +84,66 @@ CONTROL_SKIPPED = Counter(
 )
 
 
-def serve(host: str, port: int) -> None:
-    """Expose /metrics; port 0 turns it off."""
-    if port:
-        start_http_server(port, addr=host)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+HEALTHZ_PATH = "/healthz"
+HEALTHZ_BODY = b'{"status":"ok"}'
+
+
+def wsgi_app(registry: CollectorRegistry = REGISTRY) -> WSGIApplication:
+    """/healthz answers 200 while the process serves (what Kubernetes probes ask); every other path is
+    prometheus_client's own app, so /metrics (and its content negotiation) is exactly as before."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != HEALTHZ_PATH:
+            body: Iterable[bytes] = metrics_app(environ, start_response)
+            return body
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")])
+            return [b""]
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(HEALTHZ_BODY)))]
+        start_response("200 OK", headers)
+        return [b"" if environ["REQUEST_METHOD"] == "HEAD" else HEALTHZ_BODY]
+
+    return app
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in flight never holds the process at exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Probes and scrapes every few seconds would drown the service's own log lines."""
+
+
+def start(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> WSGIServer:
+    """Serve /metrics and /healthz on host:port (port 0: any free port) from a daemon thread."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class MetricsServer(_Server):
+        address_family = family  # an IPv6 host needs an AF_INET6 socket
+
+    server = make_server(
+        str(sockaddr[0]), port, wsgi_app(registry), MetricsServer, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def serve(host: str, port: int) -> WSGIServer | None:
+    """Expose /metrics and /healthz; port 0 turns both off.
+
+    Services call this only once composed (broker reached, topics verified, control topics read to their
+    end), so /healthz answering also means the service got that far: Kubernetes uses it as its startup,
+    readiness and liveness probe.
+    """
+    if not port:
+        return None
+    server = start(host, port)
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, port)
+    return server
 
 
 TRAINING_REQUESTS = Counter(
