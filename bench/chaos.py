@@ -22,8 +22,9 @@ Then every topic is read back (read_committed, as an application reads) and benc
   max_stall_s            longest pause of predictions in any partition after a stop, by signal: a pause
                          belongs to the stop that came last before it began (a pause already running
                          when another stop comes is not counted again for that one)
-  rebalance_p50_s        median time from a stop to the takeover: the next WriterClaim of a single-writer
-                         service, or predictions flowing again in every partition for the features service
+  rebalance_p50_s        median time from a stop to the takeover: the next claim of a slot the stopped
+                         single-writer instance was writing a pipeline for (none if it held no such slot),
+                         or predictions flowing again in every partition for the features service
 
 It prints a table per guarantee and, as the LAST line, one JSON object whose values are per guarantee.
 Events and rate: --events/--rate or CHAOS_EVENTS/CHAOS_RATE (e.g. CHAOS_EVENTS=10000 for a smoke run).
@@ -263,6 +264,7 @@ class Done:
     label: str = ""
     exit_code: int | None = None
     error: str = ""
+    instance_id: str = ""  # of the instance stopped (its writer claims name it)
 
 
 class Run:
@@ -378,6 +380,7 @@ class Run:
                 targets[action.service] = index
                 svc = self.stack.instance(action.service, index)
                 done.label = svc.label
+                done.instance_id = svc.instance_id
                 done.at = time.time()
                 done.exit_code = self.stack.stop(action.service, signal.Signals[action.sig], index=index)
             elif action.kind == "start":
@@ -551,9 +554,7 @@ class Run:
                 stall[key] = max(stall.get(key, 0.0), gap)
             took: float | None = None
             if d.action.kind == "stop" and d.action.service in SINGLE_WRITER:
-                took = inv.first_after(
-                    [w["claimed_at"] / 1000 for w in claims if w["service"] == d.action.service], d.at
-                )
+                took = inv.takeover(claims, d.action.service, d.instance_id, d.at)
             elif d.action.kind == "stop" and d.action.service == "features":
                 took = gap
             if took is not None:

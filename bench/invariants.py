@@ -434,6 +434,21 @@ def first_after(times: Iterable[float], at: float) -> float | None:
     return min(later) if later else None
 
 
+def takeover(claims: Iterable[Mapping[str, Any]], service: str, instance_id: str, at: float) -> float | None:
+    """Seconds from a stop (at, epoch s) of one instance to the first new claim of a slot it was writing a
+    pipeline for; None when it wrote for none (it held no slot, or only slots without pipelines: then
+    nothing needs taking over, and the next claim, maybe a minute later, says nothing)."""
+    ours = sorted((c for c in claims if c["service"] == service), key=lambda c: c["claimed_at"])
+    owner: dict[int, Mapping[str, Any]] = {}
+    for claim in ours:
+        if claim["claimed_at"] / 1000 <= at:
+            owner[claim["slot"]] = claim
+    held = {slot for slot, c in owner.items() if c["instance_id"] == instance_id and c["pipelines"]}
+    if not held:
+        return None
+    return first_after([c["claimed_at"] / 1000 for c in ours if c["slot"] in held], at)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100); None for no values."""
     if not values:

@@ -234,3 +234,22 @@ def test_read_order_reference_counts_a_raw_record_once_and_flags_wrong_windows()
     assert (check.records, check.copies, check.mismatches) == (5, 1, 1)  # the copy is a copy; (0, 1) is wrong
     assert check.examples[0]["source"] == (RAW, 0, 1)
     assert check.examples[0]["got_vs_reference"] == {"m": (70 / 3, 20.0)}  # 20 counted twice
+
+
+def test_takeover_counts_only_slots_the_stopped_instance_wrote_a_pipeline_for() -> None:
+    def claim(slot: int, instance: str, at_s: float, pipelines: list[str]) -> dict[str, Any]:
+        return {"service": "controller", "slot": slot, "instance_id": instance, "claimed_at": at_s * 1000,
+                "pipelines": pipelines}  # fmt: skip
+
+    claims = [
+        claim(0, "1", 100.0, ["agrawal"]),  # instance 1 writes agrawal (slot 0)
+        claim(3, "0", 101.0, []),  # instance 0 holds an empty slot only
+        claim(0, "0", 170.0, ["agrawal"]),  # a minute later, instance 0 restarted and took slot 0
+        claim(0, "0", 215.0, ["agrawal"]),
+    ]
+    # stopping instance 0 at 110 s: it wrote for no pipeline, so nothing is taken over (not "60 s")
+    assert inv.takeover(claims, "controller", "0", 110.0) is None
+    # stopping instance 1 at 160 s: its slot 0 is claimed 10 s later
+    assert inv.takeover(claims, "controller", "1", 160.0) == 10.0
+    assert inv.takeover(claims, "controller", "0", 200.0) == 15.0
+    assert inv.takeover(claims, "monitor", "0", 200.0) is None
