@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import keyword
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,8 @@ def generate() -> str:
 def _format(source: str) -> str:
     """Format with ruff so the generated file is stable and lint-clean."""
     done = subprocess.run(
-        ["ruff", "format", "--stdin-filename", str(TARGET), "-"],
+        # The ruff of this interpreter's environment (the venv's), whether or not it is on PATH.
+        [sys.executable, "-m", "ruff", "format", "--stdin-filename", str(TARGET), "-"],
         input=source,
         capture_output=True,
         text=True,
