@@ -21,7 +21,9 @@ Then every topic is read back (read_committed, as an application reads) and benc
   loop_completed         1 request, one SHADOW then one PROMOTE/DISCARD of the challenger by the controller
   max_stall_s            longest pause of predictions in any partition after a stop, by signal: a pause
                          belongs to the stop that came last before it began (a pause already running
-                         when another stop comes is not counted again for that one)
+                         when another stop comes is not counted again for that one); pauses after stops
+                         of services off the prediction path (monitor, learner, trainer, controller) are
+                         counted as "off_path", not as that stop's signal
   rebalance_p50_s        median time from a stop to the takeover: the next claim of a slot the stopped
                          single-writer instance was writing a pipeline for (none if it held no such slot),
                          or predictions flowing again in every partition for the features service
@@ -73,6 +75,8 @@ REPO = Path(__file__).resolve().parent.parent
 PIPELINE = "agrawal"
 GUARANTEES = ("at_least_once", "exactly_once")
 SINGLE_WRITER = ("learner", "monitor", "controller")
+# The services an event passes through on its way to a prediction: only their stops can pause serving.
+PREDICTION_PATH = ("features", "predictor")
 INVALID = b"{not json"  # a malformed raw event: dead-lettered, never predicted
 
 
@@ -544,6 +548,10 @@ class Run:
         per_stop = []
         for i, d in enumerate(stops):
             key = d.action.sig if d.action.kind == "stop" else "broker"
+            if d.action.kind == "stop" and d.action.service not in PREDICTION_PATH:
+                # Stopping a monitor, learner, trainer or controller cannot pause serving: a pause after it
+                # has another cause (a drift's swap, a concurrent broker stop) and is reported apart.
+                key = "off_path"
             # A pause is the stop's that came last before it began: its last output came at most 1 s
             # before the stop, and before the next stop (stops every ~10 s overlap pauses of 10-20 s, and
             # each was counted for every stop it overlapped).
