@@ -84,9 +84,6 @@ def faust_app(service: str, settings: Settings, *, app_id: str | None = None, we
         consumer_auto_offset_reset="earliest",
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
-        # No `<app>-__assignor-__leader` topic: nothing uses Faust's leader election (single writers are
-        # elected through <prefix>.writers), and a pod-named app id would leave one topic per pod behind.
-        topic_disable_leader=True,
         web_enabled=web,
         web_host=settings.http_host,
         web_port=settings.http_port,
