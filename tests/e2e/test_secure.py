@@ -4,6 +4,7 @@ end, and the broker's own refusals of whatever a principal was not granted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,19 @@ class Secured:
 
     def conf_of(self, who: str) -> dict[str, str]:
         return dict(self.settings_of(who).kafka_config())
+
+
+@contextlib.contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    """The stack's services are stopped at the end; their logs are shown if the test failed."""
+    try:
+        yield stack
+    except BaseException:
+        for label in stack.services:
+            print(f"\n===== {label} log (last 60 lines) =====\n{stack.tail(label, 60)}")
+        raise
+    finally:
+        stack.stop_all()
 
 
 def streamml(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -233,14 +247,8 @@ def test_the_closed_loop_runs_with_every_service_on_its_own_principal(
     }
     stack = Stack.create(env, tmp_path / "logs", users_dir=secured.users)
     system = System(secured.settings_of("cli"), stack, model_keys)
-    try:
+    with running(stack):
         run_closed_loop(system)
-    except BaseException:
-        for label in stack.services:
-            print(f"\n===== {label} log (last 60 lines) =====\n{stack.tail(label, 60)}")
-        raise
-    finally:
-        stack.stop_all()
     for label, svc in stack.services.items():  # no service was refused anything on the way
         log = svc.log_path.read_text()
         assert "AUTHORIZATION_FAILED" not in log and "Authorization failed" not in log, label
@@ -279,7 +287,7 @@ def test_signed_versions_rotation_and_the_token_on_the_secured_cluster(
     }
     stack = Stack.create(env, tmp_path / "logs", users_dir=secured.users)
     system = System(secured.settings_of("cli"), stack, old_key, publisher=secured.settings_of("trainer"))
-    try:
+    with running(stack):
         system.apply("phishing", promotion="manual")
         publish_version(system, trained_version(system, "phishing", 1, 100, key=old_key))
         promote(system, "phishing", 1)
@@ -317,12 +325,6 @@ def test_signed_versions_rotation_and_the_token_on_the_secured_cluster(
         assert _call(f"{url}/predict", "wrong", body)[0] == 401
         status, answer = _call(f"{url}/predict", token, body)
         assert status == 200 and answer["model_version"] == 2, answer
-    except BaseException:
-        for label in stack.services:
-            print(f"\n===== {label} log (last 60 lines) =====\n{stack.tail(label, 60)}")
-        raise
-    finally:
-        stack.stop_all()
 
 
 def test_doctor_checks_the_principals_and_acls_with_the_operator_s_credentials(
