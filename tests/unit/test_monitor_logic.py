@@ -13,6 +13,7 @@ from scipy.stats import ks_2samp
 from streams.monitor import (
     Monitor,
     MonitorOutput,
+    PartitionedKS,
     PipelineMonitor,
     ks_test,
     offset_ranges,
@@ -410,7 +411,26 @@ def test_learner_snapshots_keep_the_detectors_and_deliberate_promotions_restart_
     assert pm.scores.ref_n == 1, "the score reference is per version"
     pm.on_promotion(promotion(7, actor="controller", model="batch"))
     stream.event({"x": 1.0}, True, True, {"True": 0.9}, version=7, model="batch")
-    assert pm.concept is not concept and pm.data.ref_n == 1
+    assert pm.concept is not concept and isinstance(pm.data, PartitionedKS)
+    assert [w.ref_n for w in pm.data.watches.values()] == [1]
+
+
+def test_each_input_partition_has_its_own_data_reference() -> None:
+    """Keyed features: a partition holds some keys, and a key-dependent feature differs between partitions;
+    each is compared with its own reference, never a reference read from another partition."""
+    watch = PartitionedKS(size=200, threshold=1e-4)
+    rng = random.Random(3)
+    alerts = []
+    for i in range(3000):
+        partition = i % 3
+        value = rng.uniform(0, 1) + partition  # each partition's own, stationary distribution
+        src = ("t.features", partition, i // 3)
+        # the first 600 events all come from partition 0, as one batch of a busy reader would
+        if i < 600:
+            value, src = rng.uniform(0, 1), ("t.features", 0, 10_000 + i)
+        alerts += [r for r in watch.watch(src).add({"x": value}, src) if r[1] < 1e-4]
+    assert alerts == []
+    assert sorted(watch.watches) == [0, 1, 2]
 
 
 def test_promotion_arriving_after_its_first_predictions_still_restarts() -> None:
