@@ -21,7 +21,6 @@ Nobody gets cluster-level rights: creating users and ACLs stays with the operato
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     UserScramCredentialUpsertion,
 )
 
+from streamml.tlsca import write_new_private_file
 from streamml.topics import CLI, SERVICES, Catalogue, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,7 @@ def ensure_password(secrets_dir: Path, user: str) -> tuple[str, bool]:
         return text, False
     secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     password = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(password + "\n")
+    write_new_private_file(path, (password + "\n").encode())
     return password, True
 
 

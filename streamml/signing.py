@@ -24,7 +24,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from streamml.errors import ConfigError
 from streamml.settings import Settings
+from streamml.tlsca import write_new_private_file
 
 PREFIX = "ed25519"
 DOMAIN = b"streamml-model-v1"
@@ -88,9 +88,7 @@ def generate() -> Ed25519PrivateKey:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """The key as PEM in a new file readable by its owner only (an existing file is never overwritten)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
-        f.write(private_pem(key))
+    write_new_private_file(path, private_pem(key))
 
 
 def write_key_pair(folder: Path, name: str = "model-signing.pem") -> tuple[Path, str]:

@@ -101,6 +101,14 @@ def ensure_tls(tls_dir: Path, now: dt.datetime | None = None) -> TlsFiles:
     return files
 
 
+def write_new_private_file(path: Path, data: bytes) -> None:
+    """Data in a new file readable by its owner only from the first byte on; an existing file is never
+    overwritten (FileExistsError): keys and passwords are made once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as out:
+        out.write(data)
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """Replace path with data, readable by its owner only from the first byte on.
 
