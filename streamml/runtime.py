@@ -345,6 +345,10 @@ MIN_BATCH = 50
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
+# How long an assignment waits for the group's committed offsets of its partitions (before a state restore).
+COMMITTED_WAIT_S = 30.0
+# Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
+ABORT_WAIT_S = 5.0
 # Consumer-group session of data loops, writer slots and trainer requests: how long a crashed member keeps
 # its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
 # catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
@@ -441,6 +445,11 @@ class BatchLoop(mode.Service):
         self._holding_since: float | None = None
         self._abort_needed: str | None = None  # exactly-once: why the open transaction must be aborted
         self._rewinding = False  # partitions revoked to go back to the committed input: commit nothing
+        # Exactly-once, after a transaction was given up (`_abort`): its abort is not acknowledged yet, and
+        # the loop has to go back to the committed input (`_rewind`). Nothing is read or begun meanwhile.
+        self._abort_pending = False
+        self._rewind_pending = False
+        self._in_revoke = False  # inside the revoke callback (no unsubscribe there)
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
@@ -493,6 +502,12 @@ class BatchLoop(mode.Service):
                         self.name,
                         STOP_TIMEOUT_S,
                     )
+                    if self.exactly_once and self._in_txn:
+                        # abort now rather than leave the next owner of the partitions waiting for the
+                        # broker's transaction timeout (read_committed readers stop at an open transaction)
+                        self._abort("stopping before the transaction could commit", timeout_s=0.1)
+                if self._abort_pending:
+                    self._finish_abort(max(0.5, deadline - time.monotonic()))
         except (KafkaException, StreamMLError):
             log.exception("%s: final commit failed; the uncommitted tail will be processed again", self.name)
         finally:
@@ -509,15 +524,52 @@ class BatchLoop(mode.Service):
     # -- rebalance ------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._on_assign_hook is not None:
-            partitions = self._on_assign_hook(partitions)
+            # The committed offsets first, then the hook (the features service restores state from its
+            # changelog, read to its end now), and reading starts at exactly those offsets. A read_committed
+            # consumer's offset fetch waits for pending transactional commits (KIP-447's require_stable), so
+            # every transaction those offsets include has committed, and so have its changelog records: the
+            # restored state holds all the input before the offsets. The other order could restore first,
+            # then get offsets from a transaction that committed meanwhile (state missing its events).
+            partitions = self._on_assign_hook(self._committed_offsets(consumer, partitions))
             consumer.assign(partitions)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
 
+    def _committed_offsets(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """The partitions with the group's committed offsets (stable ones: see `_on_assign`). If the broker
+        does not answer in time they are returned as given (the consumer then fetches the offsets itself)."""
+        if not partitions:
+            return partitions
+        try:
+            committed = consumer.committed(
+                [TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=COMMITTED_WAIT_S
+            )
+        except KafkaException as exc:
+            ERRORS.labels(self.name, "offset_fetch").inc()
+            log.warning("%s: committed offsets of %s not fetched: %s", self.name, partitions, exc)
+            return partitions
+        return [tp if tp.error is None else TopicPartition(tp.topic, tp.partition) for tp in committed]
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._closing and not self._rewinding:  # when closing, on_stop has just committed
-            # Outputs still unacknowledged after this wait leave the partitions uncommitted: their next owner
-            # processes the tail again (at-least-once); a transaction left open would fail and restart.
-            self._commit(force=True, timeout_s=REVOKE_WAIT_S)
+            self._in_revoke = True
+            try:
+                # Outputs still unacknowledged after this wait leave the partitions uncommitted: their next
+                # owner processes the tail again (at-least-once).
+                if self.exactly_once and self._abort_needed is not None:
+                    self._abort(self._abort_needed)
+                elif not self._commit(force=True, timeout_s=REVOKE_WAIT_S) and self.exactly_once:
+                    # Exactly-once: the open transaction holds outputs and state (changelog records) of the
+                    # partitions given away. It must never commit once they are gone: their next owner may
+                    # have restored the state without it already, and would then read on from offsets past
+                    # it (windows missing those events). So it is aborted now, as Kafka Streams closes a
+                    # task whose commit failed in a rebalance "dirty"; the next owner reads that input again.
+                    self._abort("the partitions were revoked before the transaction could commit")
+            finally:
+                self._in_revoke = False
+            if self._rewind_pending and not self._kept_after(consumer, partitions):
+                self._rewind_pending = False  # everything goes anyway: nothing else to take back
         for p in partitions:
             self._positions.pop((p.topic, p.partition), None)
             self._committed.pop((p.topic, p.partition), None)
@@ -527,6 +579,16 @@ class BatchLoop(mode.Service):
             self._on_revoke_hook(partitions)
         self._rewinding = False
 
+    @staticmethod
+    def _kept_after(consumer: Consumer, partitions: list[TopicPartition]) -> bool:
+        """Whether partitions outside `partitions` stay assigned. The eager protocol this loop uses revokes
+        the whole assignment, so after an abort in a revocation there is normally nothing else to rewind."""
+        try:
+            kept = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        except (KafkaException, RuntimeError):
+            return True
+        return bool(kept - {(tp.topic, tp.partition) for tp in partitions})
+
     # -- the loop -------------------------------------------------------------------------------------
     @mode.Service.task
     async def _run(self) -> None:
@@ -535,6 +597,12 @@ class BatchLoop(mode.Service):
         while not self.should_stop:
             assert self._consumer is not None
             started = time.monotonic()
+            if self._abort_pending or self._rewind_pending:  # a given-up transaction (see `_abort`)
+                if self._abort_pending and not self._finish_abort():
+                    await asyncio.sleep(0.2)
+                elif self._rewind_pending:
+                    self._rewind()
+                continue
             if self._holding:  # outputs not acknowledged yet: retry them, read nothing new meanwhile
                 self._commit(force=True, timeout_s=0.2)
                 if self._holding and self.exactly_once and self._held_for() > HOLD_LIMIT_S:
@@ -548,6 +616,8 @@ class BatchLoop(mode.Service):
                 await asyncio.sleep(0.1)
                 continue
             msgs = self._consumer.consume(self._batch_limit, 0)
+            if self._abort_pending or self._rewind_pending:  # (an abort inside consume's rebalance callback)
+                continue  # these records are read again from the committed offsets
             if self._aligned is not None:
                 msgs = self._take_aligned(msgs)
             if not msgs:
@@ -647,20 +717,45 @@ class BatchLoop(mode.Service):
         """Exactly-once: abort the open transaction and go back to the last committed input. The
         partitions are revoked (their state, derived from input that is now uncommitted, is dropped) and
         assigned again (restored from changelogs, read from the committed offsets)."""
-        assert self._producer is not None and self._consumer is not None
+        self._abort(why)
+        if not self._abort_pending and not self._in_revoke:
+            self._rewind()
+
+    def _abort(self, why: str, timeout_s: float = ABORT_WAIT_S) -> None:
+        """Exactly-once: give up the open transaction, so that it never commits. What it held (outputs,
+        offsets, retries) is forgotten; the input goes back to the committed offsets (`_rewind`, or the
+        revocation under way). Until the broker acknowledges the abort, `_run` begins nothing new."""
         ERRORS.labels(self.name, "txn_aborted").inc()
         log.error("%s: aborting the transaction (%s); going back to the last committed input", self.name, why)
-        try:
-            self._producer.abort_transaction(10)
-        except KafkaException as exc:
-            err = kafka_error(exc)
-            if err is None or err.fatal():
-                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
-            log.warning("%s: abort: %s", self.name, err)
         self._in_txn = self._offsets_sent = self._holding = False
         self._holding_since, self._abort_needed = None, None
         self._retry.clear()
         self._delivery_errors.clear()
+        self._buffers.clear()
+        self._positions.clear()
+        self._abort_pending = self._rewind_pending = True
+        self._finish_abort(timeout_s)
+
+    def _finish_abort(self, timeout_s: float = ABORT_WAIT_S) -> bool:
+        """Ask the broker to abort the given-up transaction; True once it has (or there was none)."""
+        assert self._producer is not None
+        try:
+            self._producer.abort_transaction(timeout_s)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or err.fatal():
+                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+            if err.code() != KafkaError._STATE:  # (_STATE: no transaction open, nothing to abort)
+                log.warning("%s: abort not acknowledged yet (%s); trying again", self.name, err)
+                return False
+        self._abort_pending = False
+        return True
+
+    def _rewind(self) -> None:
+        """Go back to the last committed input: every partition is revoked (its state dropped, nothing
+        committed) and assigned again at the next subscription (state restored, committed offsets read)."""
+        assert self._consumer is not None
+        self._rewind_pending = False
         self._buffers.clear()
         self._rewinding = True  # until the revoke callback has run (inside the next consume)
         self._consumer.unsubscribe()

@@ -496,6 +496,7 @@ class TxnFakeProducer(FakeProducer):
         super().__init__()
         self.calls: list[str] = []
         self.commit_error = commit_error
+        self.abort_errors: list[KafkaError] = []
 
     def begin_transaction(self) -> None:
         self.calls.append("begin")
@@ -509,6 +510,8 @@ class TxnFakeProducer(FakeProducer):
         self.calls.append("commit")
 
     def abort_transaction(self, _timeout: float = 0) -> None:
+        if self.abort_errors:  # the broker does not acknowledge this attempt
+            raise KafkaException(self.abort_errors.pop(0))
         self.calls.append("abort")
 
 
@@ -561,6 +564,57 @@ def test_exactly_once_gives_up_a_transaction_held_too_long(
     assert loop._held_for() > runtime.HOLD_LIMIT_S
     loop._abort_and_rewind("held")
     assert "abort" in producer.calls and consumer.unsubscribed and not loop._holding
+
+
+SLOW_COMMIT = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
+
+
+def test_exactly_once_aborts_a_transaction_still_open_when_its_partitions_are_revoked(
+    settings: Settings,
+) -> None:
+    """The transaction holds the given-away partitions' outputs and changelog records: committing it after
+    the revocation would hand their next owner offsets past state it may have restored without them."""
+    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    dropped: list[list[tuple[str, int]]] = []
+    loop._on_revoke_hook = lambda parts: dropped.append([(tp.topic, tp.partition) for tp in parts])
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    assert loop._commit(force=True) is False and loop._holding  # the broker is slow: holding
+    loop._on_revoke(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert producer.calls == ["begin", "offsets", "abort"] and not loop._in_txn and not loop._holding
+    assert dropped == [[("in", 0)]] and loop._positions == {}
+    assert not loop._abort_pending and not loop._rewind_pending  # all was revoked: nothing else to rewind
+    producer.commit_error = None  # the broker is back: there is nothing left to commit
+    assert loop._commit(force=True) is True and "commit" not in producer.calls
+
+
+def test_exactly_once_retries_an_unacknowledged_abort_before_anything_else(settings: Settings) -> None:
+    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    producer.abort_errors = [KafkaError(KafkaError._TIMED_OUT, "no coordinator", retriable=True)]
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    loop._commit(force=True)
+    loop._abort_and_rewind("held too long")
+    assert loop._abort_pending and loop._rewind_pending and not consumer.unsubscribed
+    assert loop._finish_abort() is True and producer.calls[-1] == "abort"  # `_run`'s next turn
+    loop._rewind()
+    assert consumer.unsubscribed and not loop._rewind_pending and "commit" not in producer.calls
+
+
+def test_exactly_once_stop_aborts_a_transaction_it_cannot_commit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left open, the transaction would hold read_committed readers of the partitions' next owner (their
+    state restore among them) until the broker's transaction timeout."""
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.4)
+    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    asyncio.run(loop.on_stop())
+    assert producer.calls[-1] == "abort" and "commit" not in producer.calls and consumer.closed
 
 
 def test_a_batch_is_interleaved_over_its_partitions_keeping_each_partitions_order() -> None:
