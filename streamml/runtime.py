@@ -578,6 +578,7 @@ class BatchLoop(mode.Service):
         if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
             self._on_revoke_hook(partitions)
         self._rewinding = False
+        log.info("%s: revoked %s", self.name, [(p.topic, p.partition) for p in partitions])
 
     @staticmethod
     def _kept_after(consumer: Consumer, partitions: list[TopicPartition]) -> bool:
