@@ -345,8 +345,6 @@ MIN_BATCH = 50
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
-# How long an assignment waits for the group's committed offsets of its partitions (before a state restore).
-COMMITTED_WAIT_S = 30.0
 # Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
 ABORT_WAIT_S = 5.0
 # Consumer-group session of data loops, writer slots and trainer requests: how long a crashed member keeps
@@ -524,32 +522,12 @@ class BatchLoop(mode.Service):
     # -- rebalance ------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._on_assign_hook is not None:
-            # The committed offsets first, then the hook (the features service restores state from its
-            # changelog, read to its end now), and reading starts at exactly those offsets. A read_committed
-            # consumer's offset fetch waits for pending transactional commits (KIP-447's require_stable), so
-            # every transaction those offsets include has committed, and so have its changelog records: the
-            # restored state holds all the input before the offsets. The other order could restore first,
-            # then get offsets from a transaction that committed meanwhile (state missing its events).
-            partitions = self._on_assign_hook(self._committed_offsets(consumer, partitions))
+            # No other broker call in this callback: with `Consumer.committed()` here (to restore state
+            # after fetching the offsets) a features instance's event loop stayed blocked for good once,
+            # in an e2e run with a broker down; it is the prime suspect.
+            partitions = self._on_assign_hook(partitions)
             consumer.assign(partitions)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
-
-    def _committed_offsets(
-        self, consumer: Consumer, partitions: list[TopicPartition]
-    ) -> list[TopicPartition]:
-        """The partitions with the group's committed offsets (stable ones: see `_on_assign`). If the broker
-        does not answer in time they are returned as given (the consumer then fetches the offsets itself)."""
-        if not partitions:
-            return partitions
-        try:
-            committed = consumer.committed(
-                [TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=COMMITTED_WAIT_S
-            )
-        except KafkaException as exc:
-            ERRORS.labels(self.name, "offset_fetch").inc()
-            log.warning("%s: committed offsets of %s not fetched: %s", self.name, partitions, exc)
-            return partitions
-        return [tp if tp.error is None else TopicPartition(tp.topic, tp.partition) for tp in committed]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._closing and not self._rewinding:  # when closing, on_stop has just committed
