@@ -57,6 +57,7 @@ REQUIRE_JAVA = { command -v java >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexis
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
+        registry-dist registry-up registry-down \
         test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz chaos k8s-manifests
 
 help: ## List the targets
@@ -88,6 +89,16 @@ kafka-jars: $(VENV_STAMP) ## Fetch the Apache Kafka jars with Maven into .local/
 
 kafka-up: kafka-jars ## Start a local KRaft Kafka on 127.0.0.1 (BROKERS=3 for a 3-broker cluster, SECURE=1 for TLS+SCRAM+ACLs)
 	$(PY) -m streamml.localkafka up --brokers $(BROKERS) --port $(PORT) $(if $(filter 1 true yes,$(SECURE)),--secure,--no-secure)
+
+registry-dist: $(VENV_STAMP) ## Fetch Apicurio Registry (Schema Registry API) with Maven into .local (once)
+	@$(REQUIRE_JAVA)
+	$(PY) -m streamml.localregistry fetch
+
+registry-up: registry-dist ## Start a local Schema Registry on 127.0.0.1 (prints STREAMML_SCHEMA_REGISTRY_URL)
+	$(PY) -m streamml.localregistry up
+
+registry-down: $(VENV_STAMP) ## Stop the local Schema Registry
+	$(PY) -m streamml.localregistry down
 
 kafka-down: $(VENV_STAMP) ## Stop the local Kafka
 	$(PY) -m streamml.localkafka down
@@ -121,10 +132,10 @@ test: lint test-unit test-integration test-e2e ## Lint + unit + integration + e2
 test-unit: $(VENV_STAMP) ## Unit tests (no broker)
 	$(PY) -m pytest tests/unit -q
 
-test-integration: kafka-jars ## Integration tests against a real Kafka broker started by the tests
+test-integration: kafka-jars registry-dist ## Integration tests against a real Kafka broker (and Schema Registry) started by the tests
 	$(PY) -m pytest tests/integration -q
 
-test-e2e: kafka-jars ## End-to-end tests of whole services against a real broker
+test-e2e: kafka-jars registry-dist ## End-to-end tests of whole services against a real broker
 	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
 demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each; SECURE=1: TLS, SCRAM, ACLs), a drifting Agrawal stream and `streamml top`

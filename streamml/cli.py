@@ -21,8 +21,10 @@ from rich.table import Table
 
 from streamml import control, pipelines, signing, sources
 from streamml.codec import codec_for, decode_any, is_avro
+from streamml.contracts import contracts_of, export
 from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import check_broker, ensure_topics, make_admin, make_consumer, make_producer
+from streamml.registry import Registry, subject
 from streamml.settings import Settings, get_settings
 from streamml.topics import Catalogue, check_pipeline_name
 
@@ -39,6 +41,8 @@ acl_app = typer.Typer(
 app.add_typer(acl_app, name="acl")
 keys_app = typer.Typer(help="Ed25519 keys that sign and verify model versions.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+schema_app = typer.Typer(help="Typed per-pipeline Avro contracts (generated).", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
 # Piped output (scripts, tests, CI logs) gets wide tables instead of truncated cells.
 console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
@@ -327,11 +331,35 @@ def pipeline_apply(file: Annotated[Path, typer.Argument(help="Pipeline definitio
     definition = pipelines.to_definition(spec, catalogue.raw(spec.name).name, revision)
     if definition.raw_topic != catalogue.raw(spec.name).name:
         ensure_topics(settings, [replace(catalogue.raw(spec.name), name=definition.raw_topic)])
+    registry = Registry.from_settings(settings)
+    if registry is not None:
+        _register_contracts(registry, catalogue, definition.to_avro())
     control.publish(
         settings, catalogue.pipelines().name, "PipelineDefinition", spec.name, definition.to_avro()
     )
     console.print(
         f"pipeline [bold]{spec.name}[/bold] revision {revision} applied (raw topic {definition.raw_topic})"
+    )
+
+
+def _register_contracts(registry: Registry, catalogue: Catalogue, definition: dict[str, Any]) -> None:
+    """Check the revision's typed contracts against the registry, then register them; an incompatible
+    one refuses the revision (nothing registered, nothing published) with the registry's reason."""
+    generated = contracts_of(definition)
+    subjects = {
+        definition["raw_topic"]: generated.raw,
+        catalogue.features(definition["name"]).name: generated.features,
+    }
+    refused = registry.incompatible(subjects)
+    if refused:
+        lines = "\n".join(f"  {r.subject}: {r.reason}" for r in refused)
+        raise StreamMLError(
+            f"pipeline {definition['name']} revision {definition['revision']} refused: the schema registry "
+            f"finds its schemas incompatible with the versions registered (BACKWARD):\n{lines}"
+        )
+    ids = {topic: registry.register(topic, contract) for topic, contract in subjects.items()}
+    console.print(
+        "registered " + ", ".join(f"{subject(t)} (id {i})" for t, i in ids.items()) + f" at {registry.url}"
     )
 
 
@@ -370,6 +398,32 @@ def pipeline_show(name: str) -> None:
             raise ValidationError(f"pipeline {name!r} has no valid record (see the warnings above)")
         raise ValidationError(f"no pipeline named {name!r} (see `streamml pipeline list`)")
     console.print_json(data=rec)
+
+
+@schema_app.command("export")
+def schema_export(
+    pipeline: Annotated[
+        str, typer.Argument(help="A pipeline file (YAML or JSON), or an applied pipeline's name.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the .avsc files to.")] = Path("."),
+) -> None:
+    """Write a pipeline's generated Avro schemas (raw event, feature vector) as .avsc files."""
+    settings = _settings()
+    catalogue = Catalogue(settings)
+    path = Path(pipeline)
+    if path.is_file():
+        spec = pipelines.load_file(path)
+        definition = pipelines.to_definition(spec, catalogue.raw(spec.name).name).to_avro()
+    else:
+        check_broker(settings)
+        state = control.read_pipelines(settings)
+        _warn_pipelines(state)
+        found = state.current.get(pipeline)
+        if found is None or found["deleted"]:
+            raise ValidationError(f"no file and no applied pipeline named {pipeline!r}")
+        definition = found
+    for written in export(definition, out):
+        console.print(f"wrote {written}")
 
 
 def _remove_key(settings: Settings, state: control.PipelineState, topic: str, key: bytes) -> None:

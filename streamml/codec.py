@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -149,8 +149,16 @@ def check_fields(fields: dict[str, Any]) -> None:
         _check_scalar(key, value)
 
 
-def decode_raw(data: bytes | None) -> Record:
-    """Read a raw event (a flat JSON object of scalars, or an Avro RawEvent) into the RawEvent shape.
+class FramedReader(Protocol):
+    """What reads Confluent-framed Avro (streamml.registry.Registry)."""
+
+    def decode(self, data: bytes, reader: Any = None) -> Record: ...
+
+
+def decode_raw(data: bytes | None, registry: FramedReader | None = None) -> Record:
+    """Read a raw event into the RawEvent shape: a flat JSON object of scalars, an Avro RawEvent
+    (single-object encoding), or — with a schema registry — a flat Avro record in the Confluent wire
+    format, written with any schema the registry holds (its fields become the event's fields).
 
     Sizes are bounded before parsing, and anything the parsers raise (deep nesting, huge integers) is a
     DecodeError: a raw event is data from anyone, so no input may escape as another exception.
@@ -163,6 +171,15 @@ def decode_raw(data: bytes | None) -> Record:
         record = codec_for("RawEvent").decode(data)
         check_fields(record["fields"])
         return record
+    if data[:1] == b"\x00":  # Confluent wire format (JSON never starts with a 0 byte)
+        if registry is None:
+            raise DecodeError(
+                "Confluent-framed Avro (0 byte + schema id) but no schema registry is configured "
+                "(STREAMML_SCHEMA_REGISTRY_URL)"
+            )
+        fields = registry.decode(data)
+        check_fields(fields)
+        return {"fields": fields, "event_time": None}
     try:
         obj = json.loads(data)
     except UnicodeDecodeError as exc:

@@ -106,8 +106,17 @@ def watermarks(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> dict[
     if meta is None or meta.error is not None:
         return None
     marks: dict[int, tuple[int, int]] = {}
+    deadline = time.monotonic() + timeout_s
     for p in meta.partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+        while True:  # a topic created a moment ago has no leader yet (retriable): ask again until it has
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+                break
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or not is_retriable(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         marks[p] = (int(low), int(high))
     return marks
 

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 # Secrets that may also come from a file, `<name>_file` (Kubernetes and compose secrets are files).
-SECRET_FILES = ("sasl_password", "signing_key", "http_token")
+SECRET_FILES = ("sasl_password", "signing_key", "http_token", "schema_registry_basic_auth")
 
 
 class Settings(BaseSettings):
@@ -66,6 +66,21 @@ class Settings(BaseSettings):
     accept_hmac_models: bool = Field(
         False, description="With Ed25519 verify keys: still accept HMAC-signed versions (while migrating)."
     )
+    schema_registry_url: str | None = Field(
+        None,
+        description="Confluent-compatible Schema Registry API (e.g. http://127.0.0.1:8081, or Apicurio's "
+        ".../apis/ccompat/v7): pipeline contracts are registered there and raw topics also accept "
+        "Confluent-framed Avro. None: no registry (Avro single-object encoding only).",
+    )
+    schema_registry_basic_auth: SecretStr | None = Field(
+        None, description="Registry credentials 'user:password' (HTTP basic auth), if it needs them."
+    )
+    schema_registry_basic_auth_file: str | None = Field(
+        None, description="File holding the registry credentials 'user:password' (a secret)."
+    )
+    schema_registry_ca_location: str | None = Field(
+        None, description="CA bundle that verifies an https registry (default: the system's)."
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
         description="at_least_once: outputs may repeat after a crash; exactly_once: Kafka transactions.",
@@ -80,7 +95,9 @@ class Settings(BaseSettings):
     broker_timeout_s: float = Field(10.0, gt=0, description="How long to wait for the broker at start.")
     log_level: str = Field("INFO", description="Python log level of services and the CLI.")
 
-    @field_validator("signing_key", "sasl_password", "http_token", mode="before")
+    @field_validator(
+        "signing_key", "sasl_password", "http_token", "schema_registry_basic_auth", mode="before"
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         """Compose passes `${VAR:-}` as an empty string: treat it as not configured, never as a key."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from streamml.localkafka import LocalKafka, free_port_block
+from streamml.localregistry import LocalRegistry
 from streamml.settings import Settings
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -73,6 +74,21 @@ def kafka_bootstrap(
         yield kafka.start(timeout_s=120)
     finally:
         kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Schema Registry (Apicurio, in memory) for this session: $STREAMML_SCHEMA_REGISTRY_URL, else one
+    started by the same code as `make registry-up` on a free port, stopped when the session ends."""
+    external = os.environ.get("STREAMML_SCHEMA_REGISTRY_URL", "").strip()
+    if external:
+        yield external
+        return
+    registry = LocalRegistry(tmp_path_factory.mktemp("registry"), die_with_parent=True)
+    try:
+        yield registry.start(timeout_s=120)
+    finally:
+        registry.stop()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from confluent_kafka import Message, TopicPartition
 from streamml import metrics
 from streamml.codec import codec_for, decode_raw
 from streamml.kafka import ensure_topics
+from streamml.registry import Registry
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
@@ -68,6 +69,7 @@ class Features:
         self.hop_inputs: set[str] = set()  # state input topics that are repartition topics
         self._features = codec_for("FeatureVector")
         self._loopback: dict[tuple[str, int], int] = {}  # handle_through's next offset per partition
+        self.registry = Registry.from_settings(settings)  # reads Confluent-framed raw events
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is None:
@@ -176,7 +178,7 @@ class Features:
     def _repartition(self, hop: Hop, msg: Message) -> Output:
         """Stage 1: the raw record, unchanged, to the partition of its key; undecodable → dead letter."""
         try:
-            raw = decode_raw(msg.value())
+            raw = decode_raw(msg.value(), self.registry)
         except Exception as exc:  # the record boundary: any failure dead-letters this record only
             return dead_letter(self.catalogue, SERVICE, hop.engine.pipeline, msg, exc)
         key = key_of(raw, hop.key_field)
@@ -199,7 +201,7 @@ class Features:
                 origin = cast(Message, named.as_message(msg.value()))
                 raw_record = (f"{named.topic}/{named.partition}", named.offset)
         try:
-            raw = decode_raw(msg.value())
+            raw = decode_raw(msg.value(), self.registry)
             fv = engine.transform(
                 raw,
                 timestamp_ms=source.timestamp,

@@ -1,0 +1,211 @@
+"""A Schema Registry client for StreamML's contracts (Confluent's REST API; Apicurio's ccompat API too).
+
+Built on confluent-kafka's `SchemaRegistryClient`. Subjects follow Confluent's default TopicNameStrategy,
+`<topic>-value`, with BACKWARD compatibility set on each subject StreamML registers. Records in the
+Confluent wire format are a 0 byte, the schema id (4 bytes, big-endian), then the Avro binary body; the
+body is read with fastavro (the writer schema fetched by id once, then cached), never through the SerDe
+classes on a hot path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import fastavro
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from streamml import limits
+from streamml.contracts import Contract
+from streamml.errors import DecodeError, StreamMLError
+from streamml.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FRAME_MAGIC = 0
+FRAME_HEADER_LEN = 5
+COMPATIBILITY = "BACKWARD"
+_ID_CACHE = 1024  # writer schemas (or "unknown id") kept per process, least recently used dropped
+_ID = struct.Struct(">I")
+
+
+class RegistryError(StreamMLError):
+    pass
+
+
+def is_framed(data: bytes) -> bool:
+    """Confluent wire format: a 0 byte and a 4-byte schema id before the body."""
+    return len(data) > FRAME_HEADER_LEN and data[0] == FRAME_MAGIC
+
+
+def frame(schema_id: int, body: bytes) -> bytes:
+    return bytes([FRAME_MAGIC]) + _ID.pack(schema_id) + body
+
+
+def subject(topic: str) -> str:
+    return f"{topic}-value"
+
+
+@dataclass(frozen=True)
+class Incompatible:
+    subject: str
+    reason: str
+
+
+def _avro(contract: Contract) -> Schema:
+    return Schema(contract.text(), "AVRO")
+
+
+class Registry:
+    """One registry, as configured in Settings (URL, basic auth, CA bundle)."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
+        if not settings.schema_registry_url:
+            raise RegistryError("no schema registry configured (STREAMML_SCHEMA_REGISTRY_URL)")
+        conf: dict[str, Any] = {"url": settings.schema_registry_url, "timeout": timeout_s}
+        if settings.schema_registry_basic_auth is not None:
+            conf["basic.auth.user.info"] = settings.schema_registry_basic_auth.get_secret_value()
+        if settings.schema_registry_ca_location:
+            conf["ssl.ca.location"] = settings.schema_registry_ca_location
+        self.url = settings.schema_registry_url
+        self._client = SchemaRegistryClient(conf)
+        self._writers: OrderedDict[int, Any] = OrderedDict()  # schema id → parsed schema, or None (unknown)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry | None:
+        return cls(settings) if settings.schema_registry_url else None
+
+    # -- contracts ---------------------------------------------------------------------------------------
+    def incompatible(self, contracts: dict[str, Contract]) -> list[Incompatible]:
+        """The subjects (by topic) whose latest version cannot read records of the new contract, with the
+        registry's reason. Nothing is registered."""
+        found = []
+        for topic, contract in contracts.items():
+            name = subject(topic)
+            try:
+                ok = self._client.test_compatibility(name, _avro(contract))
+            except SchemaRegistryError as exc:
+                if exc.http_status_code == 404:  # a new subject: nothing to be compatible with
+                    continue
+                raise RegistryError(f"registry {self.url}: checking {name}: {_message(exc)}") from exc
+            if not ok:
+                found.append(Incompatible(name, self._reason(name, contract)))
+        return found
+
+    def _reason(self, name: str, contract: Contract) -> str:
+        return _with_field_names(self._refusal(name, contract), contract.schema)
+
+    def _refusal(self, name: str, contract: Contract) -> str:
+        """The registry's own words on why a schema is refused: a registration it answers 409 to (the
+        compatibility check answers only yes or no). A registration that succeeds after all (the subject
+        changed meanwhile) is reported as such."""
+        try:
+            self._client.register_schema(name, _avro(contract))
+        except SchemaRegistryError as exc:
+            return limits.clip(_message(exc), 500)
+        return "incompatible when checked, registered when retried (the subject changed meanwhile)"
+
+    def register(self, topic: str, contract: Contract) -> int:
+        """Register `contract` under `<topic>-value` (BACKWARD compatibility); its schema id."""
+        name = subject(topic)
+        try:
+            self._client.set_compatibility(name, COMPATIBILITY)
+            schema_id = int(self._client.register_schema(name, _avro(contract)))
+        except SchemaRegistryError as exc:
+            raise RegistryError(f"registry {self.url}: registering {name}: {_message(exc)}") from exc
+        self._remember(schema_id, contract.parsed)
+        return schema_id
+
+    # -- reading framed records ------------------------------------------------------------------------
+    def writer_schema(self, schema_id: int) -> Any:
+        """fastavro's parsed form of a schema by id (cached, also when the registry does not know it)."""
+        if schema_id in self._writers:
+            self._writers.move_to_end(schema_id)
+            parsed = self._writers[schema_id]
+        else:
+            parsed = self._fetch(schema_id)
+            self._remember(schema_id, parsed)
+        if parsed is None:
+            raise DecodeError(f"schema id {schema_id} is not in the schema registry")
+        return parsed
+
+    def _fetch(self, schema_id: int) -> Any:
+        try:
+            registered = self._client.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return None
+            raise DecodeError(f"schema id {schema_id}: registry {self.url} answered {_message(exc)}") from exc
+        except Exception as exc:  # httpx transport errors: the registry is away (a retriable failure)
+            raise RegistryError(f"schema id {schema_id}: registry {self.url} unreachable: {exc}") from exc
+        if registered.schema_type not in (None, "AVRO"):
+            raise DecodeError(f"schema id {schema_id} is {registered.schema_type}, not Avro")
+        try:
+            return fastavro.parse_schema(_without_logical_types(json.loads(registered.schema_str or "null")))
+        except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
+            raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
+
+    def _remember(self, schema_id: int, parsed: Any) -> None:
+        self._writers[schema_id] = parsed
+        while len(self._writers) > _ID_CACHE:
+            self._writers.popitem(last=False)
+
+    def decode(self, data: bytes, reader: Any = None) -> dict[str, Any]:
+        """A Confluent-framed record, read with its writer schema and resolved to `reader` if given."""
+        if not is_framed(data):
+            raise DecodeError("not in the Confluent wire format (0 byte + schema id)")
+        (schema_id,) = _ID.unpack_from(data, 1)
+        writer = self.writer_schema(schema_id)
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(data[FRAME_HEADER_LEN:]), writer, reader)
+        except Exception as exc:  # corrupt body, or a writer schema that does not resolve to the reader
+            raise DecodeError(
+                f"record of schema id {schema_id} cannot be read: {limits.clip(str(exc), 300)}"
+            ) from exc
+        if not isinstance(record, dict):
+            raise DecodeError(f"schema id {schema_id} is not a record schema")
+        return record
+
+
+def _without_logical_types(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [_without_logical_types(v) for v in node]
+    return node
+
+
+_PATH = re.compile(r"(/fields/\d+(?:/type(?:/fields/\d+|/\d+)?)*)")
+
+
+def _with_field_names(reason: str, schema: dict[str, Any]) -> str:
+    """Apicurio names a field by its place ('/fields/8/type'): the field's name goes after it."""
+
+    def name_of(match: re.Match[str]) -> str:
+        node: Any = schema
+        names = []
+        for part in match.group(1).strip("/").split("/"):
+            if part == "type" and isinstance(node, dict):
+                node = node.get("type")
+            elif part == "fields" and isinstance(node, dict):
+                node = node.get("fields")
+            elif part.isdigit() and isinstance(node, list) and int(part) < len(node):
+                node = node[int(part)]
+                if isinstance(node, dict) and "name" in node and "type" in node:
+                    names.append(str(node["name"]))
+            else:
+                break
+        return f"{match.group(1)} (field {'.'.join(names)})" if names else match.group(1)
+
+    return _PATH.sub(name_of, reason, count=4)
+
+
+def _message(exc: SchemaRegistryError) -> str:
+    return f"{exc.http_status_code} {exc.error_message}"

@@ -1,0 +1,157 @@
+"""Pipeline contracts in a real Schema Registry (Apicurio, started by the tests): `pipeline apply` registers
+the generated schemas under `<topic>-value` with BACKWARD compatibility and refuses an incompatible
+revision with the registry's reason; raw events written by confluent-kafka's own AvroSerializer (with the
+producer's own schema) become feature vectors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import Producer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+from typer.testing import CliRunner, Result
+
+from services.features.app import Features
+from streamml import cli, control
+from streamml.codec import codec_for
+from streamml.contracts import contracts_of
+from streamml.kafka import ensure_topics
+from streamml.runtime import read_to_end
+from streamml.settings import Settings, get_settings
+from streamml.topics import Catalogue
+
+REPO = Path(__file__).resolve().parents[2]
+AGRAWAL = REPO / "pipelines" / "agrawal.yaml"
+
+
+@pytest.fixture
+def isolated(kafka_bootstrap: str, registry_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Settings with a topic prefix of this test only (so subjects too), also given to the CLI."""
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        schema_registry_url=registry_url,
+    )
+    monkeypatch.setenv("STREAMML_BOOTSTRAP_SERVERS", settings.bootstrap_servers)
+    monkeypatch.setenv("STREAMML_TOPIC_PREFIX", settings.topic_prefix)
+    monkeypatch.setenv("STREAMML_SCHEMA_REGISTRY_URL", registry_url)
+    get_settings.cache_clear()
+    yield settings
+    get_settings.cache_clear()
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def pipeline_file(tmp_path: Path, change: Any = None) -> Path:
+    spec = yaml.safe_load(AGRAWAL.read_text())
+    if change is not None:
+        change(spec)
+    path = tmp_path / f"agrawal-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_apply_registers_typed_contracts_and_refuses_an_incompatible_revision(
+    isolated: Settings, registry_url: str, tmp_path: Path
+) -> None:
+    catalogue = Catalogue(isolated)
+    raw, features = catalogue.raw("agrawal").name, catalogue.features("agrawal").name
+    client = SchemaRegistryClient({"url": registry_url})
+
+    first = invoke("pipeline", "apply", str(AGRAWAL))
+    assert first.exit_code == 0, first.output
+    for topic in (raw, features):
+        latest = client.get_latest_version(f"{topic}-value")
+        assert client.get_compatibility(f"{topic}-value") == "BACKWARD"
+        schema = json.loads(latest.schema.schema_str)
+        assert schema["namespace"] == "dev.streamml.pipelines.agrawal"
+    features_schema = json.loads(client.get_latest_version(f"{features}-value").schema.schema_str)
+    typed = {f["name"]: f["type"] for f in features_schema["fields"][4]["type"]["fields"]}
+    assert typed["zipcode_mean_salary_100"] == ["null", "double"] and len(typed) == 14
+
+    def add_feature(spec: dict[str, Any]) -> None:  # a new model input: a field with a default (null)
+        spec["features"].append({"op": "log1p", "output": "log_loan", "inputs": ["loan"]})
+
+    second = invoke("pipeline", "apply", str(pipeline_file(tmp_path, add_feature)))
+    assert second.exit_code == 0, second.output
+    assert len(client.get_versions(f"{features}-value")) == 2
+
+    def retype(spec: dict[str, Any]) -> None:  # salary becomes text: old raw events no longer fit
+        spec["fields"]["salary"] = "string"
+        spec["features"] = [s for s in spec["features"] if "salary" not in s["inputs"]]
+
+    refused = invoke("pipeline", "apply", str(pipeline_file(tmp_path, retype)))
+    assert refused.exit_code != 0
+    message = " ".join(str(refused.exception).split())
+    assert f"{raw}-value" in message and "salary" in message, message
+    state = control.read_pipelines(isolated)
+    assert state.current["agrawal"]["revision"] == 2  # nothing published
+    assert len(client.get_versions(f"{raw}-value")) == 2  # nothing registered
+
+
+def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
+    isolated: Settings, registry_url: str
+) -> None:
+    """The producer's own schema, registered by confluent-kafka's AvroSerializer under the raw topic's subject
+    (the registry accepts it only if BACKWARD compatible with the pipeline's contract): no docs, event ids
+    as longs, a field of its own; our features service reads the records with it."""
+    applied = invoke("pipeline", "apply", str(AGRAWAL))
+    assert applied.exit_code == 0, applied.output
+    catalogue = Catalogue(isolated)
+    raw = catalogue.raw("agrawal").name
+    theirs = {
+        "type": "record",
+        "name": "RawEvent",
+        "namespace": "dev.streamml.pipelines.agrawal",
+        "fields": [
+            {"name": "event_id", "type": ["long", "string"]},
+            *({"name": n, "type": "double"} for n in ("salary", "commission")),
+            *({"name": n, "type": "long"} for n in ("age", "elevel", "car", "zipcode")),
+            {"name": "hvalue", "type": "double"},
+            {"name": "hyears", "type": "long"},
+            {"name": "loan", "type": "double"},
+            {"name": "label", "type": ["null", "boolean", "long", "string"], "default": None},
+            {"name": "branch", "type": "string", "default": "main"},
+        ],
+    }
+    client = SchemaRegistryClient({"url": registry_url})
+    serializer = AvroSerializer(client, json.dumps(theirs), conf={"auto.register.schemas": True})
+    events = [
+        {
+            "event_id": 1000 + i, "salary": 50_000.0 + i, "commission": 0.0, "hvalue": 90_000.0,
+            "loan": 10_000.0, "age": 40, "elevel": 2, "car": 3, "zipcode": i % 3, "hyears": 10,
+            "label": i % 2 == 0, "branch": "north",
+        }
+        for i in range(6)
+    ]  # fmt: skip
+    producer = Producer({"bootstrap.servers": isolated.bootstrap_servers})
+    for event in events:
+        producer.produce(raw, serializer(event, SerializationContext(raw, MessageField.VALUE)))
+    assert producer.flush(30) == 0
+    # their schema went to the same subject: the registry found it compatible with the pipeline's contract
+    assert len(client.get_versions(f"{raw}-value")) == 2
+
+    service = Features(isolated, catalogue)
+    state = control.read_pipelines(isolated)
+    service.on_pipeline(state.current["agrawal"], None)
+    ensure_topics(isolated, catalogue.pipeline_topics("agrawal"))
+    out = service.handle_through(read_to_end(isolated, raw))
+    decode = codec_for("FeatureVector").decode
+    vectors = {v["event_id"]: v for v in (decode(o.value) for o in out if o.topic.endswith(".features"))}
+    assert sorted(vectors) == [str(1000 + i) for i in range(6)], [o.topic for o in out]
+    assert vectors["1000"]["features"]["salary"] == 50_000.0 and vectors["1000"]["label"] is True
+    counts = sorted(vectors[e]["features"]["zipcode_count_100"] for e in ("1002", "1005"))  # key 2 twice
+    assert counts == [1.0, 2.0]
+    assert "branch" not in vectors["1000"]["features"]  # not declared: not a model input
+    contract = contracts_of(state.current["agrawal"]).raw
+    assert contract.schema["name"] == "RawEvent"
