@@ -21,6 +21,7 @@ from confluent_kafka import KafkaException
 from streamml import acl, control
 from streamml.errors import StreamMLError
 from streamml.kafka import _cleanup_policies, make_admin
+from streamml.registry import Registry, subject
 from streamml.settings import Settings
 from streamml.signing import key_id, keys_from, load_private_key, parse_public_keys
 from streamml.topics import Catalogue, TopicSpec
@@ -216,6 +217,30 @@ def _answers(url: str, timeout_s: float) -> str | None:
         return f"{url}: {exc}"
 
 
+def registry(settings: Settings, pipelines: dict[str, str | None]) -> list[Check]:
+    """The schema registry answers, and holds the contracts of every applied pipeline."""
+    if not settings.schema_registry_url:
+        return [Check("schema registry", "skip", "none configured (STREAMML_SCHEMA_REGISTRY_URL)")]
+    try:
+        client = Registry(settings, timeout_s=5.0)
+        subjects = set(client.subjects())
+    except Exception as exc:  # transport, TLS, auth: reported, never raised
+        fix = "`make registry-up`, or fix STREAMML_SCHEMA_REGISTRY_URL and its credentials"
+        return [Check("schema registry", "fail", f"{settings.schema_registry_url}: {exc}", fix)]
+    catalogue = Catalogue(settings)
+    wanted = {
+        subject(t)
+        for name, raw in pipelines.items()
+        for t in (raw or catalogue.raw(name).name, catalogue.features(name).name)
+    }
+    missing = sorted(wanted - subjects)
+    if missing:
+        fix = "re-apply those pipelines (`streamml pipeline apply FILE`) to register their contracts"
+        return [Check("schema registry", "warn", f"subjects missing: {', '.join(missing)}", fix)]
+    detail = f"{settings.schema_registry_url}: {len(wanted)} pipeline subjects registered"
+    return [Check("schema registry", "ok", detail)]
+
+
 def run(settings: Settings, state_file: Path, report: Callable[[Check], None]) -> bool:
     """All checks, reported as they finish; True when none failed."""
     failed = False
@@ -232,6 +257,7 @@ def run(settings: Settings, state_file: Path, report: Callable[[Check], None]) -
         topic_checks, pipelines = topics(settings, admin)
         emit(topic_checks)
         emit(acls(settings, admin, pipelines))
+        emit(registry(settings, pipelines))
     emit(signing(settings))
     emit(services(state_file))
     return not failed

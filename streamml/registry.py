@@ -123,6 +123,12 @@ class Registry:
         self._remember(schema_id, contract.parsed)
         return schema_id
 
+    def subjects(self) -> list[str]:
+        try:
+            return list(self._client.get_subjects())
+        except SchemaRegistryError as exc:
+            raise RegistryError(f"registry {self.url}: listing subjects: {_message(exc)}") from exc
+
     # -- reading framed records ------------------------------------------------------------------------
     def writer_schema(self, schema_id: int) -> Any:
         """fastavro's parsed form of a schema by id (cached, also when the registry does not know it)."""

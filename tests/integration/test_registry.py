@@ -20,7 +20,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from typer.testing import CliRunner, Result
 
 from services.features.app import Features
-from streamml import cli, control
+from streamml import cli, control, doctor
 from streamml.codec import codec_for
 from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
@@ -155,3 +155,16 @@ def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
     assert "branch" not in vectors["1000"]["features"]  # not declared: not a model input
     contract = contracts_of(state.current["agrawal"]).raw
     assert contract.schema["name"] == "RawEvent"
+
+
+def test_doctor_checks_the_registry_holds_every_pipelines_contracts(isolated: Settings) -> None:
+    assert invoke("pipeline", "apply", str(AGRAWAL)).exit_code == 0
+    (ok,) = doctor.registry(isolated, {"agrawal": None})
+    assert ok.status == "ok", ok
+    (missing,) = doctor.registry(isolated, {"agrawal": None, "phishing": None})
+    assert missing.status == "warn" and "phishing.raw-value" in missing.detail
+    away = isolated.model_copy(update={"schema_registry_url": "http://127.0.0.1:1/apis/ccompat/v7"})
+    (failed,) = doctor.registry(away, {"agrawal": None})
+    assert failed.status == "fail" and failed.fix
+    (skipped,) = doctor.registry(isolated.model_copy(update={"schema_registry_url": None}), {})
+    assert skipped.status == "skip"
