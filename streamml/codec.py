@@ -49,6 +49,8 @@ class AvroCodec:
 
     def decode(self, data: bytes) -> Record:
         if data[:2] != MAGIC:
+            if data[:1] == b"\x00" and _registry is not None and self.schema.name == "FeatureVector":
+                return _registry.decode_features(data)  # a pipeline's typed contract, Confluent-framed
             raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
         if data[2:HEADER_LEN] != self.schema.fingerprint:
             return self._decode_earlier(data)  # off the hot path: the current schema is checked first
@@ -153,6 +155,19 @@ class FramedReader(Protocol):
     """What reads Confluent-framed Avro (streamml.registry.Registry)."""
 
     def decode(self, data: bytes, reader: Any = None) -> Record: ...
+
+    def decode_features(self, data: bytes) -> Record: ...
+
+
+# The schema registry of this process, if configured (`use_registry`): feature vectors written with a
+# pipeline's typed contract in the Confluent wire format are read through it wherever FeatureVector records
+# are decoded.
+_registry: FramedReader | None = None
+
+
+def use_registry(registry: FramedReader | None) -> None:
+    global _registry
+    _registry = registry
 
 
 def decode_raw(data: bytes | None, registry: FramedReader | None = None) -> Record:

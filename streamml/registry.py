@@ -23,8 +23,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streamml import limits
-from streamml.contracts import Contract
-from streamml.errors import DecodeError, StreamMLError
+from streamml.contracts import ORIGINAL_NAME, Contract
+from streamml.errors import DecodeError, SchemaError, StreamMLError
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Registry:
         self.url = settings.schema_registry_url
         self._client = SchemaRegistryClient(conf)
         self._writers: OrderedDict[int, Any] = OrderedDict()  # schema id → parsed schema, or None (unknown)
+        self._renamed: dict[int, dict[str, str]] = {}  # schema id → its features' Avro name → definition name
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry | None:
@@ -121,6 +122,7 @@ class Registry:
         except SchemaRegistryError as exc:
             raise RegistryError(f"registry {self.url}: registering {name}: {_message(exc)}") from exc
         self._remember(schema_id, contract.parsed)
+        self._renamed[schema_id] = _renamed_features(contract.schema)
         return schema_id
 
     def subjects(self) -> list[str]:
@@ -154,9 +156,33 @@ class Registry:
         if registered.schema_type not in (None, "AVRO"):
             raise DecodeError(f"schema id {schema_id} is {registered.schema_type}, not Avro")
         try:
-            return fastavro.parse_schema(_without_logical_types(json.loads(registered.schema_str or "null")))
+            schema = json.loads(registered.schema_str or "null")
+            self._renamed[schema_id] = _renamed_features(schema)
+            return fastavro.parse_schema(_without_logical_types(schema))
         except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
             raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
+
+    def decode_features(self, data: bytes) -> dict[str, Any]:
+        """A typed FeatureVector (Confluent-framed, a pipeline's generated contract) in the shape of the
+        generic one: `features` holds the values present, under the definition's names."""
+        record = self.decode(data)
+        features = record.get("features")
+        if not (
+            isinstance(features, dict)
+            and isinstance(record.get("event_id"), str)
+            and isinstance(record.get("pipeline"), str)
+            and isinstance(record.get("event_time"), int)
+            and isinstance(record.get("feature_time"), int)
+        ):
+            raise DecodeError("a framed record that is not a StreamML feature vector")
+        (schema_id,) = _ID.unpack_from(data, 1)
+        renamed = self._renamed.get(schema_id, {})
+        record["features"] = {renamed.get(k, k): v for k, v in features.items() if v is not None}
+        record.setdefault("key", None)
+        record.setdefault("label", None)
+        record.setdefault("source", None)
+        record.setdefault("pipeline_revision", 0)
+        return record
 
     def _remember(self, schema_id: int, parsed: Any) -> None:
         self._writers[schema_id] = parsed
@@ -178,6 +204,44 @@ class Registry:
         if not isinstance(record, dict):
             raise DecodeError(f"schema id {schema_id} is not a record schema")
         return record
+
+
+def _renamed_features(schema: Any) -> dict[str, str]:
+    """Avro name → definition name of the nested `features` record's renamed fields (none elsewhere)."""
+    if not isinstance(schema, dict):
+        return {}
+    for f in schema.get("fields") or []:
+        if isinstance(f, dict) and f.get("name") == "features" and isinstance(f.get("type"), dict):
+            return {
+                str(g["name"]): str(g[ORIGINAL_NAME])
+                for g in f["type"].get("fields") or []
+                if isinstance(g, dict) and isinstance(g.get(ORIGINAL_NAME), str) and "name" in g
+            }
+    return {}
+
+
+class FramedEncoder:
+    """Writes one contract's records in the Confluent wire format under a registered schema id."""
+
+    def __init__(self, contract: Contract, schema_id: int) -> None:
+        self.contract = contract
+        self.schema_id = schema_id
+        self._header = frame(schema_id, b"")
+        self._parsed = contract.parsed
+        # definition name → Avro name of the features that were renamed (usually none)
+        self._rename = {orig: avro for avro, orig in _renamed_features(contract.schema).items()}
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        if self._rename:
+            renamed = {self._rename.get(k, k): v for k, v in record["features"].items()}
+            record = {**record, "features": renamed}
+        buf = io.BytesIO()
+        buf.write(self._header)
+        try:
+            fastavro.schemaless_writer(buf, self._parsed, record)
+        except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
+            raise SchemaError(f"record does not fit {self.contract.fullname}: {exc}") from exc
+        return buf.getvalue()
 
 
 def _without_logical_types(node: Any) -> Any:

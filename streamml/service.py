@@ -18,12 +18,13 @@ import mode
 from confluent_kafka import Message
 
 from streamml import limits
-from streamml.codec import codec_for
+from streamml.codec import codec_for, use_registry
 from streamml.errors import DecodeError, StreamMLError, ValidationError
 from streamml.follow import ControlTail, start_offsets
 from streamml.kafka import check_broker, ensure_topics, make_producer
 from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
 from streamml.pipelines import validate_definition
+from streamml.registry import Registry
 from streamml.runtime import Output, end_offsets, read_to_end
 from streamml.settings import Settings
 from streamml.topics import PIPELINE_NAME, Catalogue
@@ -47,6 +48,7 @@ def prepare(settings: Settings, service: str) -> Catalogue:
     check_broker(settings)
     catalogue = Catalogue(settings)
     ensure_topics(settings, catalogue.used_by(catalogue.global_topics(), service))
+    use_registry(Registry.from_settings(settings))  # typed feature vectors decode wherever they are read
     return catalogue
 
 

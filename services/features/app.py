@@ -22,8 +22,9 @@ from confluent_kafka import Message, TopicPartition
 
 from streamml import metrics
 from streamml.codec import codec_for, decode_raw
+from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
-from streamml.registry import Registry
+from streamml.registry import FramedEncoder, Registry, RegistryError
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
@@ -70,6 +71,8 @@ class Features:
         self._features = codec_for("FeatureVector")
         self._loopback: dict[tuple[str, int], int] = {}  # handle_through's next offset per partition
         self.registry = Registry.from_settings(settings)  # reads Confluent-framed raw events
+        # With a registry: each pipeline's vectors in its typed contract, Confluent-framed (by pipeline)
+        self.encoders: dict[str, FramedEncoder] = {}
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is None:
@@ -109,6 +112,7 @@ class Features:
             store = PartitionedStore(name, input_topic, changelog.name, changelog.partitions)
         self.stores[input_topic] = store
         self.engines[name] = engine
+        self._typed_encoder(record)
         log.info(
             "pipeline %s revision %s: reading %s%s",
             name,
@@ -116,6 +120,23 @@ class Features:
             raw_topic,
             f" through {input_topic}" if input_topic != raw_topic else "",
         )
+
+    def _typed_encoder(self, record: dict[str, Any]) -> None:
+        """With a registry, the pipeline's vectors are written with its typed contract (registered here
+        too: the same schema gets the id `pipeline apply` registered). A registry that cannot be reached
+        leaves them in the generic encoding, which every reader also reads."""
+        name = record["name"]
+        self.encoders.pop(name, None)
+        if self.registry is None:
+            return
+        contract = contracts_of(record).features
+        try:
+            schema_id = self.registry.register(self.catalogue.features(name).name, contract)
+        except RegistryError as exc:
+            log.error("%s: feature vectors stay in the generic encoding: %s", name, exc)
+            return
+        self.encoders[name] = FramedEncoder(contract, schema_id)
+        log.info("%s: feature vectors typed as %s (schema id %d)", name, contract.fullname, schema_id)
 
     def topics(self) -> set[str]:
         return set(self.hops) | set(self.by_input)
@@ -216,7 +237,8 @@ class Features:
                 offset=offset,
                 raw_record=raw_record,
             )
-            value = self._features.encode(fv)
+            encoder = self.encoders.get(engine.pipeline)
+            value = encoder.encode(fv) if encoder is not None else self._features.encode(fv)
         except Exception as exc:  # the record boundary: any failure dead-letters this record only
             return dead_letter(self.catalogue, SERVICE, engine.pipeline, origin, exc)
         return Output(

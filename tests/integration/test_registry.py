@@ -15,15 +15,16 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 from typer.testing import CliRunner, Result
 
 from services.features.app import Features
 from streamml import cli, control, doctor
-from streamml.codec import codec_for
+from streamml.codec import codec_for, use_registry
 from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
+from streamml.registry import Registry, is_framed
 from streamml.runtime import read_to_end
 from streamml.settings import Settings, get_settings
 from streamml.topics import Catalogue
@@ -46,6 +47,7 @@ def isolated(kafka_bootstrap: str, registry_url: str, monkeypatch: pytest.Monkey
     get_settings.cache_clear()
     yield settings
     get_settings.cache_clear()
+    use_registry(None)  # (a test may have given the process's codecs one)
 
 
 def invoke(*args: str) -> Result:
@@ -146,8 +148,19 @@ def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
     service.on_pipeline(state.current["agrawal"], None)
     ensure_topics(isolated, catalogue.pipeline_topics("agrawal"))
     out = service.handle_through(read_to_end(isolated, raw))
+    written = [o.value for o in out if o.topic.endswith(".features")]
+    assert written and all(v is not None and is_framed(v) for v in written)  # typed, Confluent-framed
+    # our readers (learner, predictor, monitor, trainer) decode them through the process's registry
+    use_registry(Registry(isolated))
     decode = codec_for("FeatureVector").decode
-    vectors = {v["event_id"]: v for v in (decode(o.value) for o in out if o.topic.endswith(".features"))}
+    vectors = {v["event_id"]: v for v in (decode(b) for b in written if b is not None)}
+    # ... and so does a consumer that has nothing but confluent-kafka's own AvroDeserializer
+    deserializer = AvroDeserializer(client)
+    features_topic = catalogue.features("agrawal").name
+    theirs_read = [deserializer(b, SerializationContext(features_topic, MessageField.VALUE)) for b in written]
+    by_id = {r["event_id"]: r for r in theirs_read if r is not None}
+    assert by_id["1003"]["features"]["salary"] == 50_003.0 and by_id["1003"]["features"]["log_hvalue"] > 11
+    assert by_id["1003"]["pipeline"] == "agrawal" and by_id["1003"]["source"]["topic"] == raw
     assert sorted(vectors) == [str(1000 + i) for i in range(6)], [o.topic for o in out]
     assert vectors["1000"]["features"]["salary"] == 50_000.0 and vectors["1000"]["label"] is True
     counts = sorted(vectors[e]["features"]["zipcode_count_100"] for e in ("1002", "1005"))  # key 2 twice

@@ -10,12 +10,13 @@ from typing import Any
 import fastavro
 import pytest
 
-from streamml.codec import decode_raw
+from streamml.codec import codec_for, decode_raw, use_registry
 from streamml.contracts import ORIGINAL_NAME, avro_name, contracts_of, export, feature_names
 from streamml.errors import DecodeError
 from streamml.pipelines import load_file, to_definition
+from streamml.registry import FramedEncoder, Registry, _renamed_features, frame, is_framed, subject
 from streamml.registry import _with_field_names as with_field_names
-from streamml.registry import frame, is_framed, subject
+from streamml.settings import Settings
 from streams.features import FeatureEngine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,3 +118,33 @@ def test_the_registrys_field_paths_get_the_field_names() -> None:
     reason = "reader type: STRING not compatible with writer type: DOUBLE at /fields/1/type"
     assert with_field_names(reason, schema).endswith("at /fields/1/type (field salary)")
     assert with_field_names("at /fields/99/type", schema) == "at /fields/99/type"  # unknown: as it was
+
+
+def test_typed_vectors_round_trip_to_the_generic_shape_with_the_definitions_names() -> None:
+    d = definition("phishing")
+    d["fields"] = [*d["fields"], {"name": "odd name", "type": "STRING", "required": False, "default": None}]
+    contract = contracts_of(d).features
+    registry = Registry(Settings(schema_registry_url="http://127.0.0.1:1", _env_file=None))  # type: ignore[call-arg]
+    registry._remember(5, contract.parsed)  # as `register` leaves it (no broker, no registry call)
+    registry._renamed[5] = _renamed_features(contract.schema)
+    fv = {
+        "event_id": "e1", "key": None, "pipeline": d["name"], "pipeline_revision": 1,
+        "features": {"https": 1.0, "odd name": "x"}, "label": True, "event_time": 5, "feature_time": 6,
+        "source": None,
+    }  # fmt: skip
+    data = FramedEncoder(contract, 5).encode(fv)
+    assert data[:5] == b"\x00\x00\x00\x00\x05"
+    assert registry.decode_features(data) == fv  # absent features stay absent, names as defined
+    use_registry(registry)
+    try:
+        assert codec_for("FeatureVector").decode(data) == fv  # wherever services decode vectors
+    finally:
+        use_registry(None)
+    raw = contracts_of(d).raw
+    registry._remember(6, raw.parsed)  # a framed record of another schema is refused, not misread
+    event = {
+        f["name"]: (1.0 if f["type"] == "double" else 1 if f["type"] == "long" else None)
+        for f in raw.schema["fields"]
+    }
+    with pytest.raises(DecodeError, match="not a StreamML feature vector"):
+        registry.decode_features(FramedEncoder(raw, 6).encode({**event, "event_id": 7}))
