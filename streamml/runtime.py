@@ -12,9 +12,12 @@ import asyncio
 import heapq
 import logging
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -354,6 +357,10 @@ MIN_BATCH = 50
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
+# Exactly-once: a send_offsets_to_transaction call that has not returned for this long is taken as wedged
+# (see BatchLoop._offsets_added) and the producer is replaced. Longer than any broker restart we measure
+# (a healthy call returns within its timeout, or raises).
+TXN_CALL_WEDGED_S = 30.0
 # Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
 ABORT_WAIT_S = 5.0
 # Consumer-group session of data loops, writer slots and trainer requests: how long a crashed member keeps
@@ -363,6 +370,22 @@ SESSION_TIMEOUT_MS = 6_000
 # Aligned topics: how long a partition with records left to read may hold back the others (as Kafka
 # Streams' max.task.idle.ms) before the rest goes on without its records.
 ALIGN_IDLE_S = 1.0
+
+
+def _in_daemon_thread(name: str, fn: Callable[[], Any]) -> Future[Any]:
+    """Run `fn` on a new daemon thread (one that may never return must not hold the process at exit)."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _record_time(msg: Message) -> int:
@@ -457,6 +480,12 @@ class BatchLoop(mode.Service):
         self._abort_pending = False
         self._rewind_pending = False
         self._in_revoke = False  # inside the revoke callback (no unsubscribe there)
+        self._offsets_call: Future[Any] | None = None  # send_offsets_to_transaction running on its thread
+        self._offsets_call_since = 0.0
+        self._producer_overrides: dict[str, Any] = {}
+        self._abandoned: list[
+            Producer
+        ] = []  # wedged producers, never destroyed (see _replace_wedged_producer)
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
@@ -486,6 +515,7 @@ class BatchLoop(mode.Service):
             # A crashed instance's open transaction holds back read_committed readers of its outputs until
             # the broker aborts it (librdkafka's default: 60 s) or the instance comes back.
             overrides.setdefault("transaction.timeout.ms", 10_000)
+        self._producer_overrides = overrides
         self._producer = make_producer(self.settings, **overrides)
         if self.exactly_once:
             self._producer.init_transactions(30)
@@ -727,6 +757,16 @@ class BatchLoop(mode.Service):
     def _finish_abort(self, timeout_s: float = ABORT_WAIT_S) -> bool:
         """Ask the broker to abort the given-up transaction; True once it has (or there was none)."""
         assert self._producer is not None
+        call = self._offsets_call
+        if call is not None and not call.done():  # librdkafka refuses an abort while that call runs
+            waited = time.monotonic() - self._offsets_call_since
+            if waited < TXN_CALL_WEDGED_S or self._closing:
+                return False
+            # a new producer with the transactional id fences the open transaction: as good as an abort
+            self._replace_wedged_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s")
+            self._abort_pending = False
+            return True
+        self._offsets_call = None
         try:
             self._producer.abort_transaction(timeout_s)
         except KafkaException as exc:
@@ -957,9 +997,8 @@ class BatchLoop(mode.Service):
         timeout = max(timeout_s, COMMIT_WAIT_S)
         try:
             if not self._offsets_sent:
-                offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
-                metadata = self._consumer.consumer_group_metadata()
-                self._producer.send_offsets_to_transaction(offsets, metadata, timeout)
+                if not self._offsets_added(timeout):
+                    return not self._holding_after_wedge()
                 self._offsets_sent = True
             self._producer.commit_transaction(timeout)
         except KafkaException as exc:
@@ -978,6 +1017,63 @@ class BatchLoop(mode.Service):
         self._offsets_sent = False
         self._delivery_errors.clear()  # (a failed delivery would have failed the commit)
         return True
+
+    def _offsets_added(self, timeout: float) -> bool:
+        """Add the input offsets to the open transaction; False while the broker has not answered.
+
+        librdkafka's `send_offsets_to_transaction` can block for good, past its timeout, when the group
+        coordinator's broker went away (librdkafka issues 5456 and 5511: seen here as a predictor whose
+        event loop stopped for good while a broker was down). So the call runs on a daemon thread and the
+        loop waits for it at most `timeout` (+0.5 s) per turn; a librdkafka error it raises is raised here."""
+        call = self._offsets_call
+        if call is None:
+            assert self._consumer is not None and self._producer is not None
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
+            metadata = self._consumer.consumer_group_metadata()
+            call = self._offsets_call = _in_daemon_thread(
+                f"{self.name}-txn-offsets",
+                partial(self._producer.send_offsets_to_transaction, offsets, metadata, timeout),
+            )
+            self._offsets_call_since = time.monotonic()
+        try:
+            call.result(timeout=timeout + 0.5)
+        except FutureTimeout:
+            return False
+        finally:
+            if call.done():
+                self._offsets_call = None
+        return True
+
+    def _holding_after_wedge(self) -> bool:
+        """The offsets call has not returned: hold (True), or, once it has hung for TXN_CALL_WEDGED_S,
+        replace the producer and go back to the committed input (False: nothing is held any more)."""
+        waited = time.monotonic() - self._offsets_call_since
+        if waited < TXN_CALL_WEDGED_S or self._closing:  # (a stop aborts and closes instead)
+            self._log_holding(f"offsets not added to the transaction for {waited:.0f} s")
+            return True
+        self._replace_wedged_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s")
+        return False
+
+    def _replace_wedged_producer(self, why: str) -> None:
+        """A new transactional producer with the same transactional.id: initialising it fences the wedged
+        one (the broker aborts its open transaction), and the loop goes back to the committed input. The
+        old producer is kept referenced for good: destroying it could block on the call that hangs."""
+        ERRORS.labels(self.name, "producer_wedged").inc()
+        log.error("%s: the transactional producer is wedged (%s); replacing it", self.name, why)
+        assert self._producer is not None
+        self._abandoned.append(self._producer)
+        self._producer = make_producer(self.settings, **self._producer_overrides)
+        self._producer.init_transactions(30)
+        self._offsets_call = None
+        self._in_txn = self._offsets_sent = self._holding = False
+        self._holding_since, self._abort_needed = None, None
+        self._retry.clear()
+        self._delivery_errors.clear()
+        self._buffers.clear()
+        self._positions.clear()
+        self._rewind_pending = True
+        if not self._in_revoke:
+            self._rewind()
 
     def _log_holding(self, what: str = "") -> None:
         """At most one line every 5 s while outputs wait for the broker."""

@@ -4,6 +4,7 @@ stops, and the learner's size check before it publishes a model version."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -623,3 +624,58 @@ def test_a_batch_is_interleaved_over_its_partitions_keeping_each_partitions_orde
             FakeMessage("u", b"c0", 0, partition=0)]  # fmt: skip
     assert [m.value() for m in runtime.interleave(msgs)] == [b"a0", b"b0", b"c0", b"a1", b"a2"]
     assert runtime.interleave(msgs[:3]) == msgs[:3]
+
+
+class HangingOffsetsProducer(TxnFakeProducer):
+    """send_offsets_to_transaction never returns (librdkafka issues 5456/5511: group coordinator gone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.initialised = False
+
+    def send_offsets_to_transaction(self, *_a: Any) -> None:
+        self.calls.append("offsets")
+        self.release.wait(30)
+
+    def init_transactions(self, _timeout: float = 0) -> None:
+        self.initialised = True
+
+
+def test_a_wedged_send_offsets_holds_the_loop_briefly_then_the_producer_is_replaced(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "COMMIT_WAIT_S", 0.05)
+    wedged, fresh = HangingOffsetsProducer(), HangingOffsetsProducer()
+    monkeypatch.setattr(runtime, "make_producer", lambda *_a, **_k: fresh)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, wedged, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    started = time.monotonic()
+    assert loop._commit(force=True, timeout_s=0.05) is False and loop._holding  # the event loop is free
+    assert time.monotonic() - started < 1.5
+    assert loop._commit(force=True, timeout_s=0.05) is False  # still waiting: the call is not made twice
+    assert wedged.calls == ["begin", "offsets"]
+    monkeypatch.setattr(runtime, "TXN_CALL_WEDGED_S", 0.0)
+    assert loop._commit(force=True, timeout_s=0.05) is True and not loop._holding
+    assert loop._producer is fresh and fresh.initialised and loop._abandoned == [wedged]
+    assert consumer.unsubscribed and not loop._in_txn  # back to the committed input
+    assert "commit" not in wedged.calls and fresh.calls == []
+    wedged.release.set()
+
+
+def test_a_stop_never_replaces_a_wedged_producer_it_aborts_what_it_can_and_closes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "COMMIT_WAIT_S", 0.05)
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(runtime, "TXN_CALL_WEDGED_S", 0.0)
+    wedged = HangingOffsetsProducer()
+    monkeypatch.setattr(runtime, "make_producer", lambda *_a, **_k: pytest.fail("no new producer at stop"))
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, wedged, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    started = time.monotonic()
+    asyncio.run(loop.on_stop())
+    assert time.monotonic() - started < 5.0 and consumer.closed and "commit" not in wedged.calls
+    wedged.release.set()
