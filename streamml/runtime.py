@@ -358,8 +358,8 @@ MIN_BATCH = 50
 # committed input, as Kafka Streams does with a task whose transaction failed.
 HOLD_LIMIT_S = 20.0
 # Exactly-once: a send_offsets_to_transaction call that has not returned for this long is taken as wedged
-# (see BatchLoop._offsets_added) and the producer is replaced. Longer than any broker restart we measure
-# (a healthy call returns within its timeout, or raises: 10 s is ten times that timeout).
+# (see BatchLoop._offsets_added) and the producer is replaced. A healthy call returns within its own
+# timeout (about 1 s) or raises, whatever the brokers do: 10 s is ten times that.
 TXN_CALL_WEDGED_S = 10.0
 # Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
 ABORT_WAIT_S = 5.0
