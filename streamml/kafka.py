@@ -78,9 +78,27 @@ def check_broker(settings: Settings, timeout_s: float | None = None) -> None:
             raise BrokerUnavailableError(hint)
         time.sleep(0.2)
     try:
-        make_admin(settings).list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        list_topics(make_admin(settings), deadline)
     except KafkaException as exc:
         raise BrokerUnavailableError(f"{hint} ({exc})") from exc
+
+
+# Metadata errors that say "not now" (a broker of the bootstrap list is down, or just went away)
+_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+
+
+def list_topics(admin: AdminClient, deadline: float) -> Any:
+    """Cluster metadata, asked again until `deadline` while the answer is a transient failure (a broker of
+    the bootstrap list being down fails the request sent to it; another broker answers the next one)."""
+    while True:
+        try:
+            return admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            transient = err is not None and (err.retriable() or err.code() in _TRANSIENT)
+            if not transient or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -97,7 +115,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
     """
     deadline = time.monotonic() + timeout_s
     admin = make_admin(settings)
-    existing = admin.list_topics(timeout=timeout_s).topics
+    existing = list_topics(admin, deadline).topics
     missing = [s for s in specs if s.name not in existing]
     created: set[str] = set()
     if missing:
@@ -186,7 +204,7 @@ def _partition_counts(
     `at_least`, for added partitions to show)."""
     counts: dict[str, int] = {}
     while True:
-        topics = admin.list_topics(timeout=_remaining(deadline)).topics
+        topics = list_topics(admin, deadline).topics
         for name in names:
             meta = topics.get(name)
             if (

@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from services.controller import app as controller_app
 from services.learner import app as learner_app
-from streamml import runtime
+from streamml import kafka, runtime
 from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.pipelines import load_file, to_definition
@@ -679,3 +679,29 @@ def test_a_stop_never_replaces_a_wedged_producer_it_aborts_what_it_can_and_close
     asyncio.run(loop.on_stop())
     assert time.monotonic() - started < 5.0 and consumer.closed and "commit" not in wedged.calls
     wedged.release.set()
+
+
+class FlakyAdmin:
+    """list_topics fails with the given errors first (a bootstrap broker that is down), then answers."""
+
+    def __init__(self, *errors: KafkaError) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def list_topics(self, timeout: float = 0) -> str:
+        self.calls += 1
+        if self.errors:
+            raise KafkaException(self.errors.pop(0))
+        return "metadata"
+
+
+def test_metadata_is_asked_again_while_a_bootstrap_broker_is_down_but_not_for_other_errors() -> None:
+    admin = FlakyAdmin(KafkaError(KafkaError._TRANSPORT), KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert kafka.list_topics(admin, time.monotonic() + 10) == "metadata" and admin.calls == 3  # type: ignore[arg-type]
+    denied = FlakyAdmin(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    with pytest.raises(KafkaException):
+        kafka.list_topics(denied, time.monotonic() + 10)  # type: ignore[arg-type]
+    assert denied.calls == 1
+    late = FlakyAdmin(*[KafkaError(KafkaError._TRANSPORT)] * 100)
+    with pytest.raises(KafkaException):
+        kafka.list_topics(late, time.monotonic() + 0.3)  # type: ignore[arg-type]
