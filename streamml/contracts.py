@@ -31,6 +31,7 @@ from typing import Any
 import fastavro
 
 from streamml.errors import SchemaError
+from streamml.schemas import strip_logical_types
 
 BASE_NAMESPACE = "dev.streamml.pipelines"
 ORIGINAL_NAME = "streamml.name"  # field property: the name in the pipeline definition, when it differs
@@ -184,17 +185,9 @@ def _feature_docs(definition: Mapping[str, Any]) -> dict[str, str]:
 
 def _parse(schema: dict[str, Any]) -> Any:
     try:
-        return fastavro.parse_schema(_without_logical_types(schema), named_schemas={})
+        return fastavro.parse_schema(strip_logical_types(schema), named_schemas={})
     except Exception as exc:  # fastavro raises several exception types for bad schemas
         raise SchemaError(f"generated schema {schema.get('name')} is invalid: {exc}") from exc
-
-
-def _without_logical_types(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
-    if isinstance(node, list):
-        return [_without_logical_types(v) for v in node]
-    return node
 
 
 def raw_contract(definition: Mapping[str, Any]) -> Contract:

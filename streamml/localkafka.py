@@ -840,7 +840,7 @@ class LocalKafka:
         child = self._children.get(pid)
         if child is not None:
             return child.poll() is None
-        if _pid_alive(pid):
+        if pid_alive(pid):
             return True
         _reap(pid)
         return False
@@ -897,7 +897,7 @@ def _claim_lock(lock: Path) -> bool:
                 age = time.time() - lock.stat().st_mtime
             except OSError:
                 continue
-            if owner.isdigit() and _pid_alive(int(owner)):
+            if owner.isdigit() and pid_alive(int(owner)):
                 return False
             if not owner.isdigit() and age < 60:
                 return False
@@ -905,7 +905,7 @@ def _claim_lock(lock: Path) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True when pid runs and is not a zombie."""
     try:
         os.kill(pid, 0)

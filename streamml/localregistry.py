@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamml.errors import StreamMLError
-from streamml.localkafka import HOST, free_port_block, java_binary
+from streamml.localkafka import HOST, free_port_block, java_binary, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,12 @@ class LocalRegistry:
 
     def running(self) -> bool:
         state = self.state
-        return state is not None and _pid_alive(state.pid) and _answers(state.url)
+        return state is not None and pid_alive(state.pid) and _answers(state.url)
 
     def start(self, timeout_s: float = 120.0) -> str:
         """Start the registry (or find it running) and return its Confluent-compatible API URL."""
         state = self.state
-        if state is not None and _pid_alive(state.pid):
+        if state is not None and pid_alive(state.pid):
             if _wait_ready(state.url, timeout_s, state.pid):
                 return state.url
             raise LocalRegistryError(f"the registry (pid {state.pid}) does not answer at {state.url}")
@@ -192,15 +192,15 @@ class LocalRegistry:
         state = self.state
         if state is None:
             return False
-        alive = _pid_alive(state.pid)
+        alive = pid_alive(state.pid)
         if alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
-            while _pid_alive(state.pid) and time.monotonic() < deadline:
+            while pid_alive(state.pid) and time.monotonic() < deadline:
                 self._reap()
                 time.sleep(0.1)
-            if _pid_alive(state.pid):
+            if pid_alive(state.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(state.pid, signal.SIGKILL)
         self._reap()
@@ -218,20 +218,6 @@ class LocalRegistry:
             return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return True
-    return stat not in ("Z", "X")
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/subjects", timeout=2) as response:  # (our own URL)
@@ -245,7 +231,7 @@ def _wait_ready(url: str, timeout_s: float, pid: int) -> bool:
     while time.monotonic() < deadline:
         if _answers(url):
             return True
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         time.sleep(0.2)
     return False

@@ -25,6 +25,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from streamml import limits
 from streamml.contracts import ORIGINAL_NAME, Contract
 from streamml.errors import DecodeError, SchemaError, StreamMLError
+from streamml.schemas import strip_logical_types
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class Registry:
         try:
             schema = json.loads(registered.schema_str or "null")
             self._renamed[schema_id] = _renamed_features(schema)
-            return fastavro.parse_schema(_without_logical_types(schema))
+            return fastavro.parse_schema(strip_logical_types(schema))
         except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
             raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
 
@@ -242,14 +243,6 @@ class FramedEncoder:
         except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
             raise SchemaError(f"record does not fit {self.contract.fullname}: {exc}") from exc
         return buf.getvalue()
-
-
-def _without_logical_types(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
-    if isinstance(node, list):
-        return [_without_logical_types(v) for v in node]
-    return node
 
 
 _PATH = re.compile(r"(/fields/\d+(?:/type(?:/fields/\d+|/\d+)?)*)")

@@ -745,14 +745,18 @@ class BatchLoop(mode.Service):
         revocation under way). Until the broker acknowledges the abort, `_run` begins nothing new."""
         ERRORS.labels(self.name, "txn_aborted").inc()
         log.error("%s: aborting the transaction (%s); going back to the last committed input", self.name, why)
+        self._forget_transaction()
+        self._abort_pending = self._rewind_pending = True
+        self._finish_abort(timeout_s)
+
+    def _forget_transaction(self) -> None:
+        """Drop what the given-up transaction held: its outputs, retries, positions and buffered input."""
         self._in_txn = self._offsets_sent = self._holding = False
         self._holding_since, self._abort_needed = None, None
         self._retry.clear()
         self._delivery_errors.clear()
         self._buffers.clear()
         self._positions.clear()
-        self._abort_pending = self._rewind_pending = True
-        self._finish_abort(timeout_s)
 
     def _finish_abort(self, timeout_s: float = ABORT_WAIT_S) -> bool:
         """Ask the broker to abort the given-up transaction; True once it has (or there was none)."""
@@ -1065,12 +1069,7 @@ class BatchLoop(mode.Service):
         self._producer = make_producer(self.settings, **self._producer_overrides)
         self._producer.init_transactions(30)
         self._offsets_call = None
-        self._in_txn = self._offsets_sent = self._holding = False
-        self._holding_since, self._abort_needed = None, None
-        self._retry.clear()
-        self._delivery_errors.clear()
-        self._buffers.clear()
-        self._positions.clear()
+        self._forget_transaction()
         self._rewind_pending = True
         if not self._in_revoke:
             self._rewind()

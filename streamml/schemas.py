@@ -43,7 +43,7 @@ class AvroSchema:
         return f"{self.raw.get('namespace', NAMESPACE)}.{self.name}"
 
 
-def _strip_logical_types(node: Any) -> Any:
+def strip_logical_types(node: Any) -> Any:
     """Drop logicalType annotations so timestamps decode as int milliseconds.
 
     Why: fastavro turns timestamp-millis into datetime objects, which is slower on hot paths and not what the
@@ -51,9 +51,9 @@ def _strip_logical_types(node: Any) -> Any:
     other languages still see the annotated schema.
     """
     if isinstance(node, dict):
-        return {k: _strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
+        return {k: strip_logical_types(v) for k, v in node.items() if k != "logicalType"}
     if isinstance(node, list):
-        return [_strip_logical_types(v) for v in node]
+        return [strip_logical_types(v) for v in node]
     return node
 
 
@@ -64,7 +64,7 @@ def _load(path: Path, text: str | None = None) -> AvroSchema:
     except (OSError, json.JSONDecodeError) as exc:
         raise SchemaError(f"cannot read Avro schema {path}: {exc}") from exc
     try:
-        parsed = fastavro.parse_schema(_strip_logical_types(copy.deepcopy(raw)), named_schemas={})
+        parsed = fastavro.parse_schema(strip_logical_types(copy.deepcopy(raw)), named_schemas={})
         canonical = to_parsing_canonical_form(fastavro.parse_schema(raw, named_schemas={}))
     except Exception as exc:  # fastavro raises several exception types for bad schemas
         raise SchemaError(f"invalid Avro schema {path}: {exc}") from exc
