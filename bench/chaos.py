@@ -126,6 +126,19 @@ def fixed_schedule(down_s: float = 12.0) -> list[Action]:
     return sorted(out, key=lambda a: a.at)
 
 
+def sigterm_schedule(duration_s: float) -> list[Action]:
+    """Clean stops on the prediction path only: each instance of features and predictor SIGTERMed in turn
+    (restarted 10 s later), evenly over the run; no kills, no broker stop. Measures the "≤ 3 s after a
+    SIGTERM" hand-over of the services whose pauses users see."""
+    stops = [("features", 0), ("predictor", 0), ("features", 1), ("predictor", 1)]
+    step = max(20.0, (duration_s - 10.0) / len(stops))
+    out: list[Action] = []
+    for i, (service, index) in enumerate(stops):
+        at = 5.0 + i * step
+        out += [Action(at, "stop", service, index, "SIGTERM"), Action(at + 10.0, "start", service, index)]
+    return out
+
+
 def random_schedule(duration_s: float, rng: random.Random, every_s: float = 10.0) -> list[Action]:
     """Repeated stops of random stateful instances (3 in 4 SIGKILL, else SIGTERM), each restarted 8-15 s
     later, never two of one service down at once; one broker down for 20 s a third of the way in."""
@@ -689,6 +702,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=2, help="instances per service (default 2)")
     p.add_argument("--partitions", type=int, default=4, help="partitions of data topics (default 4)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--schedule", choices=["random", "sigterm"], default="random",
+                   help="random: kills, clean stops, a broker stop (default); sigterm: clean stops of each "
+                   "features and predictor instance only")  # fmt: skip
     p.add_argument("--keep", type=Path, help="work folder to keep (broker data, service logs)")
     return p.parse_args(argv)
 
@@ -723,7 +739,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = Config(
                     events=args.events, rate=args.rate, partitions=args.partitions,
                     instances=args.instances, seed=args.seed,
-                    schedule=random_schedule(duration, random.Random(args.seed), args.kill_every),
+                    schedule=(
+                        sigterm_schedule(duration)
+                        if args.schedule == "sigterm"
+                        else random_schedule(duration, random.Random(args.seed), args.kill_every)
+                    ),
                     drain_timeout_s=max(120.0, duration / 2),
                 )  # fmt: skip
                 run = Run(kafka, stack, settings_of(env), config)
