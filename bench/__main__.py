@@ -38,7 +38,7 @@ log = logging.getLogger("bench")
 T = TypeVar("T")
 MEASURES = (
     "passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown", "loop", "stationary",
-    "monitor",
+    "monitor", "typed",
 )  # fmt: skip
 MONITOR_WARMUP = 5000  # events handled untimed before the monitor's throughput is measured
 
@@ -244,8 +244,57 @@ class Bench:
                 self.results["river"] = river
         if "breakdown" in self.only:
             self.attempt("breakdown", lambda: self.breakdown(one))
+        if "typed" in self.only:
+            self.typed(vectors, one, definition_for)
         self.closed_loop()
         self.inputs = (events, records)  # for run_secure
+
+    def typed(
+        self,
+        vectors: list[dict[str, Any]],
+        one: dict[str, Any],
+        definition_for: Callable[..., dict[str, Any]],
+    ) -> None:
+        """Issue 11: predictor and learner on the same vectors written typed (each pipeline's generated
+        contract, Confluent-framed) with a real Schema Registry (Apicurio, started here), side by side
+        with the generic encoding measured above."""
+        from streamml.contracts import contracts_of
+        from streamml.localregistry import LocalRegistry
+        from streamml.registry import FramedEncoder, Registry
+
+        a = self.args
+        registry = LocalRegistry(self.workdir / "registry", die_with_parent=True)
+        url = self.attempt("registry", registry.start)
+        if url is None:
+            return
+        try:
+
+            def deployment(name: str, **kw: Any) -> tuple[Deployment, dict[str, Any], list[Any]]:
+                prefix = f"bench{self.run_id}-{name}"
+                env = {"STREAMML_SCHEMA_REGISTRY_URL": url}
+                dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, security_env=env)
+                self.deployments[name] = dep
+                definition = definition_for(dep, **kw)
+                contract = contracts_of(definition).features
+                encoder = FramedEncoder(
+                    contract, Registry(dep.settings).register(dep.features_topic, contract)
+                )
+                return dep, definition, [(fv["event_id"].encode(), encoder.encode(fv)) for fv in vectors]
+
+            def predictor() -> Measured:
+                dep, definition, records = deployment("predictor_typed")
+                return measures.predictor_service(dep, definition, records, one, None)
+
+            def learner() -> Measured:
+                dep, definition, records = deployment("learner_typed", snapshot_every_events=a.snapshot_every)
+                return measures.learner_service(dep, definition, records, a.snapshot_every, None)
+
+            for name, fn in (("predictor_typed", predictor), ("learner_typed", learner)):
+                got = self.attempt(name, fn)
+                if got is not None:
+                    self.results[name] = got
+        finally:
+            registry.stop()
 
     def closed_loop(self) -> None:
         """Issue 4: the loop on the six services, false alarms on a stationary stream, monitor throughput."""
@@ -322,6 +371,9 @@ class Bench:
             "recovery_gap_pts": r(self.value("loop", "gap_pts"), 2),
             "recovery_events": count(self.value("loop", "recovery_events")),
             "monitor_eps": r(self.value("monitor"), 1),
+            "predictor_typed_eps": r(self.value("predictor_typed"), 1),
+            "learner_typed_eps": r(self.value("learner_typed"), 1),
+            "learner_typed_ratio": r(stats.ratio(self.value("learner_typed"), self.value("river")), 3),
             **(self.secure_result() if self.args.secure else {}),
         }
 
@@ -385,6 +437,10 @@ class Bench:
              f"accuracy {n(d('river', 'accuracy'), 3)}; {cpu_note('river')}"],
             ["learner / in-process River", n(res["learner_ratio"], 2), "",
              f"by main-thread CPU per event: {n(cpu_ratio('river', 'learner'), 2)}"],
+            ["predictor, typed vectors (registry)", n(res["predictor_typed_eps"]), "events/s",
+             "the same vectors in the pipeline's generated contract, Confluent-framed"],
+            ["learner, typed vectors (registry)", n(res["learner_typed_eps"]), "events/s",
+             f"/ in-process River: {n(res['learner_typed_ratio'], 2)}"],
         ]  # fmt: skip
         if a.secure:
             rows += [
