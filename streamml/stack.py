@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,9 +33,13 @@ DEFAULT_DATA_DIR = ".local/data"  # Settings.data_dir's default, relative to the
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1 below the kernel's ephemeral range (32768-60999 on Linux): a port the
+    kernel hands out for outgoing connections (bind to port 0) could be taken by any client's connection
+    between this choice and the service binding it (an e2e run saw a controller exit with "Address already
+    in use")."""
+    from streamml.localkafka import free_port_block
+
+    return free_port_block(1)
 
 
 def label_of(name: str, index: int) -> str:
