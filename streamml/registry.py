@@ -55,6 +55,15 @@ def subject(topic: str) -> str:
 
 
 @dataclass(frozen=True)
+class Writer:
+    """A writer schema read from the registry: fastavro's parsed form, and (for a pipeline's feature
+    vectors) the features whose Avro names differ from the definition's: Avro name → definition name."""
+
+    parsed: Any
+    renamed: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Incompatible:
     subject: str
     reason: str
@@ -77,8 +86,7 @@ class Registry:
             conf["ssl.ca.location"] = settings.schema_registry_ca_location
         self.url = settings.schema_registry_url
         self._client = SchemaRegistryClient(conf)
-        self._writers: OrderedDict[int, Any] = OrderedDict()  # schema id → parsed schema, or None (unknown)
-        self._renamed: dict[int, dict[str, str]] = {}  # schema id → its features' Avro name → definition name
+        self._writers: OrderedDict[int, Writer | None] = OrderedDict()  # by schema id; None: unknown id
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry | None:
@@ -122,8 +130,7 @@ class Registry:
             schema_id = int(self._client.register_schema(name, _avro(contract)))
         except SchemaRegistryError as exc:
             raise RegistryError(f"registry {self.url}: registering {name}: {_message(exc)}") from exc
-        self._remember(schema_id, contract.parsed)
-        self._renamed[schema_id] = _renamed_features(contract.schema)
+        self.remember(schema_id, contract.schema, contract.parsed)
         return schema_id
 
     def subjects(self) -> list[str]:
@@ -133,19 +140,19 @@ class Registry:
             raise RegistryError(f"registry {self.url}: listing subjects: {_message(exc)}") from exc
 
     # -- reading framed records ------------------------------------------------------------------------
-    def writer_schema(self, schema_id: int) -> Any:
-        """fastavro's parsed form of a schema by id (cached, also when the registry does not know it)."""
+    def writer(self, schema_id: int) -> Writer:
+        """A writer schema by id (cached, also when the registry does not know it)."""
         if schema_id in self._writers:
             self._writers.move_to_end(schema_id)
-            parsed = self._writers[schema_id]
+            writer = self._writers[schema_id]
         else:
-            parsed = self._fetch(schema_id)
-            self._remember(schema_id, parsed)
-        if parsed is None:
+            writer = self._fetch(schema_id)
+            self._cache(schema_id, writer)
+        if writer is None:
             raise DecodeError(f"schema id {schema_id} is not in the schema registry")
-        return parsed
+        return writer
 
-    def _fetch(self, schema_id: int) -> Any:
+    def _fetch(self, schema_id: int) -> Writer | None:
         try:
             registered = self._client.get_schema(schema_id)
         except SchemaRegistryError as exc:
@@ -158,15 +165,27 @@ class Registry:
             raise DecodeError(f"schema id {schema_id} is {registered.schema_type}, not Avro")
         try:
             schema = json.loads(registered.schema_str or "null")
-            self._renamed[schema_id] = _renamed_features(schema)
-            return fastavro.parse_schema(strip_logical_types(schema))
+            return Writer(fastavro.parse_schema(strip_logical_types(schema)), _renamed_features(schema))
         except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
             raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
+
+    def remember(self, schema_id: int, schema: dict[str, Any], parsed: Any) -> None:
+        """Cache a schema this process registered (or knows) under its id: no registry call to read it."""
+        self._cache(schema_id, Writer(parsed, _renamed_features(schema)))
+
+    def _cache(self, schema_id: int, writer: Writer | None) -> None:
+        self._writers[schema_id] = writer
+        while len(self._writers) > _ID_CACHE:
+            self._writers.popitem(last=False)
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """A Confluent-framed record, read with its writer schema."""
+        return self._read(data)[1]
 
     def decode_features(self, data: bytes) -> dict[str, Any]:
         """A typed FeatureVector (Confluent-framed, a pipeline's generated contract) in the shape of the
         generic one: `features` holds the values present, under the definition's names."""
-        record = self.decode(data)
+        writer, record = self._read(data)
         features = record.get("features")
         if not (
             isinstance(features, dict)
@@ -176,8 +195,7 @@ class Registry:
             and isinstance(record.get("feature_time"), int)
         ):
             raise DecodeError("a framed record that is not a StreamML feature vector")
-        (schema_id,) = _ID.unpack_from(data, 1)
-        renamed = self._renamed.get(schema_id, {})
+        renamed = writer.renamed
         record["features"] = {renamed.get(k, k): v for k, v in features.items() if v is not None}
         record.setdefault("key", None)
         record.setdefault("label", None)
@@ -185,26 +203,20 @@ class Registry:
         record.setdefault("pipeline_revision", 0)
         return record
 
-    def _remember(self, schema_id: int, parsed: Any) -> None:
-        self._writers[schema_id] = parsed
-        while len(self._writers) > _ID_CACHE:
-            self._writers.popitem(last=False)
-
-    def decode(self, data: bytes, reader: Any = None) -> dict[str, Any]:
-        """A Confluent-framed record, read with its writer schema and resolved to `reader` if given."""
+    def _read(self, data: bytes) -> tuple[Writer, dict[str, Any]]:
         if not is_framed(data):
             raise DecodeError("not in the Confluent wire format (0 byte + schema id)")
         (schema_id,) = _ID.unpack_from(data, 1)
-        writer = self.writer_schema(schema_id)
+        writer = self.writer(schema_id)
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[FRAME_HEADER_LEN:]), writer, reader)
-        except Exception as exc:  # corrupt body, or a writer schema that does not resolve to the reader
+            record = fastavro.schemaless_reader(io.BytesIO(data[FRAME_HEADER_LEN:]), writer.parsed, None)
+        except Exception as exc:  # a corrupt or truncated body
             raise DecodeError(
                 f"record of schema id {schema_id} cannot be read: {limits.clip(str(exc), 300)}"
             ) from exc
         if not isinstance(record, dict):
             raise DecodeError(f"schema id {schema_id} is not a record schema")
-        return record
+        return writer, record
 
 
 def _renamed_features(schema: Any) -> dict[str, str]:

@@ -108,20 +108,22 @@ def watermarks(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> dict[
     meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if meta is None or meta.error is not None:
         return None
-    marks: dict[int, tuple[int, int]] = {}
     deadline = time.monotonic() + timeout_s
-    for p in meta.partitions:
-        while True:  # a topic created a moment ago has no leader yet (retriable): ask again until it has
-            try:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-                break
-            except KafkaException as exc:
-                err = kafka_error(exc)
-                if err is None or not is_retriable(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        marks[p] = (int(low), int(high))
-    return marks
+    return {p: watermark_offsets(consumer, TopicPartition(topic, p), deadline) for p in meta.partitions}
+
+
+def watermark_offsets(consumer: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
+    """(low, high) of one partition; retriable errors (a topic created a moment ago has no leader yet) are
+    asked again until `deadline`."""
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=max(1.0, deadline - time.monotonic()))
+            return int(low), int(high)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or not is_retriable(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[Message]:
@@ -483,9 +485,8 @@ class BatchLoop(mode.Service):
         self._offsets_call: Future[Any] | None = None  # send_offsets_to_transaction running on its thread
         self._offsets_call_since = 0.0
         self._producer_overrides: dict[str, Any] = {}
-        self._abandoned: list[
-            Producer
-        ] = []  # wedged producers, never destroyed (see _replace_wedged_producer)
+        # wedged producers, never destroyed (see _replace_wedged_producer)
+        self._abandoned: list[Producer] = []
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
@@ -561,9 +562,6 @@ class BatchLoop(mode.Service):
     # -- rebalance ------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._on_assign_hook is not None:
-            # No other broker call in this callback: with `Consumer.committed()` here (to restore state
-            # after fetching the offsets) a features instance's event loop stayed blocked for good once,
-            # in an e2e run with a broker down; it is the prime suspect.
             partitions = self._on_assign_hook(partitions)
             consumer.assign(partitions)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
@@ -763,12 +761,9 @@ class BatchLoop(mode.Service):
         assert self._producer is not None
         call = self._offsets_call
         if call is not None and not call.done():  # librdkafka refuses an abort while that call runs
-            waited = time.monotonic() - self._offsets_call_since
-            if waited < TXN_CALL_WEDGED_S or self._closing:
+            if not self._replaced_if_wedged():
                 return False
-            # a new producer with the transactional id fences the open transaction: as good as an abort
-            self._replace_wedged_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s")
-            self._abort_pending = False
+            self._abort_pending = False  # the new producer fenced the open transaction: as good as an abort
             return True
         self._offsets_call = None
         try:
@@ -1051,12 +1046,20 @@ class BatchLoop(mode.Service):
     def _holding_after_wedge(self) -> bool:
         """The offsets call has not returned: hold (True), or, once it has hung for TXN_CALL_WEDGED_S,
         replace the producer and go back to the committed input (False: nothing is held any more)."""
+        if self._replaced_if_wedged():
+            return False
         waited = time.monotonic() - self._offsets_call_since
-        if waited < TXN_CALL_WEDGED_S or self._closing:  # (a stop aborts and closes instead)
-            self._log_holding(f"offsets not added to the transaction for {waited:.0f} s")
-            return True
+        self._log_holding(f"offsets not added to the transaction for {waited:.0f} s")
+        return True
+
+    def _replaced_if_wedged(self) -> bool:
+        """Replace the producer if its offsets call has hung for TXN_CALL_WEDGED_S (never while stopping:
+        a stop aborts what it can and closes); True if it was replaced."""
+        waited = time.monotonic() - self._offsets_call_since
+        if waited < TXN_CALL_WEDGED_S or self._closing:
+            return False
         self._replace_wedged_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s")
-        return False
+        return True
 
     def _replace_wedged_producer(self, why: str) -> None:
         """A new transactional producer with the same transactional.id: initialising it fences the wedged

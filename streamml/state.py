@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from streamml.codec import codec_for
 from streamml.errors import DecodeError, StreamMLError
 from streamml.kafka import make_consumer
-from streamml.runtime import Output, is_retriable, kafka_error
+from streamml.runtime import Output, watermark_offsets
 from streamml.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,10 @@ def read_changelog(
         deadline = time.monotonic() + timeout_s
         ends: dict[int, int] = {}
         for p in wanted:
-            low, high = _watermarks(consumer, TopicPartition(topic, p), deadline)
+            try:
+                low, high = watermark_offsets(consumer, TopicPartition(topic, p), deadline)
+            except KafkaException as exc:
+                raise StreamMLError(f"cannot read the end of {topic}[{p}]: {exc}") from exc
             if high > low:
                 ends[p] = high
         if ends:
@@ -269,16 +272,3 @@ def read_changelog(
     finally:
         consumer.close()
     return {inp: got[chg] for inp, chg in partitions.items()}
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
-    """(low, high) of a partition; retriable errors (a new topic without a leader yet) are tried again."""
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=max(1.0, deadline - time.monotonic()))
-            return int(low), int(high)
-        except KafkaException as exc:
-            err = kafka_error(exc)
-            if err is None or not is_retriable(err) or time.monotonic() > deadline:
-                raise StreamMLError(f"cannot read the end of {tp.topic}[{tp.partition}]: {exc}") from exc
-            time.sleep(0.2)

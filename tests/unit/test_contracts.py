@@ -14,7 +14,7 @@ from streamml.codec import codec_for, decode_raw, use_registry
 from streamml.contracts import ORIGINAL_NAME, avro_name, contracts_of, export, feature_names
 from streamml.errors import DecodeError
 from streamml.pipelines import load_file, to_definition
-from streamml.registry import FramedEncoder, Registry, _renamed_features, frame, is_framed, subject
+from streamml.registry import FramedEncoder, Registry, frame, is_framed, subject
 from streamml.registry import _with_field_names as with_field_names
 from streamml.settings import Settings
 from streams.features import FeatureEngine
@@ -125,8 +125,7 @@ def test_typed_vectors_round_trip_to_the_generic_shape_with_the_definitions_name
     d["fields"] = [*d["fields"], {"name": "odd name", "type": "STRING", "required": False, "default": None}]
     contract = contracts_of(d).features
     registry = Registry(Settings(schema_registry_url="http://127.0.0.1:1", _env_file=None))  # type: ignore[call-arg]
-    registry._remember(5, contract.parsed)  # as `register` leaves it (no broker, no registry call)
-    registry._renamed[5] = _renamed_features(contract.schema)
+    registry.remember(5, contract.schema, contract.parsed)  # as `register` leaves it (no registry call)
     fv = {
         "event_id": "e1", "key": None, "pipeline": d["name"], "pipeline_revision": 1,
         "features": {"https": 1.0, "odd name": "x"}, "label": True, "event_time": 5, "feature_time": 6,
@@ -141,7 +140,7 @@ def test_typed_vectors_round_trip_to_the_generic_shape_with_the_definitions_name
     finally:
         use_registry(None)
     raw = contracts_of(d).raw
-    registry._remember(6, raw.parsed)  # a framed record of another schema is refused, not misread
+    registry.remember(6, raw.schema, raw.parsed)  # a framed record of another schema is refused, not misread
     event = {
         f["name"]: (1.0 if f["type"] == "double" else 1 if f["type"] == "long" else None)
         for f in raw.schema["fields"]
