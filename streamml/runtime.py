@@ -365,6 +365,9 @@ HOLD_LIMIT_S = 20.0
 TXN_CALL_WEDGED_S = 10.0
 # Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
 ABORT_WAIT_S = 5.0
+# How long an assignment with state to restore waits in all for the group's stable committed offsets of its
+# partitions (each attempt at most 10 s): the previous owner's last transaction must end first.
+COMMITTED_WAIT_S = 60.0
 # Consumer-group session of data loops, writer slots and trainer requests: how long a crashed member keeps
 # its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
 # catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
@@ -562,9 +565,49 @@ class BatchLoop(mode.Service):
     # -- rebalance ------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._on_assign_hook is not None:
-            partitions = self._on_assign_hook(partitions)
+            # The committed offsets first, then the hook (the features service restores its windows from
+            # the changelog, read to its end as it is then), and reading starts at exactly those offsets.
+            # A read_committed consumer's offset fetch waits for pending transactional offsets (KIP-447's
+            # require_stable), so the previous owner's last transaction has ended, committed or aborted,
+            # before the changelog's end is read: every changelog record of a committed transaction is then
+            # below that end. In the other order a transaction still flushing (its commit call timed out
+            # and goes on in the background) could commit after the restore read the end: offsets past
+            # events whose window updates the restored state lacks. Kafka Streams fetches a task's committed
+            # offsets before restoring it for the same reason.
+            partitions = self._on_assign_hook(self._committed_offsets(consumer, partitions))
             consumer.assign(partitions)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
+
+    def _committed_offsets(
+        self, consumer: Consumer, partitions: list[TopicPartition]
+    ) -> list[TopicPartition]:
+        """The partitions with the group's stable committed offsets (see `_on_assign`), asked again while
+        the broker cannot answer, up to COMMITTED_WAIT_S. After that they are returned as given (logged,
+        counted: the consumer then fetches the offsets itself, and a transaction of the previous owner that
+        is still open could commit after the restore)."""
+        if not partitions:
+            return partitions
+        asked = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        deadline = time.monotonic() + COMMITTED_WAIT_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                committed = consumer.committed(asked, timeout=max(0.5, min(10.0, left)))
+                failed = [(tp.topic, tp.partition, str(tp.error)) for tp in committed if tp.error is not None]
+                if not failed:
+                    return list(committed)
+                why = f"partition errors {failed[:3]}"
+            except KafkaException as exc:
+                why = str(kafka_error(exc) or exc)
+            if time.monotonic() >= deadline:
+                ERRORS.labels(self.name, "offset_fetch").inc()
+                log.error(
+                    "%s: no stable committed offsets for %s within %.0f s (%s); restoring without them",
+                    self.name, [(tp.topic, tp.partition) for tp in asked], COMMITTED_WAIT_S, why,
+                )  # fmt: skip
+                return partitions
+            log.warning("%s: committed offsets not fetched yet (%s); asking again", self.name, why)
+            time.sleep(0.2)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self._closing and not self._rewinding:  # when closing, on_stop has just committed
@@ -772,9 +815,29 @@ class BatchLoop(mode.Service):
             err = kafka_error(exc)
             if err is None or err.fatal():
                 raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+            if err.code() == KafkaError._CONFLICT:
+                return self._commit_resumed(timeout_s)
             if err.code() != KafkaError._STATE:  # (_STATE: no transaction open, nothing to abort)
                 log.warning("%s: abort not acknowledged yet (%s); trying again", self.name, err)
                 return False
+        self._abort_pending = False
+        return True
+
+    def _commit_resumed(self, timeout_s: float) -> bool:
+        """The given-up transaction's commit call timed out earlier: librdkafka goes on with it in the
+        background and refuses any other transactional call (_CONFLICT) until that one is called again to
+        its end. So it is resumed: the transaction ends committed (its records and offsets are durable, and
+        the rewind restores from them) or fails (then it is aborted at the next call). True once ended."""
+        assert self._producer is not None
+        try:
+            self._producer.commit_transaction(timeout_s)
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or err.fatal():
+                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+            log.warning("%s: the given-up transaction has not ended yet (%s); trying again", self.name, err)
+            return False  # still going (retriable), or failed and to be aborted by the next call
+        log.warning("%s: the given-up transaction committed after all (the rewind restores it)", self.name)
         self._abort_pending = False
         return True
 

@@ -493,11 +493,16 @@ def test_the_worker_lets_faust_send_its_producer_buffer_before_the_app_stops() -
 
 
 class TxnFakeProducer(FakeProducer):
+    """As librdkafka: a commit call that timed out goes on in the background, and until it is called again
+    to its end (committed, or failed with an abortable error) any other transactional call is refused with
+    _CONFLICT."""
+
     def __init__(self, commit_error: KafkaError | None = None) -> None:
         super().__init__()
         self.calls: list[str] = []
         self.commit_error = commit_error
         self.abort_errors: list[KafkaError] = []
+        self.committing = False  # a commit call timed out and has not been resumed to its end
 
     def begin_transaction(self) -> None:
         self.calls.append("begin")
@@ -507,10 +512,14 @@ class TxnFakeProducer(FakeProducer):
 
     def commit_transaction(self, _timeout: float = 0) -> None:
         if self.commit_error is not None:
+            self.committing = self.commit_error.retriable() and not self.commit_error.txn_requires_abort()
             raise KafkaException(self.commit_error)
+        self.committing = False
         self.calls.append("commit")
 
     def abort_transaction(self, _timeout: float = 0) -> None:
+        if self.committing:
+            raise KafkaException(KafkaError(KafkaError._CONFLICT, "commit_transaction call in progress"))
         if self.abort_errors:  # the broker does not acknowledge this attempt
             raise KafkaException(self.abort_errors.pop(0))
         self.calls.append("abort")
@@ -563,18 +572,23 @@ def test_exactly_once_gives_up_a_transaction_held_too_long(
     assert loop._held_for() < 1.0  # the clock starts at the first hold
     monkeypatch.setattr(runtime, "HOLD_LIMIT_S", -1.0)
     assert loop._held_for() > runtime.HOLD_LIMIT_S
-    loop._abort_and_rewind("held")
-    assert "abort" in producer.calls and consumer.unsubscribed and not loop._holding
+    producer.commit_error = KafkaError(KafkaError._TIMED_OUT, "txn timed out", txn_requires_abort=True)
+    loop._abort_and_rewind("held")  # the commit call in progress ends failed (the broker aborted it)
+    assert loop._abort_pending and not loop._holding and not consumer.unsubscribed
+    assert loop._finish_abort() is True and producer.calls[-1] == "abort"  # `_run`'s next turn
+    loop._rewind()
+    assert consumer.unsubscribed and "commit" not in producer.calls
 
 
 SLOW_COMMIT = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
 
 
-def test_exactly_once_aborts_a_transaction_still_open_when_its_partitions_are_revoked(
+def test_exactly_once_gives_up_a_transaction_still_open_when_its_partitions_are_revoked(
     settings: Settings,
 ) -> None:
-    """The transaction holds the given-away partitions' outputs and changelog records: committing it after
-    the revocation would hand their next owner offsets past state it may have restored without them."""
+    """A commit that times out in the revocation goes on in the background and librdkafka refuses an abort
+    (_CONFLICT) until it has ended: the loop reads nothing and begins nothing until then, and the
+    partitions' next owner waits for that end before it restores their state (`_on_assign`)."""
     producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
     consumer = RewindConsumer()
     loop = eos_loop(settings, producer, consumer)
@@ -583,11 +597,25 @@ def test_exactly_once_aborts_a_transaction_still_open_when_its_partitions_are_re
     loop.process([FakeMessage("in", b"a", offset=7)])
     assert loop._commit(force=True) is False and loop._holding  # the broker is slow: holding
     loop._on_revoke(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]
-    assert producer.calls == ["begin", "offsets", "abort"] and not loop._in_txn and not loop._holding
+    assert producer.calls == ["begin", "offsets"] and not loop._in_txn and not loop._holding
     assert dropped == [[("in", 0)]] and loop._positions == {}
-    assert not loop._abort_pending and not loop._rewind_pending  # all was revoked: nothing else to rewind
-    producer.commit_error = None  # the broker is back: there is nothing left to commit
-    assert loop._commit(force=True) is True and "commit" not in producer.calls
+    assert loop._abort_pending and not loop._rewind_pending  # all was revoked: nothing else to rewind
+    assert loop._finish_abort() is False  # still committing in the background: resumed, not refused
+    producer.commit_error = None  # the broker is back: the commit in progress ends
+    assert loop._finish_abort() is True and producer.calls == ["begin", "offsets", "commit"]
+    assert not loop._abort_pending and loop._commit(force=True) is True
+
+
+def test_exactly_once_aborts_once_the_commit_in_progress_has_failed(settings: Settings) -> None:
+    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    loop = eos_loop(settings, producer, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    loop._commit(force=True)
+    loop._abort("held")
+    assert loop._abort_pending
+    producer.commit_error = KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, "aborted", txn_requires_abort=True)
+    assert loop._finish_abort() is False  # the resumed commit fails: abortable now
+    assert loop._finish_abort() is True and producer.calls == ["begin", "offsets", "abort"]
 
 
 def test_exactly_once_retries_an_unacknowledged_abort_before_anything_else(settings: Settings) -> None:
@@ -597,11 +625,57 @@ def test_exactly_once_retries_an_unacknowledged_abort_before_anything_else(setti
     loop = eos_loop(settings, producer, consumer)
     loop.process([FakeMessage("in", b"a", offset=7)])
     loop._commit(force=True)
+    producer.commit_error = KafkaError(KafkaError._TIMED_OUT, "timed out", txn_requires_abort=True)
     loop._abort_and_rewind("held too long")
     assert loop._abort_pending and loop._rewind_pending and not consumer.unsubscribed
+    assert loop._finish_abort() is False  # the abort itself is not acknowledged this time
     assert loop._finish_abort() is True and producer.calls[-1] == "abort"  # `_run`'s next turn
     loop._rewind()
     assert consumer.unsubscribed and not loop._rewind_pending and "commit" not in producer.calls
+
+
+class AssignConsumer(RewindConsumer):
+    """Answers committed() after `unstable` failed attempts (a pending transaction of the previous owner)."""
+
+    def __init__(self, unstable: int) -> None:
+        super().__init__()
+        self.unstable = unstable
+        self.events: list[str] = []
+        self.assigned: list[tuple[str, int, int]] = []
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        self.events.append("committed")
+        if self.unstable > 0:
+            self.unstable -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "unstable offsets", retriable=True))
+        return [TopicPartition(tp.topic, tp.partition, 40 + tp.partition) for tp in partitions]
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = [(tp.topic, tp.partition, tp.offset) for tp in partitions]
+
+
+def test_an_assignment_restores_state_only_after_the_stable_committed_offsets(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.time, "sleep", lambda _s: None)
+    consumer = AssignConsumer(unstable=2)
+    loop = eos_loop(settings, TxnFakeProducer(), consumer)
+    seen: list[list[tuple[str, int, int]]] = []
+
+    def restore(parts: list[TopicPartition]) -> list[TopicPartition]:
+        consumer.events.append("restore")
+        seen.append([(tp.topic, tp.partition, tp.offset) for tp in parts])
+        return parts
+
+    loop._on_assign_hook = restore
+    loop._on_assign(consumer, [TopicPartition("in", 0), TopicPartition("in", 1)])  # type: ignore[arg-type]
+    assert consumer.events == ["committed", "committed", "committed", "restore"]
+    assert seen == [[("in", 0, 40), ("in", 1, 41)]] and consumer.assigned == [("in", 0, 40), ("in", 1, 41)]
+
+    monkeypatch.setattr(runtime, "COMMITTED_WAIT_S", 0.0)  # the broker never answers: restored anyway
+    consumer = AssignConsumer(unstable=100)
+    loop._on_assign(consumer, [TopicPartition("in", 0)])  # type: ignore[arg-type]
+    assert consumer.events == ["committed", "restore"] and consumer.assigned[0][:2] == ("in", 0)
 
 
 def test_exactly_once_stop_aborts_a_transaction_it_cannot_commit(
@@ -610,12 +684,29 @@ def test_exactly_once_stop_aborts_a_transaction_it_cannot_commit(
     """Left open, the transaction would hold read_committed readers of the partitions' next owner (their
     state restore among them) until the broker's transaction timeout."""
     monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.4)
-    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    producer = TxnFakeProducer()
+    producer.full = 10**6  # the local queue takes nothing: the outputs wait, the commit is never called
     consumer = RewindConsumer()
     loop = eos_loop(settings, producer, consumer)
     loop.process([FakeMessage("in", b"a", offset=7)])
     asyncio.run(loop.on_stop())
     assert producer.calls[-1] == "abort" and "commit" not in producer.calls and consumer.closed
+
+
+def test_exactly_once_stop_resumes_a_commit_in_progress_and_still_stops_in_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """librdkafka cannot abort once the commit call was made: the stop resumes it until its deadline, and
+    the next owner of the partitions waits for its end (`_on_assign`)."""
+    monkeypatch.setattr(runtime, "STOP_TIMEOUT_S", 0.4)
+    producer = TxnFakeProducer(commit_error=SLOW_COMMIT)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, producer, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    started = time.monotonic()
+    asyncio.run(loop.on_stop())
+    assert time.monotonic() - started < 5 and consumer.closed
+    assert producer.calls == ["begin", "offsets"] and producer.committing
 
 
 def test_a_batch_is_interleaved_over_its_partitions_keeping_each_partitions_order() -> None:
