@@ -38,6 +38,7 @@ from streamml import estimators
 from streamml.codec import codec_for
 from streamml.errors import StreamMLError
 from streamml.kafka import ensure_topics, make_consumer, make_producer
+from streamml.registry import Registry, is_framed
 from streamml.runtime import read_to_end
 from streamml.topics import TopicSpec
 
@@ -163,8 +164,15 @@ def _copy(
 def _predictions(dep: Deployment) -> list[tuple[dict[str, Any], int]]:
     """Every Prediction record of the deployment with its Kafka CreateTime (ms)."""
     codec = codec_for("Prediction")
+    registry = Registry.from_settings(dep.settings)  # (a typed deployment's predictions are framed)
+
+    def decode(data: bytes) -> dict[str, Any]:
+        if registry is not None and is_framed(data):
+            return registry.decode_as(data, codec.schema.parsed)
+        return codec.decode(data)
+
     return [
-        (codec.decode(m.value() or b""), m.timestamp()[1])
+        (decode(m.value() or b""), m.timestamp()[1])
         for m in read_to_end(dep.settings, dep.predictions_topic, 120)
     ]
 

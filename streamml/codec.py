@@ -49,8 +49,10 @@ class AvroCodec:
 
     def decode(self, data: bytes) -> Record:
         if data[:2] != MAGIC:
-            if data[:1] == b"\x00" and _registry is not None and self.schema.name == "FeatureVector":
-                return _registry.decode_features(data)  # a pipeline's typed contract, Confluent-framed
+            if data[:1] == b"\x00" and _registry is not None:  # Confluent-framed (a registry is in use)
+                if self.schema.name == "FeatureVector":
+                    return _registry.decode_features(data)  # a pipeline's typed contract
+                return _registry.decode_as(data, self._parsed)  # this contract, registered under its topic
             raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
         if data[2:HEADER_LEN] != self.schema.fingerprint:
             return self._decode_earlier(data)  # off the hot path: the current schema is checked first
@@ -158,10 +160,12 @@ class FramedReader(Protocol):
 
     def decode_features(self, data: bytes) -> Record: ...
 
+    def decode_as(self, data: bytes, reader: Any) -> Record: ...
 
-# The schema registry of this process, if configured (`use_registry`): feature vectors written with a
-# pipeline's typed contract in the Confluent wire format are read through it wherever FeatureVector records
-# are decoded.
+
+# The schema registry of this process, if configured (`use_registry`): records in the Confluent wire format
+# are read through it wherever their contract is decoded (feature vectors written with a pipeline's typed
+# contract; predictions written under their topic's subject).
 _registry: FramedReader | None = None
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import fastavro
 
 from streamml.errors import SchemaError
-from streamml.schemas import strip_logical_types
+from streamml.schemas import NAMESPACE, get_schema, strip_logical_types
 
 BASE_NAMESPACE = "dev.streamml.pipelines"
 ORIGINAL_NAME = "streamml.name"  # field property: the name in the pipeline definition, when it differs
@@ -316,6 +316,13 @@ def contracts_of(definition: Mapping[str, Any]) -> PipelineContracts:
         features_contract(definition),
         tuple(feature_names(definition)),
     )
+
+
+def generic_contract(record_name: str) -> Contract:
+    """One of the generic `.avsc` contracts (e.g. "Prediction") as a registry holds it: predictions are
+    registered under their topics' subjects with this schema, not a generated one."""
+    schema = get_schema(record_name)
+    return Contract({"namespace": NAMESPACE, **schema.raw}, schema.parsed)
 
 
 def export(definition: Mapping[str, Any], out_dir: Path) -> list[Path]:

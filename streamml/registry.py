@@ -182,6 +182,20 @@ class Registry:
         """A Confluent-framed record, read with its writer schema."""
         return self._read(data)[1]
 
+    def decode_as(self, data: bytes, reader: Any) -> dict[str, Any]:
+        """A Confluent-framed record resolved to `reader` (fastavro's parsed form of one of our contracts):
+        fields the writer lacks take their defaults, as Avro schema resolution says."""
+        writer, body, schema_id = self._body(data)
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(body), writer.parsed, reader)
+        except Exception as exc:  # a corrupt body, or a writer schema that does not resolve to ours
+            raise DecodeError(
+                f"record of schema id {schema_id} cannot be read as ours: {limits.clip(str(exc), 300)}"
+            ) from exc
+        if not isinstance(record, dict):
+            raise DecodeError(f"schema id {schema_id} is not a record schema")
+        return record
+
     def decode_features(self, data: bytes) -> dict[str, Any]:
         """A typed FeatureVector (Confluent-framed, a pipeline's generated contract) in the shape of the
         generic one: `features` holds the values present, under the definition's names."""
@@ -203,13 +217,16 @@ class Registry:
         record.setdefault("pipeline_revision", 0)
         return record
 
-    def _read(self, data: bytes) -> tuple[Writer, dict[str, Any]]:
+    def _body(self, data: bytes) -> tuple[Writer, bytes, int]:
         if not is_framed(data):
             raise DecodeError("not in the Confluent wire format (0 byte + schema id)")
         (schema_id,) = _ID.unpack_from(data, 1)
-        writer = self.writer(schema_id)
+        return self.writer(schema_id), data[FRAME_HEADER_LEN:], schema_id
+
+    def _read(self, data: bytes) -> tuple[Writer, dict[str, Any]]:
+        writer, body, schema_id = self._body(data)
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[FRAME_HEADER_LEN:]), writer.parsed, None)
+            record = fastavro.schemaless_reader(io.BytesIO(body), writer.parsed, None)
         except Exception as exc:  # a corrupt or truncated body
             raise DecodeError(
                 f"record of schema id {schema_id} cannot be read: {limits.clip(str(exc), 300)}"

@@ -19,10 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as RequestError
 
 from streamml import limits, metrics
-from streamml.codec import check_fields, codec_for
+from streamml.codec import AvroCodec, check_fields, codec_for
+from streamml.contracts import generic_contract
 from streamml.errors import StreamMLError, ValidationError
 from streamml.httpauth import api_token, authorized
 from streamml.kafka import make_consumer, make_producer
+from streamml.registry import FramedEncoder, RegistryError
+from streamml.registry import Registry as SchemaRegistry
 from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
@@ -81,6 +84,11 @@ class Predictor:
         self.alerts = make_producer(settings, **{"linger.ms": 0})
         self._features = codec_for("FeatureVector")
         self._predictions = codec_for("Prediction")
+        # With a schema registry: predictions (and shadow predictions) in the Confluent wire format under
+        # their topic's subject, by topic; topics without one (no registry, or it could not be reached when
+        # the pipeline loaded) keep the single-object encoding, which every StreamML reader also reads.
+        self.schema_registry = SchemaRegistry.from_settings(settings)
+        self.prediction_encoders: dict[str, FramedEncoder | AvroCodec] = {}
 
     # -- control topics -------------------------------------------------------------------------------
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
@@ -96,8 +104,27 @@ class Predictor:
         self.pipelines[name] = record
         self.engines[name] = engine
         self.by_topic[self.catalogue.features(name).name] = name
+        self._register_predictions(name)
         self.registry.regression[name] = record["task"] == "REGRESSION"
         self._report(self.registry.retry(name))
+
+    def _register_predictions(self, pipeline: str) -> None:
+        """Register the Prediction contract under the pipeline's prediction topics' subjects (once per
+        process and topic: the id is cached) and write those topics framed with it."""
+        if self.schema_registry is None:
+            return
+        contract = generic_contract("Prediction")
+        topics = (self.catalogue.predictions(pipeline).name, self.catalogue.shadow_predictions(pipeline).name)
+        for topic in topics:
+            if topic in self.prediction_encoders:
+                continue
+            try:
+                schema_id = self.schema_registry.register(topic, contract)
+            except RegistryError as exc:
+                log.error("%s: predictions stay single-object encoded: %s", topic, exc)
+                continue
+            self.prediction_encoders[topic] = FramedEncoder(contract, schema_id)
+            log.info("%s: predictions in the Confluent wire format (schema id %d)", topic, schema_id)
 
     def _fetch_version(self, pipeline: str, name: str, version: int) -> dict[str, Any] | None:
         """One version's record, read back from the model-versions topic at the offset it was seen at
@@ -235,13 +262,13 @@ class Predictor:
     def _predict_pipeline(
         self, pipeline: str, items: list[tuple[Message, dict[str, Any]]], now: int
     ) -> list[Output]:
-        encode = self._predictions.encode
         outputs: list[Output] = []
         live = self.registry.live.get(pipeline)
         if live is None:
             exc = StreamMLError(f"pipeline {pipeline!r} has no live model")
             return [dead_letter(self.catalogue, SERVICE, pipeline, msg, exc) for msg, _ in items]
         topic = self.catalogue.predictions(pipeline).name
+        encode = self.prediction_encoders.get(topic, self._predictions).encode
         latency = metrics.E2E_SECONDS.labels(pipeline)
         served: list[dict[str, Any]] = []
         append, observe = outputs.append, latency.observe
@@ -282,6 +309,7 @@ class Predictor:
                 log.exception("%s: shadow model v%s failed", pipeline, challenger.version)
                 return outputs
             shadow_topic = self.catalogue.shadow_predictions(pipeline).name
+            encode = self.prediction_encoders.get(shadow_topic, self._predictions).encode
             outputs.extend(Output(shadow_topic, r["event_id"].encode(), encode(r)) for r in shadow_records)
         return outputs
 

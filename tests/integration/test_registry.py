@@ -1,7 +1,8 @@
 """Pipeline contracts in a real Schema Registry (Apicurio, started by the tests): `pipeline apply` registers
 the generated schemas under `<topic>-value` with BACKWARD compatibility and refuses an incompatible
 revision with the registry's reason; raw events written by confluent-kafka's own AvroSerializer (with the
-producer's own schema) become feature vectors."""
+producer's own schema) become feature vectors and predictions that confluent-kafka's own AvroDeserializer
+reads."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from river import linear_model, preprocessing
 from typer.testing import CliRunner, Result
 
 from services.features.app import Features
-from streamml import cli, control, doctor
+from services.predictor.app import Predictor
+from streamml import artifacts, cli, control, doctor
 from streamml.codec import codec_for, use_registry
 from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
@@ -168,6 +171,85 @@ def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
     assert "branch" not in vectors["1000"]["features"]  # not declared: not a model input
     contract = contracts_of(state.current["agrawal"]).raw
     assert contract.schema["name"] == "RawEvent"
+
+    # The predictor scores those vectors and writes framed predictions under the predictions topic's
+    # subject: AvroDeserializer reads them, and so do our own readers (the monitor's codec).
+    predictor = Predictor(isolated, catalogue)
+    predictor.registry.signing_key = MODEL_KEY
+    predictor.registry.fetch = None
+    predictor.on_pipeline(state.current["agrawal"], None)
+    predictor.on_version(signed_version(), None)
+    predictor.on_promotion(promoted(), None)
+    feature_msgs = [_Msg(features_topic, b, i) for i, b in enumerate(written)]
+    predictions = [
+        o for o in predictor.handle(feature_msgs) if o.topic == catalogue.predictions("agrawal").name
+    ]
+    assert len(predictions) == 6 and all(o.value is not None and is_framed(o.value) for o in predictions)
+    topic = catalogue.predictions("agrawal").name
+    theirs_preds = [
+        deserializer(o.value, SerializationContext(topic, MessageField.VALUE)) for o in predictions
+    ]
+    ours_preds = [codec_for("Prediction").decode(o.value or b"") for o in predictions]
+    assert [p["event_id"] for p in theirs_preds] == [p["event_id"] for p in ours_preds]
+    assert {p["event_id"] for p in ours_preds} == {str(1000 + i) for i in range(6)}
+    assert all(p["model_name"] == "online" and p["model_version"] == 1 for p in theirs_preds)
+    assert client.get_latest_version(f"{topic}-value").schema.schema_str is not None
+
+
+MODEL_KEY = b"registry-test-model-key"
+
+
+class _Msg:
+    """A consumed record as the predictor's handler reads it."""
+
+    def __init__(self, topic: str, value: bytes | None, offset: int) -> None:
+        self._topic, self._value, self._offset = topic, value, offset
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 0)
+
+    def error(self) -> None:
+        return None
+
+
+def signed_version() -> dict[str, Any]:
+    """A signed online version 1 (River) of the agrawal pipeline."""
+    model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    model.learn_one({"salary": 1.0}, True)
+    data = artifacts.serialize({"model": model, "metrics": {}})
+    return {
+        "pipeline": "agrawal", "model_name": "online", "version": 1, "kind": "ONLINE",
+        "estimator_spec": "x", "params": {}, "artifact_format": artifacts.FORMAT, "artifact": data,
+        "artifact_uri": None, "sha256": artifacts.sha256_hex(data),
+        "signature": artifacts.sign(data, MODEL_KEY),
+        "library_versions": artifacts.library_versions(), "metrics": {}, "training_data": [],
+        "events_seen": 1, "parent_version": None, "created_at": 1,
+    }  # fmt: skip
+
+
+def promoted() -> dict[str, Any]:
+    return {
+        "pipeline": "agrawal", "model_name": "online", "action": "PROMOTE", "version": 1,
+        "previous_version": None, "actor": "auto", "reason": "", "metrics": {}, "decided_at": 1,
+    }  # fmt: skip
 
 
 def test_doctor_checks_the_registry_holds_every_pipelines_contracts(isolated: Settings) -> None:
