@@ -41,7 +41,11 @@ SECURE_ON = $(filter 1 true yes,$(SECURE))
 KAFKA_HOME_DIR = $${STREAMML_KAFKA_HOME:-.local/kafka}
 CLI_ENV_FILE := .local/demo-cli.env
 USER_ENV = $(if $(SECURE_ON),env $$(cat $(CLI_ENV_FILE)),)
-DEMO_ENV = $(KAFKA_ENV) $(USER_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}" \
+# The demo runs with a local Schema Registry (typed contracts, Confluent wire format) unless REGISTRY=0.
+REGISTRY ?= 1
+REGISTRY_ON = $(filter 1 true yes,$(REGISTRY))
+REGISTRY_ENV = $(if $(REGISTRY_ON),STREAMML_SCHEMA_REGISTRY_URL="$${STREAMML_SCHEMA_REGISTRY_URL:-$$($(PY) -m streamml.localregistry url)}",)
+DEMO_ENV = $(KAFKA_ENV) $(USER_ENV) $(REGISTRY_ENV) STREAMML_SIGNING_KEY="$${STREAMML_SIGNING_KEY:-$$(cat $(DEMO_KEY_FILE))}" \
 	STREAMML_MODEL_SIGNING_KEY_FILE="$${STREAMML_MODEL_SIGNING_KEY_FILE:-$(DEMO_MODEL_KEY)}" \
 	STREAMML_MODEL_VERIFY_KEYS="$${STREAMML_MODEL_VERIFY_KEYS:-$$($(BIN)/streamml keys show $(DEMO_MODEL_KEY) 2>/dev/null)}"
 # Stops the demo producer, after checking the recorded pid still is one (pids get reused).
@@ -138,8 +142,10 @@ test-integration: kafka-jars registry-dist ## Integration tests against a real K
 test-e2e: kafka-jars registry-dist ## End-to-end tests of whole services against a real broker
 	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
 
-demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each; SECURE=1: TLS, SCRAM, ACLs), a drifting Agrawal stream and `streamml top`
+demo: kafka-up ## Whole system live: broker, Schema Registry (REGISTRY=0: none), services (INSTANCES=2: two of each; SECURE=1: TLS, SCRAM, ACLs), a drifting Agrawal stream and `streamml top`
 	@mkdir -p .local/logs
+	@if [ -n "$(REGISTRY_ON)" ] && [ -z "$$STREAMML_SCHEMA_REGISTRY_URL" ]; then \
+		$(MAKE) --no-print-directory registry-dist >/dev/null && $(PY) -m streamml.localregistry up; fi
 	@if [ -z "$$STREAMML_SIGNING_KEY" ] && [ ! -s $(DEMO_KEY_FILE) ]; then \
 		(umask 077 && $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO_KEY_FILE)) && \
 		echo "created a local demo signing key in $(DEMO_KEY_FILE) (never commit it)"; fi
@@ -166,14 +172,17 @@ demo: kafka-up ## Whole system live: broker, services (INSTANCES=2: two of each;
 	ps -o pid=,args= -p "$$(grep -o '"pid": [0-9]*' .local/stack.json | grep -o '[0-9]*$$' | paste -sd, -)" \
 		| cut -c1-90 | sed 's/^ */  /'; \
 	if url=$$($(PY) -m streamml.promstack url); then echo "  prometheus $$url (alerts $$url/alerts)"; fi; \
+	if $(PY) -m streamml.localregistry status >/dev/null 2>&1; then \
+		echo "  schema registry $$($(PY) -m streamml.localregistry url)"; fi; \
 	if kill -0 $$(cat $(DEMO_PRODUCER_PID)) 2>/dev/null; then \
 		echo "  $$(cat $(DEMO_PRODUCER_PID)) producer (log .local/logs/producer.log)"; \
 	else echo "  (the producer has finished: $$(tail -1 .local/logs/producer.log))"; fi
 
-down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus, services, local Kafka
+down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus, services, Schema Registry, local Kafka
 	@$(STOP_DEMO_PRODUCER)
 	$(PY) -m streamml.promstack down
 	$(PY) -m streamml.stack down
+	$(PY) -m streamml.localregistry down
 	@$(MAKE) --no-print-directory kafka-down
 
 bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min; SECURE=1 adds predictor and e2e on a secured cluster)
