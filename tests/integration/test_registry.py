@@ -263,3 +263,54 @@ def test_doctor_checks_the_registry_holds_every_pipelines_contracts(isolated: Se
     assert failed.status == "fail" and failed.fix
     (skipped,) = doctor.registry(isolated.model_copy(update={"schema_registry_url": None}), {})
     assert skipped.status == "skip"
+
+
+def test_adding_a_feature_keeps_consumers_built_on_the_old_contract_working(
+    isolated: Settings, registry_url: str, tmp_path: Path
+) -> None:
+    """Schema evolution end to end: revision 2 adds a model input. The features service writes its vectors
+    with the new schema version; a consumer built on revision 1's contract (confluent-kafka's
+    AvroDeserializer with that reader schema) goes on reading every vector, old and new, and StreamML's own
+    readers see the new feature in the new ones."""
+    catalogue = Catalogue(isolated)
+    features_topic = catalogue.features("agrawal").name
+    raw = catalogue.raw("agrawal").name
+    assert invoke("pipeline", "apply", str(AGRAWAL)).exit_code == 0
+    ensure_topics(isolated, catalogue.pipeline_topics("agrawal"))
+    first = control.read_pipelines(isolated).current["agrawal"]
+    old_contract = contracts_of(first).features
+
+    def add_feature(spec: dict[str, Any]) -> None:
+        spec["features"].append({"op": "log1p", "output": "log_loan", "inputs": ["loan"]})
+
+    service = Features(isolated, catalogue)
+    service.on_pipeline(first, None)
+    event = {
+        "event_id": "e0", "salary": 50_000.0, "commission": 0.0, "age": 40, "elevel": 1, "car": 3,
+        "zipcode": 2, "hvalue": 100_000.0, "hyears": 10, "loan": 20_000.0, "label": 1,
+    }  # fmt: skip
+    before = _features_of(service, raw, [{**event, "event_id": "v1-0"}])
+    applied = invoke("pipeline", "apply", str(pipeline_file(tmp_path, add_feature)))
+    assert applied.exit_code == 0, applied.output
+    second = control.read_pipelines(isolated).current["agrawal"]
+    service.on_pipeline(second, None)
+    after = _features_of(service, raw, [{**event, "event_id": "v2-0"}])
+    assert all(is_framed(v) for v in before + after)
+    assert before[0][1:5] != after[0][1:5]  # a new schema id: the new version of the subject
+
+    client = SchemaRegistryClient({"url": registry_url})
+    old_reader = AvroDeserializer(client, schema_str=old_contract.text())
+    context = SerializationContext(features_topic, MessageField.VALUE)
+    old_view = [old_reader(v, context) for v in before + after]
+    assert [r["event_id"] for r in old_view] == ["v1-0", "v2-0"]
+    assert all("log_loan" not in r["features"] and r["features"]["salary"] == 50_000.0 for r in old_view)
+    use_registry(Registry(isolated))
+    ours = [codec_for("FeatureVector").decode(v) for v in before + after]
+    assert "log_loan" not in ours[0]["features"] and ours[1]["features"]["log_loan"] > 9.9
+
+
+def _features_of(service: Features, raw_topic: str, events: list[dict[str, Any]]) -> list[bytes]:
+    """The typed feature vectors the service writes for these raw events (JSON, as a producer sends)."""
+    msgs = [_Msg(raw_topic, json.dumps(e).encode(), i) for i, e in enumerate(events)]
+    out = service.handle_through(msgs)  # type: ignore[arg-type]
+    return [o.value for o in out if o.topic.endswith(".features") and o.value is not None]
