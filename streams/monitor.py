@@ -35,6 +35,9 @@ DETECTORS: dict[str, tuple[str, Any]] = {
 KS = "ks"
 EVALUATE_EVERY = 100  # paired labels between two Evaluation records
 RECENT_ERRORS = 100  # errors averaged for the "after" level of detectors that reset themselves
+# A CONCEPT alert's retraining slice holds at least this many of the latest labelled events (when the
+# detector attributes fewer to the new concept): enough to train on and hold out a validation fifth.
+MIN_RETRAIN_EVENTS = 300
 MAX_WINDOW_EVENTS = 20_000  # labelled events whose offsets are kept for concept-drift windows
 DONE_MEMORY = 20_000  # ids of joined events remembered, so redelivered duplicates are ignored
 KEEP_RETIRED = 4  # versions replaced recently, whose late predictions are still attributed to them
@@ -189,12 +192,15 @@ class VersionMetrics:
 class ConceptHit:
     """A detector saw the error rise from the level `before` it to `after` (the mean of the last 100 errors).
 
-    `window` is the number of errors the detector held when it fired.
+    `window` is the number of errors the detector held when it fired; `changed` how many of the latest of
+    them it attributes to the new level (ADWIN: the part of its window it keeps after the cut; the others
+    do not locate the change, so all of `window`).
     """
 
     before: float
     after: float
     window: int
+    changed: int
 
 
 class ConceptWatch:
@@ -238,12 +244,14 @@ class ConceptWatch:
             before = (self.total - kept_mean * kept) / dropped if dropped > 0 else kept_mean
             rise = kept_mean > before
             self.n, self.total = kept, kept_mean * kept
+            changed = kept
         else:  # PageHinkley and DDM restart from scratch after a detection
             before = (self.total - recent * k) / (window - k) if window > k else recent
             rise = recent > before
             self.n, self.total = 0, 0.0
             self.recent.clear()
-        return ConceptHit(before, recent, window) if rise else None
+            changed = window
+        return ConceptHit(before, recent, window, changed) if rise else None
 
 
 def ks_test(ref_sorted: np.ndarray, sample: Iterable[float], threshold: float) -> tuple[float, float]:
@@ -682,7 +690,11 @@ class PipelineMonitor:
         detector = self.concept.detector_name
         if self._cooling("CONCEPT", detector, ""):
             return []
-        n = min(hit.window, len(self.labelled_src))
+        # The retraining slice: the labelled events of the new concept (those the detector attributes to
+        # the new error level, at least MIN_RETRAIN_EVENTS of the latest). The whole detector window would
+        # be mostly the old concept when the detection came soon after the change, and a model trained on
+        # it is weak on the new one (its own error rise then raised a second CONCEPT alert).
+        n = min(max(hit.changed, MIN_RETRAIN_EVENTS), hit.window, len(self.labelled_src))
         window = offset_ranges(list(self.labelled_src)[-n:]) if n else []
         what = "absolute error" if self.regression else "error rate"
         message = (

@@ -11,6 +11,7 @@ from river import metrics, utils
 from scipy.stats import ks_2samp
 
 from streams.monitor import (
+    MIN_RETRAIN_EVENTS,
     Monitor,
     MonitorOutput,
     PartitionedKS,
@@ -330,6 +331,26 @@ def test_late_predictions_of_a_replaced_version_stay_out_of_the_score_watch() ->
         event(2)
     assert stream.alerts("PREDICTION") == []
     assert pm.served_model == ("online", 2)
+
+
+def test_the_retraining_slice_of_a_concept_alert_is_the_new_concept_not_the_whole_detector_window() -> None:
+    """ADWIN held 3,000 errors of the old level when it fired: the slice is the part it keeps after its cut
+    (at least MIN_RETRAIN_EVENTS), so a model retrained on it learns the new concept."""
+    rng = random.Random(3)
+    pm = PipelineMonitor(definition(concept_detector="ADWIN"))
+    stream = Stream(pm)
+    change = 3000
+    for i in range(change + 1000):
+        error_rate = 0.02 if i < change else 0.5
+        y = rng.random() < 0.5
+        stream.event({}, y, y if rng.random() >= error_rate else not y, {"True": 0.8, "False": 0.2})
+    alert = stream.alerts("CONCEPT")[0]
+    (window,) = alert["window"]
+    fired = window["end_offset"] - 1
+    assert change <= fired < change + 300
+    size = window["end_offset"] - window["start_offset"]
+    assert size >= MIN_RETRAIN_EVENTS
+    assert window["start_offset"] >= min(change, fired + 1 - MIN_RETRAIN_EVENTS), window
 
 
 def test_late_predictions_of_a_replaced_version_stay_out_of_the_concept_detector() -> None:
