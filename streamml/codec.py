@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -162,6 +163,8 @@ class FramedReader(Protocol):
 
     def decode_as(self, data: bytes, reader: Any) -> Record: ...
 
+    def prefetch(self, values: Iterable[bytes | None]) -> None: ...
+
 
 # The schema registry of this process, if configured (`use_registry`): records in the Confluent wire format
 # are read through it wherever their contract is decoded (feature vectors written with a pipeline's typed
@@ -172,6 +175,17 @@ _registry: FramedReader | None = None
 def use_registry(registry: FramedReader | None) -> None:
     global _registry
     _registry = registry
+
+
+def registry_in_use() -> FramedReader | None:
+    return _registry
+
+
+def prefetch_writers(values: Iterable[bytes | None]) -> None:
+    """With a registry in use: the writer schemas of the framed records among `values`, fetched now
+    (DependencyUnavailableError while the registry cannot answer). Without one: nothing."""
+    if _registry is not None:
+        _registry.prefetch(values)
 
 
 def decode_raw(data: bytes | None, registry: FramedReader | None = None) -> Record:

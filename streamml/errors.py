@@ -29,3 +29,8 @@ class ValidationError(StreamMLError):
 
 class TopicMismatchError(StreamMLError):
     """An existing topic differs from its declaration in the catalogue."""
+
+
+class DependencyUnavailableError(StreamMLError):
+    """Something a record needs (a schema from the registry) cannot be had now: the record waits and is
+    read again, never dead-lettered for it."""

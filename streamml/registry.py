@@ -9,12 +9,14 @@ classes on a hot path.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import re
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streamml import limits
 from streamml.contracts import ORIGINAL_NAME, Contract
-from streamml.errors import DecodeError, SchemaError, StreamMLError
+from streamml.errors import DecodeError, DependencyUnavailableError, SchemaError, StreamMLError
 from streamml.schemas import strip_logical_types
 from streamml.settings import Settings
 
@@ -39,6 +41,10 @@ _ID = struct.Struct(">I")
 
 class RegistryError(StreamMLError):
     pass
+
+
+class RegistryUnavailableError(RegistryError, DependencyUnavailableError):
+    """The registry cannot be reached or answers with a server error (retriable)."""
 
 
 def is_framed(data: bytes) -> bool:
@@ -158,9 +164,15 @@ class Registry:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 return None
+            if exc.http_status_code >= 500 or exc.http_status_code < 0:  # (negative: no HTTP answer)
+                raise RegistryUnavailableError(
+                    f"schema id {schema_id}: registry {self.url} answered {_message(exc)}"
+                ) from exc
             raise DecodeError(f"schema id {schema_id}: registry {self.url} answered {_message(exc)}") from exc
         except Exception as exc:  # httpx transport errors: the registry is away (a retriable failure)
-            raise RegistryError(f"schema id {schema_id}: registry {self.url} unreachable: {exc}") from exc
+            raise RegistryUnavailableError(
+                f"schema id {schema_id}: registry {self.url} unreachable: {limits.clip(str(exc), 200)}"
+            ) from exc
         if registered.schema_type not in (None, "AVRO"):
             raise DecodeError(f"schema id {schema_id} is {registered.schema_type}, not Avro")
         try:
@@ -168,6 +180,19 @@ class Registry:
             return Writer(fastavro.parse_schema(strip_logical_types(schema)), _renamed_features(schema))
         except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
             raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
+
+    def prefetch(self, values: Iterable[bytes | None]) -> None:
+        """Fetch the writer schemas of the framed records among `values` that are not cached yet, before
+        any of them is handled: RegistryUnavailableError if the registry cannot answer now (the caller
+        reads the records again later). An id the registry does not know is cached as such: that record
+        alone is dead-lettered when decoded."""
+        writers = self._writers
+        header = FRAME_HEADER_LEN
+        ids = {_ID.unpack_from(v, 1)[0] for v in values if v and v[0] == FRAME_MAGIC and len(v) > header}
+        for schema_id in ids:
+            if schema_id not in writers:
+                with contextlib.suppress(DecodeError):
+                    self.writer(schema_id)
 
     def remember(self, schema_id: int, schema: dict[str, Any], parsed: Any) -> None:
         """Cache a schema this process registered (or knows) under its id: no registry call to read it."""

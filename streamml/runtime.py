@@ -28,7 +28,8 @@ import mode
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamml import limits
-from streamml.errors import StreamMLError
+from streamml.codec import prefetch_writers
+from streamml.errors import DependencyUnavailableError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, ERRORS, EVENTS_IN
 from streamml.settings import Settings
@@ -372,9 +373,21 @@ COMMITTED_WAIT_S = 60.0
 # its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
 # catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
 SESSION_TIMEOUT_MS = 6_000
+# Records that wait for a dependency (a writer schema while the registry is away) are read again after
+# this long, doubling up to DEPENDENCY_WAIT_MAX_S while it lasts.
+DEPENDENCY_WAIT_S = 0.5
+DEPENDENCY_WAIT_MAX_S = 5.0
 # Aligned topics: how long a partition with records left to read may hold back the others (as Kafka
 # Streams' max.task.idle.ms) before the rest goes on without its records.
 ALIGN_IDLE_S = 1.0
+
+
+# Fatal transactional errors that mean another producer owns this transactional id, or that this one may
+# not use it: never answered by replacing the producer (it would fence the rightful owner in turn).
+_FENCED = frozenset({
+    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+})  # fmt: skip
 
 
 def _in_daemon_thread(name: str, fn: Callable[[], Any]) -> Future[Any]:
@@ -488,11 +501,13 @@ class BatchLoop(mode.Service):
         self._offsets_call: Future[Any] | None = None  # send_offsets_to_transaction running on its thread
         self._offsets_call_since = 0.0
         self._producer_overrides: dict[str, Any] = {}
-        # wedged producers, never destroyed (see _replace_wedged_producer)
+        # replaced producers, never destroyed (see _replace_producer)
         self._abandoned: list[Producer] = []
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
+        self._paused_until = 0.0  # reading waits until then for something unavailable (a registry)
+        self._dependency_wait = 0.0
         self.processed = 0
         super().__init__(**kwargs)
 
@@ -668,6 +683,12 @@ class BatchLoop(mode.Service):
                     self._abort_and_rewind(f"outputs not acknowledged for {HOLD_LIMIT_S:.0f} s")
                 await asyncio.sleep(0.05 if self._holding else 0)
                 continue
+            if self._paused_until:  # records wait for something unavailable (`_read_again_later`)
+                if time.monotonic() < self._paused_until:
+                    self._commit()
+                    await asyncio.sleep(0.05)
+                    continue
+                self._paused_until = 0.0
             wanted = self.topics()
             if wanted != self._subscribed:
                 self._resubscribe(wanted)
@@ -690,6 +711,8 @@ class BatchLoop(mode.Service):
                 await asyncio.sleep(0.002)
                 continue
             self.process(msgs)
+            if not self._paused_until:
+                self._dependency_wait = 0.0  # (what was unavailable is back)
             self._commit()
             self._check_step(started, len(msgs))
             await asyncio.sleep(0)  # let Faust agents (e.g. a model swap) run between batches
@@ -814,7 +837,9 @@ class BatchLoop(mode.Service):
         except KafkaException as exc:
             err = kafka_error(exc)
             if err is None or err.fatal():
-                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+                self._replace_failed_producer(err, exc)
+                self._abort_pending = False  # the new producer aborted the open transaction
+                return True
             if err.code() == KafkaError._CONFLICT:
                 return self._commit_resumed(timeout_s)
             if err.code() != KafkaError._STATE:  # (_STATE: no transaction open, nothing to abort)
@@ -834,7 +859,9 @@ class BatchLoop(mode.Service):
         except KafkaException as exc:
             err = kafka_error(exc)
             if err is None or err.fatal():
-                raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+                self._replace_failed_producer(err, exc)
+                self._abort_pending = False  # the new producer aborted the open transaction
+                return True
             log.warning("%s: the given-up transaction has not ended yet (%s); trying again", self.name, err)
             return False  # still going (retriable), or failed and to be aborted by the next call
         log.warning("%s: the given-up transaction committed after all (the rewind restores it)", self.name)
@@ -874,6 +901,11 @@ class BatchLoop(mode.Service):
                 log.warning("%s: consume error %s", self.name, err)
         if not good:
             return
+        try:
+            prefetch_writers([m.value() for m in good])  # (nothing without a schema registry)
+        except DependencyUnavailableError as exc:
+            self._read_again_later(good, exc)
+            return
         self._begin()  # offsets of records without outputs still commit inside the transaction
         self._produce_all(self._handle(interleave(good) if self._aligned is not None else good))
         positions = self._positions
@@ -886,6 +918,30 @@ class BatchLoop(mode.Service):
             EVENTS_IN.labels(self.name, topic, topic.split(".")[-2] if topic.count(".") >= 2 else "").inc(n)
         self.processed += len(good)
         BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+
+    def _read_again_later(self, msgs: list[Message], why: BaseException) -> None:
+        """Records that need something unavailable now (a writer schema while the registry is away) are
+        neither handled nor dead-lettered: their partitions go back to the first of them, and reading
+        pauses (0.5 s, doubling up to 5 s while it lasts). Nothing was handled, so no state changed."""
+        first: dict[tuple[str, int], int] = {}
+        for msg in msgs:
+            tp = (msg.topic() or "", msg.partition() or 0)
+            first[tp] = min(first.get(tp, msg.offset() or 0), msg.offset() or 0)
+        assert self._consumer is not None
+        for (topic, partition), offset in first.items():
+            self._buffers.pop((topic, partition), None)  # (read again from there too)
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # e.g. revoked meanwhile: its next owner reads it
+                log.warning("%s: cannot go back to %s[%d]@%d: %s", self.name, topic, partition, offset, exc)
+        self._dependency_wait = min(DEPENDENCY_WAIT_MAX_S, max(DEPENDENCY_WAIT_S, self._dependency_wait * 2))
+        self._paused_until = time.monotonic() + self._dependency_wait
+        ERRORS.labels(self.name, "dependency_unavailable").inc()
+        now = time.monotonic()
+        if now - self._last_hold_log >= 5.0:
+            self._last_hold_log = now
+            wait = self._dependency_wait
+            log.warning("%s: %d records wait (read again in %.1f s): %s", self.name, len(msgs), wait, why)
 
     def _handle(self, msgs: list[Message]) -> list[Output]:
         """The handler's outputs; if it fails on the batch, each record alone, and a record that still
@@ -1072,9 +1128,8 @@ class BatchLoop(mode.Service):
             if err is not None and not err.fatal():  # abortable (e.g. timed out on the broker's side)
                 self._abort_and_rewind(f"transaction failed: {err}")
                 return True
-            # A fatal producer error (fenced by another process with this transactional id): this process
-            # must not write again.
-            raise StreamMLError(f"{self.name}: transaction failed: {err or exc}") from exc
+            self._replace_failed_producer(err, exc)  # (raises if another process fenced this one)
+            return True
         self._in_txn = False
         self._offsets_sent = False
         self._delivery_errors.clear()  # (a failed delivery would have failed the commit)
@@ -1121,15 +1176,25 @@ class BatchLoop(mode.Service):
         waited = time.monotonic() - self._offsets_call_since
         if waited < TXN_CALL_WEDGED_S or self._closing:
             return False
-        self._replace_wedged_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s")
+        self._replace_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s: wedged")
         return True
 
-    def _replace_wedged_producer(self, why: str) -> None:
-        """A new transactional producer with the same transactional.id: initialising it fences the wedged
+    def _replace_failed_producer(self, err: KafkaError | None, exc: BaseException) -> None:
+        """A fatal transactional error. Fenced (another producer with this transactional id, or no right
+        to use it): this process must not write again, raised. Any other (librdkafka's transaction state
+        machine gave up, e.g. INVALID_TXN_STATE on an abort after the broker timed the transaction out): a
+        new producer with the same id, as for a wedged one; the loop goes back to the committed input."""
+        if err is None or err.code() in _FENCED:
+            raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
+        self._replace_producer(f"it failed: {err}", "producer_failed")
+
+    def _replace_producer(self, why: str, metric: str = "producer_wedged") -> None:
+        """A new transactional producer with the same transactional.id: initialising it fences the old
         one (the broker aborts its open transaction), and the loop goes back to the committed input. The
-        old producer is kept referenced for good: destroying it could block on the call that hangs."""
-        ERRORS.labels(self.name, "producer_wedged").inc()
-        log.error("%s: the transactional producer is wedged (%s); replacing it", self.name, why)
+        old producer is kept referenced for good: destroying a wedged one could block on the call that
+        hangs."""
+        ERRORS.labels(self.name, metric).inc()
+        log.error("%s: replacing the transactional producer (%s)", self.name, why)
         assert self._producer is not None
         self._abandoned.append(self._producer)
         self._producer = make_producer(self.settings, **self._producer_overrides)

@@ -21,7 +21,7 @@ import faust
 from confluent_kafka import Message, TopicPartition
 
 from streamml import metrics
-from streamml.codec import codec_for, decode_raw
+from streamml.codec import codec_for, decode_raw, registry_in_use
 from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
 from streamml.registry import FramedEncoder, Registry, RegistryError
@@ -70,7 +70,10 @@ class Features:
         self.hop_inputs: set[str] = set()  # state input topics that are repartition topics
         self._features = codec_for("FeatureVector")
         self._loopback: dict[tuple[str, int], int] = {}  # handle_through's next offset per partition
-        self.registry = Registry.from_settings(settings)  # reads Confluent-framed raw events
+        # reads Confluent-framed raw events: the process's registry (its schema cache is the one the data
+        # loop fills before a batch is handled), or one of its own when driven directly (tests)
+        shared = registry_in_use()
+        self.registry = shared if isinstance(shared, Registry) else Registry.from_settings(settings)
         # With a registry: each pipeline's vectors in its typed contract, Confluent-framed (by pipeline)
         self.encoders: dict[str, FramedEncoder] = {}
 

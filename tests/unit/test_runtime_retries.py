@@ -15,10 +15,11 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from services.controller import app as controller_app
 from services.learner import app as learner_app
-from streamml import kafka, runtime
+from streamml import codec, kafka, runtime
 from streamml.codec import codec_for
-from streamml.errors import StreamMLError
+from streamml.errors import DependencyUnavailableError, StreamMLError
 from streamml.pipelines import load_file, to_definition
+from streamml.registry import Registry, RegistryUnavailableError
 from streamml.runtime import BatchLoop, Outbox, Output, commit_can_wait, is_permanent, is_retriable
 from streamml.settings import Settings
 from streamml.topics import Catalogue
@@ -796,3 +797,99 @@ def test_metadata_is_asked_again_while_a_bootstrap_broker_is_down_but_not_for_ot
     late = FlakyAdmin(*[KafkaError(KafkaError._TRANSPORT)] * 100)
     with pytest.raises(KafkaException):
         kafka.list_topics(late, time.monotonic() + 0.3)  # type: ignore[arg-type]
+
+
+# -- a schema registry away: framed records wait, never dead-lettered --------------------------------------
+
+
+class SeekConsumer(FakeConsumer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeks: list[tuple[str, int, int]] = []
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+
+class AwayRegistry:
+    """The process's registry as the codec sees it: away for `away` prefetches, then answering."""
+
+    def __init__(self, away: int) -> None:
+        self.away = away
+        self.asked: list[list[bytes | None]] = []
+
+    def prefetch(self, values: Any) -> None:
+        self.asked.append(list(values))
+        if self.away > 0:
+            self.away -= 1
+            raise RegistryUnavailableError("registry http://127.0.0.1:1 unreachable")
+
+
+def test_records_needing_an_unreachable_registry_are_read_again_later_not_dead_lettered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = AwayRegistry(away=2)
+    monkeypatch.setattr(codec, "_registry", registry)
+    producer, consumer = FakeProducer(lambda *_: None), SeekConsumer()
+    loop = data_loop(settings, producer, consumer)
+    framed = b"\x00\x00\x00\x00\x07body"
+    batch = [
+        FakeMessage("in", framed, 5),
+        FakeMessage("in", framed, 6),
+        FakeMessage("in", b"x", 3, partition=1),
+    ]
+    loop.process(batch)  # type: ignore[arg-type]
+    assert producer.queue == [] and loop._positions == {}  # nothing handled, nothing to commit past
+    assert consumer.seeks == [("in", 0, 5), ("in", 1, 3)] and loop._paused_until > time.monotonic()
+    first_wait = loop._dependency_wait
+    loop.process(batch)  # type: ignore[arg-type]
+    assert loop._dependency_wait == 2 * first_wait  # still away: waits longer
+    loop.process(batch)  # type: ignore[arg-type]  # back: handled as usual
+    assert [v for _t, v, _k, _cb in producer.queue] == [framed, framed, b"x"]
+    assert loop._positions == {("in", 0): 7, ("in", 1): 4}
+
+
+def test_registry_prefetch_raises_unavailable_only_for_ids_it_has_not_cached(settings: Settings) -> None:
+    away = Registry(settings.model_copy(update={"schema_registry_url": "http://127.0.0.1:1"}), timeout_s=0.5)
+    away.remember(
+        7, {"type": "record", "name": "R", "fields": []}, {"type": "record", "name": "R", "fields": []}
+    )
+    away.prefetch([b"\x00\x00\x00\x00\x07body", b"{}", None, b"\x00\x00"])  # cached, JSON, null, too short
+    with pytest.raises(RegistryUnavailableError, match="unreachable"):
+        away.prefetch([b"\x00\x00\x00\x00\x08body"])
+    with pytest.raises(DependencyUnavailableError):
+        away.writer(8)  # and not cached as unknown: asked again next time
+
+
+class FreshProducer(TxnFakeProducer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.initialised = False
+
+    def init_transactions(self, _timeout: float = 0) -> None:
+        self.initialised = True
+
+
+def test_a_fatal_abort_replaces_the_producer_unless_another_process_fenced_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """librdkafka answered an abort (the broker had timed the transaction out) with a fatal INVALID_TXN_STATE
+    in a local e2e run, and the features instance exited. A new producer with the same transactional id
+    aborts what is open, and the loop goes back to the committed input. A fence is never fought."""
+    fresh = FreshProducer()
+    monkeypatch.setattr(runtime, "make_producer", lambda *_a, **_k: fresh)
+    failed = TxnFakeProducer()
+    failed.abort_errors = [KafkaError(KafkaError.INVALID_TXN_STATE, "invalid state", fatal=True)]
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, failed, consumer)
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    loop._abort_and_rewind("outputs not acknowledged")
+    assert loop._producer is fresh and fresh.initialised and loop._abandoned == [failed]
+    assert not loop._abort_pending and consumer.unsubscribed and "commit" not in failed.calls
+
+    fenced = TxnFakeProducer()
+    fenced.abort_errors = [KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)]
+    loop = eos_loop(settings, fenced, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    with pytest.raises(StreamMLError, match="fenced"):
+        loop._abort_and_rewind("outputs not acknowledged")
