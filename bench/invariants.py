@@ -343,11 +343,22 @@ class AlertCount:
     records: int  # alert records of the kind
     distinct: int  # distinct alert ids among them
     duplicates: int  # records beyond `expected` (a replayed alert, or a second detector firing)
+    lineages: list[tuple[Any, Any]] = field(default_factory=list)  # (model, version) each alert is about
+
+    @property
+    def one_per_lineage(self) -> bool:
+        """No served lineage alerted twice and no alert record repeated: a second writer or a replay would
+        break it; a later detection on another model (a retrained challenger) does not."""
+        return len(set(self.lineages)) == len(self.lineages) == self.distinct
 
 
 def count_alerts(alerts: Iterable[Record], kind: str = "CONCEPT", expected: int = 1) -> AlertCount:
     of_kind = [a for a in alerts if a["kind"] == kind]
-    return AlertCount(len(of_kind), len({a["alert_id"] for a in of_kind}), max(0, len(of_kind) - expected))
+    lineages = [(a.get("model_name"), a.get("model_version")) for a in of_kind]
+    return AlertCount(
+        len(of_kind), len({a["alert_id"] for a in of_kind}), max(0, len(of_kind) - expected),
+        lineages=lineages,
+    )  # fmt: skip
 
 
 @dataclass
@@ -360,6 +371,8 @@ class LoopOutcome:
     challenger: tuple[str, int] | None  # the model and version put in shadow, if exactly one was
     verdict: str | None  # PROMOTE or DISCARD of that challenger, if exactly one was made
     in_order: bool  # the challenger's SHADOW precedes its verdict on the promotions topic
+    # every challenger put in shadow once and given at most one verdict, after it; the first one judged
+    each_once: bool = False
 
     @property
     def completed_once(self) -> bool:
@@ -389,7 +402,21 @@ def loop_outcome(
         challenger=challenger if len(shadows) == 1 else None,
         verdict=str(about[0][1]["action"]) if len(about) == 1 else None,
         in_order=bool(shadows and about and shadows[0][0] < about[0][0]),
+        each_once=_each_loop_once(shadows, verdicts),
     )
+
+
+def _each_loop_once(shadows: list[tuple[int, Record]], verdicts: list[tuple[int, Record]]) -> bool:
+    """Every challenger shadowed once and judged at most once, after its SHADOW; the first one judged (a
+    later one may still be in shadow when the stream ends); no verdict about a challenger never shadowed."""
+    shadowed = [(str(p["model_name"]), int(p["version"])) for _, p in shadows]
+    if not shadows or len(set(shadowed)) != len(shadowed):
+        return False
+    when = dict(zip(shadowed, (i for i, _ in shadows), strict=True))
+    judged = [((str(p["model_name"]), int(p["version"])), i) for i, p in verdicts]
+    if len({m for m, _ in judged}) != len(judged) or shadowed[0] not in {m for m, _ in judged}:
+        return False
+    return all(m in when and i > when[m] for m, i in judged)
 
 
 # -- stalls ------------------------------------------------------------------------------------------------

@@ -80,15 +80,24 @@ def test_two_instances_of_every_service_survive_kills_and_a_broker_restart(
         f"served versions went back {served.regressions} times, e.g. "
         f"(partition, offset, model, version, after) {served.examples}",
     )
+    # One CONCEPT alert per served lineage, each answered by one training request and one loop. The drift
+    # is gradual (River's ConceptDriftStream, width 1000): a challenger retrained at its first detection
+    # learns a mix of both concepts, and its error can rise again as the drift completes: a second, true
+    # detection on another lineage (seen in 3 of 21 local runs). A second writer or a replay would alert
+    # twice on one lineage, or repeat a request, answer or decision.
     concept = d["concept"]
-    expect(concept.records == 1, f"{concept.records} CONCEPT alerts for one drift ({concept.distinct} ids)")
+    expect(
+        1 <= concept.records <= 2 and concept.one_per_lineage and concept.lineages[0][0] == "online",
+        f"{concept.records} CONCEPT alerts ({concept.distinct} ids) on lineages {concept.lineages}",
+    )
     loop = d["loop"]
-    expect(loop.requests == 1, f"{loop.requests} training requests for one drift")
+    alerts = concept.records
+    expect(loop.requests == alerts, f"{loop.requests} training requests for {alerts} CONCEPT alerts")
     expect(loop.answered_twice == 0, f"{loop.answered_twice} requests answered more than once")
     expect(
-        loop.completed_once,
-        f"loop not completed once: {loop.shadows} SHADOW, {loop.verdicts} verdicts "
-        f"by the controller (challenger {loop.challenger}, verdict {loop.verdict})",
+        loop.each_once and loop.shadows <= alerts,
+        f"loops: {loop.shadows} SHADOW, {loop.verdicts} verdicts by the controller (each challenger once, "
+        "the first judged)",
     )
     expect(not d["stuck"], f"partitions a read_committed reader cannot read to the end: {d['stuck']}")
     expect(not d["dead"], f"instances dead at the end: {d['dead']}")

@@ -253,3 +253,28 @@ def test_takeover_counts_only_slots_the_stopped_instance_wrote_a_pipeline_for() 
     assert inv.takeover(claims, "controller", "1", 160.0) == 10.0
     assert inv.takeover(claims, "controller", "0", 200.0) == 15.0
     assert inv.takeover(claims, "monitor", "0", 200.0) is None
+
+
+def test_each_loop_once_accepts_a_second_loop_still_in_shadow_and_refuses_repeats() -> None:
+    def p(action: str, version: int) -> dict[str, Any]:
+        return {"action": action, "model_name": "batch", "version": version, "actor": "controller"}
+
+    def each_once(*promotions: dict[str, Any]) -> bool:
+        return inv.loop_outcome([], [], list(promotions)).each_once
+
+    assert each_once(p("SHADOW", 1), p("PROMOTE", 1), p("SHADOW", 2))  # the second still in shadow
+    assert each_once(p("SHADOW", 1), p("DISCARD", 1), p("SHADOW", 2), p("PROMOTE", 2))
+    assert not each_once(p("SHADOW", 1), p("PROMOTE", 1), p("PROMOTE", 1))  # judged twice
+    assert not each_once(p("SHADOW", 1), p("SHADOW", 1), p("PROMOTE", 1))  # shadowed twice
+    assert not each_once(p("PROMOTE", 1), p("SHADOW", 1))  # judged before its shadow
+    assert not each_once(p("SHADOW", 1), p("SHADOW", 2), p("PROMOTE", 2))  # the first never judged
+    assert not each_once()
+
+
+def test_concept_alerts_one_per_lineage() -> None:
+    def alert(alert_id: str, model: str, version: int) -> dict[str, Any]:
+        return {"kind": "CONCEPT", "alert_id": alert_id, "model_name": model, "model_version": version}
+
+    assert inv.count_alerts([alert("a", "online", 2), alert("b", "batch", 1)]).one_per_lineage
+    assert not inv.count_alerts([alert("a", "online", 2), alert("b", "online", 2)]).one_per_lineage
+    assert not inv.count_alerts([alert("a", "online", 2), alert("a", "batch", 1)]).one_per_lineage
