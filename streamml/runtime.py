@@ -837,9 +837,7 @@ class BatchLoop(mode.Service):
         except KafkaException as exc:
             err = kafka_error(exc)
             if err is None or err.fatal():
-                self._replace_failed_producer(err, exc)
-                self._abort_pending = False  # the new producer aborted the open transaction
-                return True
+                return self._replace_failed_producer(err, exc)
             if err.code() == KafkaError._CONFLICT:
                 return self._commit_resumed(timeout_s)
             if err.code() != KafkaError._STATE:  # (_STATE: no transaction open, nothing to abort)
@@ -859,9 +857,7 @@ class BatchLoop(mode.Service):
         except KafkaException as exc:
             err = kafka_error(exc)
             if err is None or err.fatal():
-                self._replace_failed_producer(err, exc)
-                self._abort_pending = False  # the new producer aborted the open transaction
-                return True
+                return self._replace_failed_producer(err, exc)
             log.warning("%s: the given-up transaction has not ended yet (%s); trying again", self.name, err)
             return False  # still going (retriable), or failed and to be aborted by the next call
         log.warning("%s: the given-up transaction committed after all (the rewind restores it)", self.name)
@@ -1128,8 +1124,7 @@ class BatchLoop(mode.Service):
             if err is not None and not err.fatal():  # abortable (e.g. timed out on the broker's side)
                 self._abort_and_rewind(f"transaction failed: {err}")
                 return True
-            self._replace_failed_producer(err, exc)  # (raises if another process fenced this one)
-            return True
+            return self._replace_failed_producer(err, exc)  # (raises if another process fenced this one)
         self._in_txn = False
         self._offsets_sent = False
         self._delivery_errors.clear()  # (a failed delivery would have failed the commit)
@@ -1179,7 +1174,7 @@ class BatchLoop(mode.Service):
         self._replace_producer(f"send_offsets_to_transaction has not returned for {waited:.0f} s: wedged")
         return True
 
-    def _replace_failed_producer(self, err: KafkaError | None, exc: BaseException) -> None:
+    def _replace_failed_producer(self, err: KafkaError | None, exc: BaseException) -> bool:
         """A fatal transactional error. Fenced (another producer with this transactional id, or no right
         to use it): this process must not write again, raised. Any other (librdkafka's transaction state
         machine gave up, e.g. INVALID_TXN_STATE on an abort after the broker timed the transaction out): a
@@ -1187,6 +1182,8 @@ class BatchLoop(mode.Service):
         if err is None or err.code() in _FENCED:
             raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
         self._replace_producer(f"it failed: {err}", "producer_failed")
+        self._abort_pending = False  # the new producer aborted what was open
+        return True
 
     def _replace_producer(self, why: str, metric: str = "producer_wedged") -> None:
         """A new transactional producer with the same transactional.id: initialising it fences the old

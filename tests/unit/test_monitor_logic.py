@@ -211,6 +211,16 @@ def test_exported_versions_are_the_live_and_shadow_ones() -> None:
     assert len(pm.versions) <= 5, "only recent versions keep metric state"
 
 
+def feed_error_rise(
+    stream: Stream, rng: random.Random, change: int, before: float, after: float = 0.5
+) -> None:
+    """`change` events at error rate `before`, then 1000 at `after` (binary labels, a fixed probability)."""
+    for i in range(change + 1000):
+        error_rate = before if i < change else after
+        y = rng.random() < 0.5
+        stream.event({}, y, y if rng.random() >= error_rate else not y, {"True": 0.8, "False": 0.2})
+
+
 # -- concept drift -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("detector", "name"),
@@ -225,10 +235,7 @@ def test_concept_detector_fires_on_an_abrupt_error_rate_rise(detector: str, name
     pm = PipelineMonitor(definition(concept_detector=detector))
     stream = Stream(pm)
     change = 3000
-    for i in range(change + 1000):
-        error_rate = 0.05 if i < change else 0.5
-        y = rng.random() < 0.5
-        stream.event({}, y, y if rng.random() >= error_rate else not y, {"True": 0.8, "False": 0.2})
+    feed_error_rise(stream, rng, change, before=0.05)
     alerts = stream.alerts("CONCEPT")
     detected = [a["window"][-1]["end_offset"] - 1 for a in alerts]  # the labelled events that fired
     if detector != "DDM":  # DDM is known to raise false alarms on a stationary stream; the others don't
@@ -335,15 +342,12 @@ def test_late_predictions_of_a_replaced_version_stay_out_of_the_score_watch() ->
 
 def test_the_retraining_slice_of_a_concept_alert_is_the_new_concept_not_the_whole_detector_window() -> None:
     """ADWIN held 3,000 errors of the old level when it fired: the slice is the part it keeps after its cut
-    (at least MIN_RETRAIN_EVENTS), so a model retrained on it learns the new concept."""
+    (at least MIN_RETRAIN_EVENTS), not the whole window of the old concept."""
     rng = random.Random(3)
     pm = PipelineMonitor(definition(concept_detector="ADWIN"))
     stream = Stream(pm)
     change = 3000
-    for i in range(change + 1000):
-        error_rate = 0.02 if i < change else 0.5
-        y = rng.random() < 0.5
-        stream.event({}, y, y if rng.random() >= error_rate else not y, {"True": 0.8, "False": 0.2})
+    feed_error_rise(stream, rng, change, before=0.02)
     alert = stream.alerts("CONCEPT")[0]
     (window,) = alert["window"]
     fired = window["end_offset"] - 1
