@@ -898,7 +898,7 @@ class BatchLoop(mode.Service):
         if not good:
             return
         try:
-            prefetch_writers([m.value() for m in good])  # (nothing without a schema registry)
+            prefetch_writers(m.value() for m in good)  # (returns at once without a schema registry)
         except DependencyUnavailableError as exc:
             self._read_again_later(good, exc)
             return

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as RequestError
 
 from streamml import limits, metrics
-from streamml.codec import AvroCodec, check_fields, codec_for
+from streamml.codec import check_fields, codec_for
 from streamml.contracts import generic_contract
 from streamml.errors import StreamMLError, ValidationError
 from streamml.httpauth import api_token, authorized
@@ -88,7 +88,7 @@ class Predictor:
         # their topic's subject, by topic; topics without one (no registry, or it could not be reached when
         # the pipeline loaded) keep the single-object encoding, which every StreamML reader also reads.
         self.schema_registry = SchemaRegistry.from_settings(settings)
-        self.prediction_encoders: dict[str, FramedEncoder | AvroCodec] = {}
+        self.prediction_encoders: dict[str, FramedEncoder] = {}
 
     # -- control topics -------------------------------------------------------------------------------
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
