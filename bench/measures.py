@@ -474,12 +474,11 @@ def learner_service(
     dep.publish_pipeline(definition)
     produce_all(make_producer(dep.settings, **{"linger.ms": 20}), dep.features_topic, records)
     n = len(records)
-    snapshots = n // every
     with dep.services("learner") as stack:
         svc = stack.services["learner"]
         with maybe_spy(profile_dir, "learner", svc.pid) as spy:
-            meter = DrainMeter(svc.pid or 0, scale=every)
-            dep.wait_count(dep.versions_topic, snapshots, 240, stack, meter.poll)
+            meter = DrainMeter(svc.pid or 0)
+            _follow_learning(dep, n, stack, meter.poll)
         profiles = [spy.path] if spy and spy.path else []
     codec = codec_for("ModelVersion")
     versions = [codec.decode(m.value() or b"") for m in read_to_end(dep.settings, dep.versions_topic)]
@@ -496,6 +495,34 @@ def learner_service(
         },
         profiles,
     )
+
+
+def _follow_learning(dep: Deployment, n: int, stack: Any, on_progress: Callable[[int], None]) -> None:
+    """Until the learner has published a version with all n events learned, reporting its progress (the
+    events_seen of each new version) to `on_progress`. Counted from the records: with exactly-once each
+    version's transaction adds a commit marker, so the topic's offsets count every version twice."""
+    codec = codec_for("ModelVersion")
+    consumer = make_consumer(
+        dep.settings, f"{dep.prefix}-cli-bench-versions",
+        **{"auto.offset.reset": "earliest", "enable.auto.commit": False, "isolation.level": "read_committed"},
+    )  # fmt: skip
+    consumer.subscribe([dep.versions_topic])
+    seen, deadline = 0, time.monotonic() + 240
+    try:
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{dep.versions_topic}: {seen:,} of {n:,} events learned after 240 s")
+            for name, svc in stack.services.items():
+                if not svc.alive():
+                    raise RuntimeError(f"{name} died: {stack.tail(name)}")
+            for msg in consumer.consume(100, 0.25):
+                if msg.error() is None and msg.value():
+                    version = codec.decode(msg.value() or b"")
+                    if version["model_name"] == MODEL:
+                        seen = max(seen, int(version["events_seen"]))
+            on_progress(seen)
+    finally:
+        consumer.close()
 
 
 def river_inprocess(vectors: Sequence[dict[str, Any]], estimator: str) -> Measured:
