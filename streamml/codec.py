@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from streamml import limits
+from streamml import limits, unions
 from streamml.errors import DecodeError, SchemaError
 from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
@@ -35,6 +35,7 @@ class AvroCodec:
         self.schema = get_schema(schema) if isinstance(schema, str) else schema
         self.header = MAGIC + self.schema.fingerprint
         self._parsed = self.schema.parsed
+        self._hint = unions.hinter(self._parsed)  # union branches named up front (see streamml.unions)
         # Earlier versions of this record type, by fingerprint: records already on the topics (a compacted
         # topic keeps them for ever) or written by an instance not yet upgraded.
         self._earlier = {fp: s.parsed for fp, s in schema_history().items() if s.name == self.schema.name}
@@ -43,7 +44,7 @@ class AvroCodec:
         buf = io.BytesIO()
         buf.write(self.header)
         try:
-            schemaless_writer(buf, self._parsed, record)
+            schemaless_writer(buf, self._parsed, record if self._hint is None else self._hint(record))
         except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
             raise SchemaError(f"record does not fit schema {self.schema.name}: {exc}") from exc
         return buf.getvalue()

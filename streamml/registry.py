@@ -24,7 +24,7 @@ import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from streamml import limits
+from streamml import limits, unions
 from streamml.contracts import ORIGINAL_NAME, Contract
 from streamml.errors import DecodeError, DependencyUnavailableError, SchemaError, StreamMLError
 from streamml.schemas import strip_logical_types
@@ -285,11 +285,14 @@ class FramedEncoder:
         self._parsed = contract.parsed
         # definition name → Avro name of the features that were renamed (usually none)
         self._rename = {orig: avro for avro, orig in _renamed_features(contract.schema).items()}
+        self._hint = unions.hinter(self._parsed)  # union branches named up front (see streamml.unions)
 
     def encode(self, record: dict[str, Any]) -> bytes:
         if self._rename:
             renamed = {self._rename.get(k, k): v for k, v in record["features"].items()}
             record = {**record, "features": renamed}
+        if self._hint is not None:
+            record = self._hint(record)
         buf = io.BytesIO()
         buf.write(self._header)
         try:
