@@ -27,6 +27,8 @@ _FALSE = {"false", "0", "no", "f", "n"}
 _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 # Numbers beyond this are refused: sums over a 100,000-event window and models' squares stay finite.
 MAX_MAGNITUDE = 1e100
+# Labels (type and value) a feature vector check remembers as valid: the classes of a classification task
+LABELS_REMEMBERED = 1024
 
 
 def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
@@ -255,28 +257,37 @@ class FeatureEngine:
             if step["output"]:
                 self.kinds[step["output"]] = float
         self.windows = KeyedWindows()
+        self._labels_valid: set[tuple[type, Scalar]] = set()
 
     def check_vector(self, fv: Mapping[str, Any]) -> None:
-        """Raise ValidationError unless a feature vector read from a topic fits this revision."""
+        """Raise ValidationError unless a feature vector read from a topic fits this revision.
+
+        On the hot path of the learner and the predictor: one exact type test and one range test per value
+        (a comparison is false for NaN, so the range test refuses NaN and infinities too)."""
         event_id = fv["event_id"]
         if not event_id or len(event_id) > limits.MAX_EVENT_ID_CHARS:
             raise ValidationError(f"event id must be 1..{limits.MAX_EVENT_ID_CHARS} characters")
         kinds = self.kinds
         for name, value in fv["features"].items():
             kind = kinds.get(name)
-            if kind is None:
-                raise ValidationError(
-                    f"unknown feature {limits.clip(name, 80)!r} for pipeline {self.pipeline}"
-                )
             if type(value) is not kind:
-                raise ValidationError(f"feature {name!r} must be {kind.__name__}, got {type(value).__name__}")
-            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_MAGNITUDE):
-                raise ValidationError(f"feature {name!r} is not a finite number within ±{MAX_MAGNITUDE:g}")
-            if isinstance(value, str) and len(value) > limits.MAX_STRING_CHARS:
+                self._refuse_feature(name, value, kind)
+            if kind is float:
+                if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
+                    raise ValidationError(f"feature {name!r} is not a finite number within ±{MAX_MAGNITUDE:g}")
+            elif len(value) > limits.MAX_STRING_CHARS:
                 raise ValidationError(f"feature {name!r} is longer than {limits.MAX_STRING_CHARS} characters")
         label = fv["label"]
-        if label is not None and coerce_label(self.task, label) != label:
-            raise ValidationError(f"label {limits.clip(repr(label), 80)} does not fit task {self.task}")
+        if label is not None and (typed := (type(label), label)) not in self._labels_valid:
+            if coerce_label(self.task, label) != label:
+                raise ValidationError(f"label {limits.clip(repr(label), 80)} does not fit task {self.task}")
+            if len(self._labels_valid) < LABELS_REMEMBERED:
+                self._labels_valid.add(typed)  # a class found valid once needs no second look
+
+    def _refuse_feature(self, name: str, value: Any, kind: type | None) -> None:
+        if kind is None:
+            raise ValidationError(f"unknown feature {limits.clip(name, 80)!r} for pipeline {self.pipeline}")
+        raise ValidationError(f"feature {name!r} must be {kind.__name__}, got {type(value).__name__}")
 
     def preview(self, raw: Mapping[str, Any], *, now_ms: int) -> dict[str, Any]:
         """The feature vector an event would get now, without changing the per-key windows."""

@@ -627,3 +627,40 @@ def test_trump_example_uses_the_optional_default_and_a_float_label() -> None:
     assert out["features"]["you_gov"] == 0.0
     assert out["features"]["gallup_minus_ipsos"] == -2.5
     assert out["label"] == 43.75
+
+
+def _agrawal_vector() -> tuple[FeatureEngine, dict[str, Any]]:
+    engine = FeatureEngine(to_definition(load_file(REPO / "pipelines" / "agrawal.yaml"), "p.raw").to_avro())
+    fields = {
+        "event_id": "e1", "salary": 50_000.0, "commission": 0.0, "age": 40, "elevel": 2, "car": 3,
+        "zipcode": 7, "hvalue": 90_000.0, "hyears": 10, "loan": 10_000.0, "label": 1,
+    }  # fmt: skip
+    return engine, engine.transform({"fields": fields, "event_time": None}, timestamp_ms=KAFKA_TS, now_ms=NOW)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"salary": math.nan}, "not a finite number"),
+        ({"salary": math.inf}, "not a finite number"),
+        ({"salary": -1e101}, "not a finite number"),
+        ({"salary": 5}, "must be float, got int"),
+        ({"salary": True}, "must be float, got bool"),
+        ({"salary": "5"}, "must be float, got str"),
+        ({"nope": 1.0}, "unknown feature 'nope'"),
+    ],
+)
+def test_a_vector_read_from_a_topic_is_checked_value_by_value(change: dict[str, Any], reason: str) -> None:
+    engine, fv = _agrawal_vector()
+    engine.check_vector(fv)
+    with pytest.raises(ValidationError, match=reason):
+        engine.check_vector({**fv, "features": {**fv["features"], **change}})
+
+
+def test_a_label_found_valid_once_is_remembered_by_type_and_value_only() -> None:
+    engine, fv = _agrawal_vector()  # a BINARY task: labels are bools or 0/1
+    for label in (True, 1, 0, False, True, 1):
+        engine.check_vector({**fv, "label": label})
+    for label in (2, 1.5, "yes", "x" * 10):  # 1 and True were valid; 2 (an int too) and text are not
+        with pytest.raises(ValidationError, match="label"):
+            engine.check_vector({**fv, "label": label})
