@@ -113,6 +113,7 @@ class Catalogue:
         self.partitions = settings.default_partitions
         self.rf = settings.replication_factor
         self.writer_slots = settings.writer_slots
+        self._specs: dict[tuple[str, str, str, int, int], TopicSpec] = {}
 
     # -- global control topics, keyed by pipeline -------------------------------------------------
     def pipelines(self) -> TopicSpec:
@@ -218,12 +219,20 @@ class Catalogue:
     def _data(
         self, pipeline: str, role: str, schema: str, encoding: Encoding, key: str, doc: str
     ) -> TopicSpec:
+        # Services name a pipeline's topics per record: the specs are built once (they are immutable).
+        memo = (pipeline, role, self.prefix, self.partitions, self.rf)
+        spec = self._specs.get(memo)
+        if spec is not None:
+            return spec
         check_pipeline_name(pipeline)
+        if len(self._specs) >= 4096:  # names taken from records: never an unbounded cache
+            self._specs.clear()
         readers, writers = self.DATA_ACCESS[role]
-        return TopicSpec(
+        spec = self._specs[memo] = TopicSpec(
             f"{self.prefix}.{pipeline}.{role}", role, schema, encoding, key, doc, self.partitions, self.rf,
             readers=readers, writers=writers,
         )  # fmt: skip
+        return spec
 
     def raw(self, pipeline: str) -> TopicSpec:
         return self._data(
