@@ -29,6 +29,7 @@ _MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
 MAX_MAGNITUDE = 1e100
 # Labels (type and value) a feature vector check remembers as valid: the classes of a classification task
 LABELS_REMEMBERED = 1024
+MAX_MAG_TEXT = f"{MAX_MAGNITUDE:g}"
 
 
 def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
@@ -274,7 +275,7 @@ class FeatureEngine:
                 self._refuse_feature(name, value, kind)
             if kind is float:
                 if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
-                    raise ValidationError(f"feature {name!r} is not a finite number within ±{MAX_MAGNITUDE:g}")
+                    raise ValidationError(f"feature {name!r} is not a finite number within ±{MAX_MAG_TEXT}")
             elif len(value) > limits.MAX_STRING_CHARS:
                 raise ValidationError(f"feature {name!r} is longer than {limits.MAX_STRING_CHARS} characters")
         label = fv["label"]
