@@ -38,7 +38,7 @@ log = logging.getLogger("bench")
 T = TypeVar("T")
 MEASURES = (
     "passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown", "loop", "stationary",
-    "monitor", "typed",
+    "monitor", "typed", "capacity",
 )  # fmt: skip
 MONITOR_WARMUP = 5000  # events handled untimed before the monitor's throughput is measured
 
@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=5000, help="e2e: raw events per second (default 5000)")
     p.add_argument("--duration", type=float, default=20, help="e2e: measured seconds (default 20)")
     p.add_argument("--warmup", type=float, default=10, help="e2e: seconds at full rate before measuring")
+    p.add_argument(
+        "--capacity-duration", type=float, default=15, help="capacity: measured seconds per rate (default 15)"
+    )
     p.add_argument("--swaps", type=int, default=12, help="promotions during the swap measurement (>= 10)")
     p.add_argument("--swap-interval", type=float, default=1.0, help="seconds between promotions")
     p.add_argument("--swap-rate", type=float, default=2000, help="feature vectors per second during swaps")
@@ -232,6 +235,16 @@ class Bench:
             definition = definition_for(dep, snapshot_every_events=a.snapshot_every)
             return measures.learner_service(dep, definition, records, a.snapshot_every, a.profile_dir)
 
+        def capacity() -> Measured:
+            def run_at(rate: float) -> Measured:
+                dep = self.deployment(f"capacity{rate:.0f}")
+                return measures.e2e_latency(
+                    dep, definition_for(dep), events, one, rate, a.capacity_duration, 5.0, None,
+                    services=measures.CAPACITY_SERVICES,
+                )  # fmt: skip
+
+            return measures.capacity(run_at)
+
         self.measure("passthrough", passthrough)
         self.measure("predictor", predictor)
         self.measure("features", features)
@@ -242,6 +255,7 @@ class Bench:
             river = self.attempt("river", lambda: measures.river_inprocess(vectors, a.estimator))
             if river is not None:
                 self.results["river"] = river
+        self.measure("capacity", capacity)
         if "breakdown" in self.only:
             self.attempt("breakdown", lambda: self.breakdown(one))
         if "typed" in self.only:
@@ -360,6 +374,8 @@ class Bench:
             "passthrough_eps": r(passthrough_eps, 1),
             "predictor_eps": r(predictor_eps, 1),
             "predictor_ratio": r(stats.ratio(predictor_eps, passthrough_eps), 3),
+            "features_eps": r(self.value("features"), 1),
+            "capacity_eps": r(self.value("capacity"), 1),
             "e2e_p50_ms": r(self.value("e2e"), 2),
             "e2e_p99_ms": r(self.value("e2e", "p99"), 2),
             "swap_p50_ms": r(self.value("swap"), 1),
@@ -441,6 +457,12 @@ class Bench:
              "the same vectors in the pipeline's generated contract, Confluent-framed"],
             ["learner, typed vectors (registry)", n(res["learner_typed_eps"]), "events/s",
              f"/ in-process River: {n(res['learner_typed_ratio'], 2)}"],
+            ["capacity: highest raw rate the six services keep up with", n(res["capacity_eps"]), "events/s",
+             "; ".join(
+                 f"{n(st['rate'])}/s: {n(st['received'])}/{n(st['sent'])} predicted, last-half p99 "
+                 f"{n(st['late_p99_ms'])} ms"
+                 for st in (d("capacity", "steps") or [])
+             ) or "n/a"],
         ]  # fmt: skip
         if a.secure:
             rows += [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -285,8 +286,10 @@ def e2e_latency(
     warmup_s: float,
     profile_dir: Path | None,
     broker_pids: Sequence[int] = (),
+    services: Sequence[str] = ("features", "predictor"),
 ) -> Measured:
-    """Raw events at `rate`/s for `duration_s` through the features and predictor services.
+    """Raw events at `rate`/s for `duration_s` through the features and predictor services (or all of
+    `services`: the capacity measure runs the six).
 
     Also meters the CPU each process uses meanwhile: the 2-core machine must fit all of them.
     """
@@ -326,7 +329,7 @@ def e2e_latency(
             producer.produce(raw_topic, value, key)
 
     pacer = Pacer(producer, rate)
-    with dep.services("features", "predictor") as stack:
+    with dep.services(*services) as stack:
         probe.start()
         try:
             if not parent.poll(60) or parent.recv() != "ready":
@@ -399,6 +402,57 @@ def e2e_latency(
 
 
 # -- model swap latency -----------------------------------------------------------------------------------
+# Capacity: raw rates tried in turn (events/s) until the system falls behind, and what falling behind is.
+CAPACITY_RATES = (2_000, 3_000, 4_000, 6_000, 8_000, 10_000)
+CAPACITY_SERVICES = ("features", "predictor", "learner", "monitor", "controller", "trainer")
+CAPACITY_LAG_MS = 2_000.0
+
+
+@dataclass(frozen=True)
+class CapacityStep:
+    rate: float
+    achieved: float
+    sent: int
+    received: int
+    late_p99_ms: float
+
+    @property
+    def keeps_up(self) -> bool:
+        """Every measured event predicted, the last half within CAPACITY_LAG_MS, and the load generator
+        able to offer the rate (on 2 shared cores it may not be)."""
+        return (
+            self.received >= self.sent
+            and self.late_p99_ms <= CAPACITY_LAG_MS
+            and self.achieved >= 0.95 * self.rate
+        )
+
+
+def capacity(run_at: Callable[[float], Measured], rates: Sequence[float] = CAPACITY_RATES) -> Measured:
+    """The highest raw rate (of `rates`, tried upwards) the whole system keeps up with: `run_at(rate)` runs
+    the six services on a fresh deployment at that rate (an e2e_latency measure). Stops at the first rate
+    it does not keep up with; the value is the achieved rate of the last one it did (0 if none)."""
+    steps: list[CapacityStep] = []
+    for rate in rates:
+        try:
+            d = run_at(rate).details
+        except Exception:  # e.g. no measured prediction at all: that rate is not kept up with
+            log.exception("capacity: the run at %s events/s failed", f"{rate:,.0f}")
+            d = {}
+        late = d.get("late_p99")
+        step = CapacityStep(
+            rate, float(d.get("achieved_rate") or 0.0), int(d.get("sent") or 0), int(d.get("received") or 0),
+            float("inf") if late is None or math.isnan(late) else float(late),
+        )  # fmt: skip
+        steps.append(step)
+        log.info("capacity: %s/s offered, %s/s achieved, %d/%d predicted, last-half p99 %.0f ms: %s",
+                 f"{rate:,.0f}", f"{step.achieved:,.0f}", step.received, step.sent, step.late_p99_ms,
+                 "keeps up" if step.keeps_up else "falls behind")  # fmt: skip
+        if not step.keeps_up:
+            break
+    kept = [s.achieved for s in steps if s.keeps_up]
+    return Measured(max(kept, default=0.0), {"steps": [s.__dict__ for s in steps]})
+
+
 def swap_latency(
     dep: Deployment,
     definition: dict[str, Any],

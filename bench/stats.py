@@ -241,6 +241,10 @@ def targets(result: Mapping[str, float | None]) -> list[Target]:
         at_most("e2e_p99_ms", "e2e p99 <= 100 ms at 5k events/s", result.get("e2e_p99_ms"), 100.0),
         at_most("swap_p99_ms", "swap p99 <= 1 s", result.get("swap_p99_ms"), 1000.0),
         at_least("learner_ratio", "learner >= 0.7 x in-process River", result.get("learner_ratio"), 0.7),
+        # issue 11 (typed contracts and a data path twice as fast)
+        at_least("predictor_eps_40k", "predictor >= 40,000 events/s", result.get("predictor_eps"), 40_000),
+        at_least("features_eps", "features >= 40,000 events/s", result.get("features_eps"), 40_000),
+        at_least("capacity_eps", "system keeps up with >= 8,000 events/s", result.get("capacity_eps"), 8_000),
         # An alert before the drift is a false alarm, not a fast detection: the delay must be >= 0.
         between(
             "drift_delay_events",

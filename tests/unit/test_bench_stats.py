@@ -91,10 +91,15 @@ def test_targets_are_checked_against_the_issue_bounds() -> None:
         "drift_delay_events": 500,
         "recovery_gap_pts": 2.01,
         "false_alarms_stationary": 0,
+        "features_eps": 40_000.0,
+        "capacity_eps": 7_999.0,
     }
     met = {t.name: t.met for t in stats.targets(result)}
     assert met == {
         "predictor_eps": True,
+        "predictor_eps_40k": False,  # issue 11's bound on the same measure
+        "features_eps": True,
+        "capacity_eps": False,
         "predictor_ratio": False,
         "e2e_p99_ms": True,  # the bound itself meets "<= 100 ms"
         "swap_p99_ms": False,
@@ -224,3 +229,27 @@ def test_serve_stream_serves_each_event_once_with_a_version_that_never_learned_i
         k for k, (role, offset, _) in enumerate(served.items) if role == "features" and offset == 200
     )
     assert served.index_of_event(10_000) == len(served.items)
+
+
+def test_capacity_is_the_last_rate_kept_up_with_and_stops_at_the_first_it_is_not() -> None:
+    from bench import measures
+
+    tried: list[float] = []
+
+    def run_at(rate: float) -> measures.Measured:
+        tried.append(rate)
+        if rate == 3_000:  # the run itself failed: that rate is not kept up with
+            raise TimeoutError("no prediction")
+        late = 900.0 if rate < 2_500 else 2_500.0
+        return measures.Measured(
+            0.0, {"achieved_rate": rate * 0.99, "sent": 100, "received": 100, "late_p99": late}
+        )
+
+    got = measures.capacity(run_at, rates=(1_000, 2_000, 3_000, 4_000))
+    assert tried == [1_000, 2_000, 3_000] and got.value == 1_980.0
+    assert [s["rate"] for s in got.details["steps"]] == [1_000, 2_000, 3_000]
+
+    def lossy(rate: float) -> measures.Measured:  # fast, but not every event predicted
+        return measures.Measured(0.0, {"achieved_rate": rate, "sent": 100, "received": 99, "late_p99": 10.0})
+
+    assert measures.capacity(lossy, rates=(1_000, 2_000)).value == 0.0
