@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 ACTOR = "controller"
 
 Ranges = list[dict[str, Any]]
+# recent(n, alert): the offset ranges to retrain on (see retraining_ranges)
+Recent = Callable[[int, Mapping[str, Any] | None], Ranges]
 
 
 @dataclass
@@ -30,6 +33,46 @@ class LoopState:
     challenger: tuple[str, int] | None = None
     champion: tuple[str, int] | None = None
     decided: set[tuple[str, int]] = field(default_factory=set)
+
+
+# The retraining slice holds at most this many times `retrain_window_events` (a controller that was away
+# long finds much more post-drift data than it asked for).
+MAX_SLICE_FACTOR = 4
+
+
+def retraining_ranges(
+    topic: str, marks: Mapping[int, tuple[int, int]], n: int, alert: Mapping[str, Any] | None
+) -> Ranges:
+    """The slice a drift alert's retraining learns from: in each partition of the features topic, the
+    events after the alert's detection point in that partition (the end of the alert's window there),
+    up to the partition's end now.
+
+    Per partition, not n / partitions of each: a keyed topic's partitions fill at different rates (one
+    holding one key, another four), and the last n / partitions events of a slow partition reach back
+    before the drift, teaching the challenger the old concept again. A partition the alert's window does
+    not name falls back to its share of n. More than MAX_SLICE_FACTOR * n events in all are cut back in
+    proportion to each partition's part, keeping the newest.
+    """
+    since = {
+        int(r["partition"]): int(r["end_offset"])
+        for r in (alert or {}).get("window") or []
+        if r.get("topic") == topic
+    }
+    share = math.ceil(n / max(1, len(marks)))
+    starts = {
+        p: min(high, max(low, since[p] if p in since else high - share))
+        for p, (low, high) in marks.items()
+    }
+    total = sum(high - starts[p] for p, (_low, high) in marks.items())
+    cap = MAX_SLICE_FACTOR * n
+    if total > cap:
+        for p, (_low, high) in marks.items():
+            starts[p] = max(starts[p], high - math.ceil(cap * (high - starts[p]) / total))
+    return [
+        {"topic": topic, "partition": p, "start_offset": starts[p], "end_offset": high}
+        for p, (_low, high) in sorted(marks.items())
+        if high > starts[p]
+    ]
 
 
 def open_work(st: LoopState) -> dict[str, Any]:
@@ -95,10 +138,9 @@ class Controller:
         st.retrain_due_at = progress + int(definition["policy"]["retrain_window_events"])
         st.alert = dict(alert)
 
-    def on_progress(
-        self, pipeline: str, progress: int, recent: Callable[[int], Ranges]
-    ) -> list[dict[str, Any]]:
-        """TrainingRequest records that are due; `recent(n)` gives offset ranges of the last n events."""
+    def on_progress(self, pipeline: str, progress: int, recent: Recent) -> list[dict[str, Any]]:
+        """TrainingRequest records that are due; `recent(n, alert)` gives the offset ranges to learn
+        from: the events after the alert's detection (retraining_ranges)."""
         st = self.state.get(pipeline)
         definition = self.pipelines.get(pipeline)
         model = self.batch_model(pipeline)
@@ -115,7 +157,7 @@ class Controller:
             "estimator_spec": model["estimator_spec"],
             "params": dict(model["params"]),
             "param_grid": {},
-            "data_ranges": recent(int(definition["policy"]["retrain_window_events"])),
+            "data_ranges": recent(int(definition["policy"]["retrain_window_events"]), st.alert),
             "time_from": None,
             "time_to": None,
             "validation_split": 0.2,

@@ -14,9 +14,8 @@ topics before the controller started are skipped, beyond what a snapshot says is
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
@@ -38,7 +37,7 @@ from streamml.service import (
 )
 from streamml.settings import Settings
 from streamml.topics import Catalogue
-from streams.controller import Controller, open_work, resume_work
+from streams.controller import Controller, open_work, resume_work, retraining_ranges
 
 log = logging.getLogger(__name__)
 SERVICE = "controller"
@@ -244,19 +243,12 @@ class ControllerService:
             topic = self.catalogue.features(pipeline).name
 
             def recent(
-                n: int, marks: dict[int, tuple[int, int]] = marks, topic: str = topic
+                n: int,
+                alert: Mapping[str, Any] | None,
+                marks: dict[int, tuple[int, int]] = marks,
+                topic: str = topic,
             ) -> list[dict[str, Any]]:
-                share = math.ceil(n / max(1, len(marks)))
-                return [
-                    {
-                        "topic": topic,
-                        "partition": p,
-                        "start_offset": max(low, high - share),
-                        "end_offset": high,
-                    }
-                    for p, (low, high) in sorted(marks.items())
-                    if high > low
-                ]
+                return retraining_ranges(topic, marks, n, alert)
 
             outputs = []
             for request in self.logic.on_progress(pipeline, total, recent):

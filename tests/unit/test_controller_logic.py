@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from streams.controller import Controller
+from streams.controller import Controller, retraining_ranges
 
 
 def definition(**policy: Any) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def alert(kind: str = "CONCEPT", alert_id: str = "a1") -> dict[str, Any]:
             "model_version": 7}  # fmt: skip
 
 
-def recent(n: int) -> list[dict[str, Any]]:
+def recent(n: int, _alert: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     return [{"topic": "f", "partition": 0, "start_offset": 10_000 - n, "end_offset": 10_000}]
 
 
@@ -152,3 +153,37 @@ def test_lower_is_better_metrics() -> None:
     ev = {**evaluation(2.0, 3.0, labels=600), "metric": "mae", "higher_is_better": False}
     [decision] = c.on_evaluation(ev)
     assert decision["action"] == "PROMOTE"
+
+
+# -- the retraining slice -----------------------------------------------------------------------------------
+def _window(*ends: tuple[int, int], topic: str = "f") -> dict[str, Any]:
+    return {"window": [{"topic": topic, "partition": p, "start_offset": 0, "end_offset": e} for p, e in ends]}
+
+
+def test_the_slice_is_what_came_after_the_detection_in_every_partition() -> None:
+    # A keyed topic: partition 0 holds four keys, partition 1 one. The drift was detected at offset 8,000 of
+    # partition 0 and 2,000 of partition 1; since then 2,400 and 600 events arrived.
+    marks = {0: (0, 10_400), 1: (0, 2_600)}
+    ranges = retraining_ranges("f", marks, 3000, _window((0, 8_000), (1, 2_000)))
+    assert [(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges] == [
+        (0, 8_000, 10_400), (1, 2_000, 2_600),
+    ]  # fmt: skip
+    # n / partitions of each would have taken partition 1 back to offset 1,100: 900 pre-drift events
+    before = retraining_ranges("f", marks, 3000, None)
+    assert [(r["start_offset"]) for r in before] == [8_900, 1_100]
+
+
+def test_partitions_the_alert_does_not_name_take_their_share_and_offsets_stay_in_the_topic() -> None:
+    marks = {0: (500, 1_000), 1: (0, 4_000), 2: (0, 0)}
+    alert = {"window": _window((0, 100), (1, 9_999))["window"] + _window((2, 3), topic="other")["window"]}
+    ranges = retraining_ranges("f", marks, 300, alert)
+    # partition 0: the detection point (100) is below the low watermark (500): from 500; partition 1: the
+    # point is past the end (a reset topic): nothing; partition 2: empty; the other topic's range ignored
+    assert [(r["partition"], r["start_offset"], r["end_offset"]) for r in ranges] == [(0, 500, 1_000)]
+
+
+def test_a_slice_far_larger_than_asked_for_keeps_the_newest_in_proportion() -> None:
+    marks = {0: (0, 100_000), 1: (0, 25_000)}  # a controller away for long: 80k + 20k since the detection
+    ranges = retraining_ranges("f", marks, 1000, _window((0, 20_000), (1, 5_000)))
+    sizes = {r["partition"]: r["end_offset"] - r["start_offset"] for r in ranges}
+    assert sizes == {0: 3_200, 1: 800}  # 4 x 1,000 in all, 4:1 as the partitions filled
