@@ -459,8 +459,8 @@ class Bench:
              f"/ in-process River: {n(res['learner_typed_ratio'], 2)}"],
             ["capacity: highest raw rate the six services keep up with", n(res["capacity_eps"]), "events/s",
              "; ".join(
-                 f"{n(st['rate'])}/s: {n(st['received'])}/{n(st['sent'])} predicted, last-half p99 "
-                 f"{n(st['late_p99_ms'])} ms"
+                 f"{n(st['rate'])}/s: {n(st['received'])}/{n(st['sent'])} predicted, last 2 s p50 "
+                 f"{n(st['last_p50_ms'])} ms (last-half p99 {n(st['late_p99_ms'])})"
                  for st in (d("capacity", "steps") or [])
              ) or "n/a"],
         ]  # fmt: skip

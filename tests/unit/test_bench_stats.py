@@ -240,16 +240,17 @@ def test_capacity_is_the_last_rate_kept_up_with_and_stops_at_the_first_it_is_not
         tried.append(rate)
         if rate == 3_000:  # the run itself failed: that rate is not kept up with
             raise TimeoutError("no prediction")
-        late = 900.0 if rate < 2_500 else 2_500.0
-        return measures.Measured(
-            0.0, {"achieved_rate": rate * 0.99, "sent": 100, "received": 100, "late_p99": late}
-        )
+        last = 900.0 if rate < 2_500 else 2_500.0  # the median latency of the last 2 s of sending
+        details = {"achieved_rate": rate * 0.99, "sent": 100, "received": 100, "p50_by_2s": [5.0, last]}
+        return measures.Measured(0.0, details | {"late_p99": 9_000.0})  # a pause earlier does not count
 
     got = measures.capacity(run_at, rates=(1_000, 2_000, 3_000, 4_000))
     assert tried == [1_000, 2_000, 3_000] and got.value == 1_980.0
     assert [s["rate"] for s in got.details["steps"]] == [1_000, 2_000, 3_000]
 
     def lossy(rate: float) -> measures.Measured:  # fast, but not every event predicted
-        return measures.Measured(0.0, {"achieved_rate": rate, "sent": 100, "received": 99, "late_p99": 10.0})
+        return measures.Measured(
+            0.0, {"achieved_rate": rate, "sent": 100, "received": 99, "p50_by_2s": [10.0]}
+        )
 
     assert measures.capacity(lossy, rates=(1_000, 2_000)).value == 0.0
