@@ -185,7 +185,7 @@ down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus
 	$(PY) -m streamml.localregistry down
 	@$(MAKE) --no-print-directory kafka-down
 
-bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, closed loop; tables + a JSON last line (~4 min; SECURE=1 adds predictor and e2e on a secured cluster)
+bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, capacity, closed loop; tables + a JSON last line (~9 min; SECURE=1 adds predictor and e2e on a secured cluster)
 	$(PY) -m bench $(if $(filter 1 true yes,$(SECURE)),--secure,)
 
 fuzz: kafka-jars ## Hostile-input benchmark (not a test): >=100k hostile records + 10k HTTP bodies against the running stack; JSON last line
