@@ -95,10 +95,13 @@ def list_topics(admin: AdminClient, deadline: float) -> Any:
             return admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
         except KafkaException as exc:
             err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            transient = err is not None and (err.retriable() or err.code() in _TRANSIENT)
-            if not transient or time.monotonic() >= deadline:
+            if err is None or not _transient(err) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
+
+
+def _transient(err: KafkaError) -> bool:
+    return bool(err.retriable()) or err.code() in _TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,10 @@ def _cleanup_policies(admin: AdminClient, names: list[str], deadline: float) -> 
             try:
                 policies[resource.name] = future.result()["cleanup.policy"].value
             except KafkaException as exc:
-                if exc.args[0].code() not in _NOT_YET_PROPAGATED or time.monotonic() >= deadline:
+                err = exc.args[0]
+                # a topic still propagating, or a broker that went away (the next attempt goes to another)
+                waits = err.code() in _NOT_YET_PROPAGATED or _transient(err)
+                if not waits or time.monotonic() >= deadline:
                     raise TopicMismatchError(
                         f"cannot read the configs of topic {resource.name}: {exc}"
                     ) from exc

@@ -60,8 +60,7 @@ def retraining_ranges(
     }
     share = math.ceil(n / max(1, len(marks)))
     starts = {
-        p: min(high, max(low, since[p] if p in since else high - share))
-        for p, (low, high) in marks.items()
+        p: min(high, max(low, since[p] if p in since else high - share)) for p, (low, high) in marks.items()
     }
     total = sum(high - starts[p] for p, (_low, high) in marks.items())
     cap = MAX_SLICE_FACTOR * n

@@ -893,3 +893,49 @@ def test_a_fatal_abort_replaces_the_producer_unless_another_process_fenced_it(
     loop.process([FakeMessage("in", b"a", offset=7)])
     with pytest.raises(StreamMLError, match="fenced"):
         loop._abort_and_rewind("outputs not acknowledged")
+
+
+class _Future:
+    def __init__(self, outcome: Any) -> None:
+        self.outcome = outcome
+
+    def result(self) -> Any:
+        if isinstance(self.outcome, KafkaError):
+            raise KafkaException(self.outcome)
+        return self.outcome
+
+
+class _Config:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+class _ConfigsAdmin:
+    """describe_configs answering each call with the next outcome (a KafkaError or a policy)."""
+
+    def __init__(self, *outcomes: Any) -> None:
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def describe_configs(self, resources: list[Any], request_timeout: float) -> dict[Any, _Future]:
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, str):
+            outcome = {"cleanup.policy": _Config(outcome)}
+        return {r: _Future(outcome) for r in resources}
+
+
+def test_a_broker_going_away_while_topic_configs_are_read_is_retried_not_fatal() -> None:
+    # The restarted monitor of a chaos run died on start-up this way while a broker was stopped.
+    admin = _ConfigsAdmin(KafkaError(KafkaError._TRANSPORT), KafkaError(KafkaError._TIMED_OUT), "compact")
+    policies = kafka._cleanup_policies(admin, ["p.pipelines"], time.monotonic() + 10)  # type: ignore[arg-type]
+    assert policies == {"p.pipelines": "compact"} and admin.calls == 3
+
+
+def test_a_refusal_of_the_topic_configs_still_fails_start_up_with_the_reason() -> None:
+    admin = _ConfigsAdmin(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    with pytest.raises(kafka.TopicMismatchError, match=r"cannot read the configs of topic p\.pipelines"):
+        kafka._cleanup_policies(admin, ["p.pipelines"], time.monotonic() + 10)  # type: ignore[arg-type]
+    transport = _ConfigsAdmin(*[KafkaError(KafkaError._TRANSPORT)] * 50)
+    with pytest.raises(kafka.TopicMismatchError):  # a broker away past the deadline: then it fails
+        kafka._cleanup_policies(transport, ["p.pipelines"], time.monotonic() + 0.3)  # type: ignore[arg-type]
