@@ -242,7 +242,10 @@ class ConceptWatch:
             kept_mean = float(det.estimation)
             dropped = window - kept
             before = (self.total - kept_mean * kept) / dropped if dropped > 0 else kept_mean
-            rise = kept_mean > before
+            # A rise that is still there: ADWIN cuts where the two parts of its window differ, and a burst
+            # of errors that has passed (a replay after a failover, a short-lived bad version) leaves a
+            # kept part with a higher mean while the latest errors are back below the old level.
+            rise = kept_mean > before and recent > before
             self.n, self.total = kept, kept_mean * kept
             changed = kept
         else:  # PageHinkley and DDM restart from scratch after a detection

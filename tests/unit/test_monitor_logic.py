@@ -12,6 +12,7 @@ from scipy.stats import ks_2samp
 
 from streams.monitor import (
     MIN_RETRAIN_EVENTS,
+    ConceptWatch,
     Monitor,
     MonitorOutput,
     PartitionedKS,
@@ -591,3 +592,33 @@ def test_service_handler_routes_records_dead_letters_and_exports_live_versions(
     assert REGISTRY.get_sample_value("streamml_model_metric", labels) is None, "stale version series removed"
     assert REGISTRY.get_sample_value("streamml_model_metric", {**labels, "version": "2"}) == 1.0
     assert REGISTRY.get_sample_value("streamml_monitor_labelled_events_total", {"pipeline": name}) == 300
+
+
+class _CutDetector:
+    """An ADWIN stand-in that cuts once, at update `at`, keeping the latest `kept` errors."""
+
+    def __init__(self, at: int, kept: int, kept_mean: float) -> None:
+        self.at, self.width, self.estimation, self.seen = at, kept, kept_mean, 0
+        self.drift_detected = False
+
+    def update(self, _error: float) -> None:
+        self.seen += 1
+        self.drift_detected = self.seen == self.at
+
+
+def test_an_adwin_cut_after_a_burst_that_has_passed_is_not_a_rise() -> None:
+    # 2,000 errors at 1 %, a burst of 150 errors, then 300 without one: the kept part (the last 500) has the
+    # higher mean, but the latest errors are back below the old level (the chaos run's "rise from 0.005
+    # to 0" at event 19,115, long before the drift).
+    errors = [1.0 if i % 100 == 0 else 0.0 for i in range(2000)] + [1.0] * 150 + [0.0] * 350
+    watch = ConceptWatch("ADWIN", {}, regression=False)
+    watch.detector = _CutDetector(at=len(errors), kept=500, kept_mean=sum(errors[-500:]) / 500)
+    assert [h for e in errors if (h := watch.update(e)) is not None] == []
+
+    rising = [1.0 if i % 100 == 0 else 0.0 for i in range(2000)] + [
+        1.0 if i % 3 == 0 else 0.0 for i in range(500)
+    ]
+    watch = ConceptWatch("ADWIN", {}, regression=False)
+    watch.detector = _CutDetector(at=len(rising), kept=500, kept_mean=sum(rising[-500:]) / 500)
+    [hit] = [h for e in rising if (h := watch.update(e)) is not None]
+    assert hit.before == pytest.approx(0.01) and hit.after > 0.3 and hit.changed == 500
