@@ -18,7 +18,8 @@ from typing import Any
 Record = dict[str, Any]
 Hinter = Callable[[Record], Record]
 
-# Avro type -> the Python type whose values fastavro writes as that branch (bool before int: a bool is an int)
+# Avro type -> the Python type whose values fastavro writes as that branch (matched by exact type: a bool
+# never names an int branch)
 _PYTHON = {
     "boolean": bool, "int": int, "long": int, "float": float, "double": float, "string": str, "bytes": bytes,
 }  # fmt: skip

@@ -13,9 +13,10 @@ topics before the controller started are skipped, beyond what a snapshot says is
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -240,16 +241,7 @@ class ControllerService:
                     "%s: cannot read the progress now (%s); trying again next tick", pipeline, err or exc
                 )
                 continue
-            topic = self.catalogue.features(pipeline).name
-
-            def recent(
-                n: int,
-                alert: Mapping[str, Any] | None,
-                marks: dict[int, tuple[int, int]] = marks,
-                topic: str = topic,
-            ) -> list[dict[str, Any]]:
-                return retraining_ranges(topic, marks, n, alert)
-
+            recent = functools.partial(retraining_ranges, self.catalogue.features(pipeline).name, marks)
             outputs = []
             for request in self.logic.on_progress(pipeline, total, recent):
                 log.info("%s: requesting training %s: %s", pipeline, request["request_id"], request["reason"])
