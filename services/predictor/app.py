@@ -190,6 +190,9 @@ class Predictor:
             else:
                 reason = ev.reason.split(": ", 1)[-1].split(" (")[0]
                 metrics.REJECTED_ARTIFACTS.labels(ev.pipeline, reason).inc()
+                log.warning(
+                    "%s: %s v%s rejected unloaded: %s", ev.pipeline, ev.model_name, ev.version, ev.reason
+                )
                 self.alerts.produce(
                     self.catalogue.drift_alerts().name,
                     codec_for("DriftAlert").encode(

@@ -157,11 +157,17 @@ def test_hostile_records_on_every_topic(system: System, monkeypatch: pytest.Monk
         if isinstance(tag, Hostile) and tag.expect == "skip" and w[0] != alerts_topic
     }
 
+    def forged_rejected(alerts: list[dict[str, Any]]) -> bool:
+        return any(a["kind"] == "ARTIFACT" and a["model_version"] == hostile.FORGED_VERSION for a in alerts)
+
     def alerted(msgs: list[Message]) -> bool:
-        return must_alert <= _control_alerted(_theirs(msgs, "DriftAlert", landed))
+        # Both awaited: the predictor's ARTIFACT alert can come after every CONTROL alert is in.
+        alerts = _theirs(msgs, "DriftAlert", landed)
+        return must_alert <= _control_alerted(alerts) and forged_rejected(alerts)
 
     alerts = _theirs(system.read(alerts_topic, alerted), "DriftAlert", landed)
-    assert any(a["kind"] == "ARTIFACT" and a["model_version"] == hostile.FORGED_VERSION for a in alerts)
+    assert must_alert <= _control_alerted(alerts), "bad control records skipped without a CONTROL alert"
+    assert forged_rejected(alerts), "the promoted forged version was not rejected with an ARTIFACT alert"
     requests = {t.request_id for t in landed.values() if isinstance(t, Hostile) and t.request_id}
 
     def answered(msgs: list[Message]) -> bool:
