@@ -450,6 +450,7 @@ class BatchLoop(mode.Service):
         on_assign: Callable[[list[TopicPartition]], list[TopicPartition]] | None = None,
         on_revoke: Callable[[list[TopicPartition]], None] | None = None,
         on_idle: Callable[[], Iterable[Output]] | None = None,
+        state: Callable[[], Iterable[Output]] | None = None,
         ready: asyncio.Event | None = None,
         dead_letter: Callable[[Message, BaseException], Output] | None = None,
         producer_config: dict[str, Any] | None = None,
@@ -474,6 +475,9 @@ class BatchLoop(mode.Service):
         self._on_assign_hook = on_assign
         self._on_revoke_hook = on_revoke
         self._on_idle = on_idle
+        # The handler's state changed since the last call, as records to produce (a changelog), taken at
+        # each commit: see `_commit`.
+        self._state = state
         self.ready = ready
         self._dead_letter = dead_letter
         self._producer_config = dict(producer_config or {})
@@ -1043,6 +1047,29 @@ class BatchLoop(mode.Service):
         for topic, value in lag.items():
             CONSUMER_LAG.labels(self.name, topic).set(value)
 
+    def _produce_state(self) -> bool:
+        """Produce the state changed since the last commit (True if there was any).
+
+        At least once, the state goes out only after the outputs of the events it holds were acknowledged,
+        and the input offsets after the state. A crash anywhere leaves, per key, either state without those
+        events (they are processed again from the committed input, and their outputs come out the same) or
+        state with them and their outputs delivered (a copy made again is a copy). Produced with the
+        outputs, the state of one partition could land while an output to another did not: the event was
+        then processed again against windows that already held it and the later events of its key, and the
+        first output that ever reached its topic had the wrong window. Exactly once, the state is part of
+        the transaction either way; it is taken per commit, not per batch, so a key changed by many batches
+        is written once."""
+        if self._state is None:
+            return False
+        records = list(self._state())
+        if not records:
+            return False
+        self._begin()
+        for out in records:
+            self._send(out)
+        self._producer.poll(0)  # type: ignore[union-attr]
+        return True
+
     def _delivered(self, timeout_s: float) -> bool:
         """Produce again what failed with a retriable error, then wait up to `timeout_s` for every output
         so far to be acknowledged. A delivery error that is neither retriable nor permanent is raised."""
@@ -1075,6 +1102,11 @@ class BatchLoop(mode.Service):
         if self._holding:
             self._log_holding()
             return False
+        if self._produce_state():  # only now: after every output of the events it holds was acknowledged
+            self._holding = not self._delivered(timeout_s)
+            if self._holding:
+                self._log_holding()
+                return False
         done = self._committed  # offsets unchanged since the last commit are not committed again
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items() if done.get((t, p)) != o]
         if not offsets:
@@ -1107,6 +1139,13 @@ class BatchLoop(mode.Service):
                 self._send(out)
             if self._retry:
                 self._log_holding(f"{len(self._retry)} outputs not taken by the producer yet")
+                return False
+        if not self._offsets_sent and self._produce_state():  # inside the transaction, with the offsets
+            if self._abort_needed is not None:
+                self._abort_and_rewind(self._abort_needed)
+                return True
+            if self._retry:
+                self._log_holding(f"{len(self._retry)} state records not taken by the producer yet")
                 return False
         timeout = max(timeout_s, COMMIT_WAIT_S)
         try:

@@ -7,7 +7,8 @@
    pipeline has no key field) is turned into feature vectors. Its rolling windows are kept per input
    partition (streamml.state), restored from the compacted changelog `<prefix>.<pipeline>.windows` when a
    partition is assigned (before any of its records is processed) and dropped when it is revoked; the
-   windows a batch changed go to the changelog with the batch's outputs, before its offsets commit.
+   windows changed since the last commit go to the changelog at each commit: at least once after the
+   outputs of their events were acknowledged and before the input offsets, exactly once in the transaction.
 """
 
 from __future__ import annotations
@@ -195,9 +196,12 @@ class Features:
                 counts[(out.topic, engine.pipeline)] = counts.get((out.topic, engine.pipeline), 0) + 1
         for (topic, pipeline), n in counts.items():
             metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(n)
-        for store in self.stores.values():  # once per batch: the windows it changed, at their partitions
-            outputs.extend(store.changes())
         return outputs
+
+    def state_changes(self) -> list[Output]:
+        """The windows changed since the last call, one changelog record per key at its partition (the data
+        loop takes them at each commit, after the outputs of the events they hold: `BatchLoop._commit`)."""
+        return [out for store in self.stores.values() for out in store.changes()]
 
     def _repartition(self, hop: Hop, msg: Message) -> Output:
         """Stage 1: the raw record, unchanged, to the partition of its key; undecodable → dead letter."""
@@ -254,7 +258,6 @@ class Features:
         back at once, at consecutive offsets per partition. Returns what leaves the service (feature
         vectors, dead letters), not its internal records (repartition, changelog)."""
         internal = self.hop_inputs
-        changelogs = {s.changelog for s in self.stores.values()}
         visible: list[Output] = []
         for out in self.handle(msgs):
             if out.topic not in internal:
@@ -265,7 +268,8 @@ class Features:
             self._loopback[(out.topic, partition)] = offset + 1
             back = _Loopback(out, partition, offset)
             visible.extend(self.handle([cast(Message, back)]))
-        return [o for o in visible if o.topic not in changelogs]
+        self.state_changes()  # what the data loop would write to the changelog at its next commit
+        return visible
 
 
 class _Loopback:
@@ -309,6 +313,7 @@ def build(settings: Settings) -> tuple[faust.App, Features, BatchLoop]:
         topics=service.topics,
         on_assign=service.on_assign,
         on_revoke=service.on_revoke,
+        state=service.state_changes,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
         # events of all keys in the order they came (by their raw records' timestamps), not in runs per
         # partition

@@ -112,7 +112,7 @@ def test_feature_vectors_point_at_the_raw_record_and_changed_windows_go_to_the_s
     s = service()
     hop = s.handle([FakeMessage(RAW, event(i, salary=float(i)), offset=100 + i, partition=1) for i in (1, 2)])  # type: ignore[misc]
     read = [HeaderMessage(o, offset) for offset, o in enumerate(hop)]
-    outputs = s.handle(read)  # type: ignore[arg-type]
+    outputs = s.handle(read) + s.state_changes()  # type: ignore[arg-type]
     vectors = [codec_for("FeatureVector").decode(o.value or b"") for o in outputs if o.topic == FEATURES]
     assert [v["source"] for v in vectors] == [
         {"topic": RAW, "partition": 1, "start_offset": 100 + i, "end_offset": 101 + i} for i in (1, 2)
@@ -132,7 +132,7 @@ def test_a_raw_record_the_hop_forwarded_twice_enters_its_keys_windows_once() -> 
     first = s.handle(raw[:3])  # type: ignore[arg-type]
     again = s.handle(raw[1:])  # type: ignore[arg-type]  # the next owner starts from the committed 101
     read = [HeaderMessage(o, offset) for offset, o in enumerate([*first, *again])]
-    outputs = s.handle(read)  # type: ignore[arg-type]
+    outputs = s.handle(read) + s.state_changes()  # type: ignore[arg-type]
     vectors = [codec_for("FeatureVector").decode(o.value or b"") for o in outputs if o.topic == FEATURES]
     got = [(v["source"]["start_offset"], v["features"]["zipcode_count_100"]) for v in vectors]
     assert got == [(100, 1.0), (101, 2.0), (102, 3.0), (101, 3.0), (102, 3.0), (103, 4.0)]
@@ -165,6 +165,7 @@ def test_keyed_raw_topics_and_pipelines_without_a_key_skip_the_hop(definition: d
     s = service(definition)
     assert s.topics() == {RAW} and set(s.stores) == {RAW}
     outputs = s.handle([FakeMessage(RAW, event(0), offset=4, partition=2)])  # type: ignore[list-item]
+    outputs += s.state_changes()
     assert [o.topic for o in outputs] == [FEATURES, WINDOWS]
     assert outputs[1].partition == 2
 
@@ -187,9 +188,8 @@ def test_assignment_restores_exactly_the_new_partitions_and_revocation_drops_the
     writer = service()
     hop = writer.handle([FakeMessage(RAW, event(i, salary=10.0), offset=i) for i in range(3)])  # type: ignore[misc]
     partition = hop[0].partition or 0
-    log = [
-        o.value for o in writer.handle([HeaderMessage(o, i) for i, o in enumerate(hop)]) if o.topic == WINDOWS
-    ]  # type: ignore[misc]
+    writer.handle([HeaderMessage(o, i) for i, o in enumerate(hop)])  # type: ignore[misc]
+    log = [o.value for o in writer.state_changes()]
 
     reads: list[dict[int, int]] = []
 

@@ -249,6 +249,61 @@ def test_a_commit_the_group_moved_past_is_retried_later_not_fatal(settings: Sett
         loop._commit(force=True)
 
 
+class StateOfEvents:
+    """A handler's state: one changelog record per processed event's key since the last take."""
+
+    def __init__(self) -> None:
+        self.dirty: list[bytes] = []
+
+    def handle(self, msgs: list[Any]) -> list[Output]:
+        self.dirty += [m.value() for m in msgs]
+        return [Output("out", None, m.value()) for m in msgs]
+
+    def take(self) -> list[Output]:
+        taken, self.dirty = self.dirty, []
+        return [Output("changelog", None, b"state-" + v) for v in taken]
+
+
+def test_at_least_once_state_is_produced_only_after_its_events_outputs_are_acknowledged(
+    settings: Settings,
+) -> None:
+    """Output "a" stuck (broker away): its state is not produced, nothing is committed. Once "a" is
+    acknowledged the state goes out, and the offsets only after the state is acknowledged too."""
+    away = {"out"}
+    producer = FakeProducer(lambda t, _v, _n: "stuck" if t in away else None)
+    consumer = FakeConsumer()
+    state = StateOfEvents()
+    loop = data_loop(settings, producer, consumer)
+    loop.handler, loop._state = state.handle, state.take
+    loop.process([FakeMessage("in", b"a", 0)])  # type: ignore[list-item]
+    assert loop._commit(force=True, timeout_s=0) is False
+    assert producer.queue[0][:2] == ("out", b"a") and len(producer.queue) == 1  # no state produced
+    away = {"changelog"}
+    assert loop._commit(force=True, timeout_s=0) is False  # "a" acked, its state produced but stuck
+    assert producer.acked == [("out", b"a")] and producer.queue[0][:2] == ("changelog", b"state-a")
+    assert consumer.commits == []
+    away = set()
+    assert loop._commit(force=True, timeout_s=0) is True
+    assert producer.acked == [("out", b"a"), ("changelog", b"state-a")]
+    assert consumer.commits == [[("in", 0, 1)]]
+    assert loop._commit(force=True) is True and len(producer.acked) == 2  # nothing changed since
+
+
+def test_exactly_once_state_is_produced_in_the_transaction_before_its_offsets(settings: Settings) -> None:
+    producer = TxnFakeProducer()
+    consumer = RewindConsumer()
+    state = StateOfEvents()
+    loop = eos_loop(settings, producer, consumer)
+    loop.handler, loop._state = state.handle, state.take
+    loop.process([FakeMessage("in", b"a", 0), FakeMessage("in", b"b", 1)])  # type: ignore[list-item]
+    produced = [(t, v) for t, v, _k, _cb in producer.queue]
+    assert produced == [("out", b"a"), ("out", b"b")]  # state is taken at the commit, not per batch
+    assert loop._commit(force=True) is True
+    produced = [(t, v) for t, v, _k, _cb in producer.queue]
+    assert produced[2:] == [("changelog", b"state-a"), ("changelog", b"state-b")]
+    assert producer.calls == ["begin", "offsets", "commit"]
+
+
 def test_stop_commits_in_flight_work_and_survives_a_consumer_already_out_of_the_group(
     settings: Settings,
 ) -> None:
