@@ -135,6 +135,7 @@ def test_rolling_features_match_a_per_key_reference_while_partitions_move(
             topics=service.topics,
             on_assign=service.on_assign,
             on_revoke=service.on_revoke,
+            state=service.state_changes,
             dead_letter=lambda msg, exc: dead_letter(catalogue, "features", None, msg, exc),
         )
 
