@@ -144,6 +144,8 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
                         "the operator granted them (`streamml acl apply --pipeline FILE`)."
                     ) from exc
                 if code != KafkaError.TOPIC_ALREADY_EXISTS:
+                    if _transient(exc.args[0]):  # not now, not wrong: a caller may try again later
+                        raise BrokerUnavailableError(f"cannot create topic {name}: {exc}") from exc
                     raise TopicMismatchError(f"cannot create topic {name}: {exc}") from exc
             else:
                 created.add(name)
@@ -242,9 +244,10 @@ def _cleanup_policies(admin: AdminClient, names: list[str], deadline: float) -> 
                 # a topic still propagating, or a broker that went away (the next attempt goes to another)
                 waits = err.code() in _NOT_YET_PROPAGATED or _transient(err)
                 if not waits or time.monotonic() >= deadline:
-                    raise TopicMismatchError(
-                        f"cannot read the configs of topic {resource.name}: {exc}"
-                    ) from exc
+                    why = f"cannot read the configs of topic {resource.name}: {exc}"
+                    if _transient(err):  # a broker away past the deadline: not now, not wrong
+                        raise BrokerUnavailableError(why) from exc
+                    raise TopicMismatchError(why) from exc
         pending = [n for n in pending if n not in policies]
         if pending:
             time.sleep(_PROPAGATION_POLL_S)

@@ -9,23 +9,30 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import mode
-from confluent_kafka import Message
+from confluent_kafka import KafkaError, Message
 
 from streamml import limits
 from streamml.codec import codec_for, use_registry
-from streamml.errors import DecodeError, StreamMLError, ValidationError
+from streamml.errors import (
+    BrokerUnavailableError,
+    DecodeError,
+    DependencyUnavailableError,
+    StreamMLError,
+    ValidationError,
+)
 from streamml.follow import ControlTail, start_offsets
 from streamml.kafka import check_broker, ensure_topics, make_producer
 from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
 from streamml.pipelines import validate_definition
 from streamml.registry import Registry
-from streamml.runtime import Output, end_offsets, read_to_end
+from streamml.runtime import Output, end_offsets, is_retriable, kafka_error, read_to_end
 from streamml.settings import Settings
 from streamml.topics import PIPELINE_NAME, Catalogue
 
@@ -113,6 +120,33 @@ def check_declared_model(definitions: dict[str, dict[str, Any]], record: dict[st
 Apply = Callable[[dict[str, Any] | None, Any], None]
 Validate = Callable[[dict[str, Any]], None]
 
+# A control record whose application failed with "not now" (a broker or the registry away) waits and is
+# tried again, first after WAIT_FIRST_S, the pause doubling up to WAIT_MAX_S; after WAIT_GIVE_UP_S it is
+# skipped like an invalid one. Later records of its partition wait behind it, so they apply in order.
+WAIT_FIRST_S = 2.0
+WAIT_MAX_S = 30.0
+WAIT_GIVE_UP_S = 600.0
+WAITING_MAX = 10_000  # per partition; more than that waiting are skipped (each with its alert)
+_NOT_NOW = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+
+
+def not_now(exc: BaseException) -> bool:
+    """A failure that says "not now" (a broker or the registry unreachable), not "this record is wrong"."""
+    if isinstance(exc, BrokerUnavailableError | DependencyUnavailableError):
+        return True
+    err = kafka_error(exc)
+    return err is not None and not err.fatal() and (is_retriable(err) or err.code() in _NOT_NOW)
+
+
+@dataclass
+class _Waiting:
+    """Control records of one partition taken but not applied yet, oldest first."""
+
+    records: deque[tuple[str, int, bytes | None, Apply, Any]]  # schema, offset, value, apply, message
+    since: float  # when the first of them first failed
+    next_try: float
+    pause: float = WAIT_FIRST_S
+
 
 def check_record_pipeline(record: dict[str, Any]) -> None:
     """Control records name a pipeline: it must be a valid name (it becomes part of topic names)."""
@@ -132,7 +166,10 @@ class ControlFollower:
     applied are skipped by offset, so a replay changes nothing.
 
     Every record has one fate: applied, or skipped with a logged reason, the `streamml_control_skipped_total`
-    metric and a DriftAlert of kind CONTROL. A record is validated in full before it is applied (so a bad
+    metric and a DriftAlert of kind CONTROL. A record whose application fails with "not now" (a broker away
+    past the topic check's deadline, the registry unreachable) is neither: it waits, with the later records
+    of its partition behind it, and is tried again with a growing pause (`retry_waiting`), skipped only
+    after WAIT_GIVE_UP_S. A record is validated in full before it is applied (so a bad
     revision never replaces a good one), and nothing it raises escapes: a poison record on a compacted
     topic would otherwise stop the service at every start.
     """
@@ -145,6 +182,7 @@ class ControlFollower:
     _alerts: Any = None
     _handlers: dict[str, tuple[str, Apply]] = field(default_factory=dict, repr=False)
     _tail: ControlTail | None = field(default=None, repr=False)
+    _waiting: dict[tuple[str, int], _Waiting] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         catalogue = Catalogue(self.settings)
@@ -180,7 +218,11 @@ class ControlFollower:
             tail = self._tail
 
             async def follow_control_topics() -> None:
-                await tail.run()
+                retries = asyncio.ensure_future(self._retry_waiting_forever())
+                try:
+                    await tail.run()
+                finally:
+                    retries.cancel()
 
             app.task(follow_control_topics)
         self._tail.add(topic)
@@ -201,7 +243,47 @@ class ControlFollower:
         (False if that takes longer than `timeout_s`). For a single writer that has just taken a role."""
         if self._tail is None:
             raise ValueError(f"{topic} is not followed")
-        return await self._tail.caught_up(topic, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        if not await self._tail.caught_up(topic, timeout_s):
+            return False
+        while any(t == topic for t, _p in self._waiting):  # read, but some records still wait
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _retry_waiting_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.retry_waiting()
+
+    def waiting(self) -> int:
+        """Control records read but not applied yet (their application said "not now")."""
+        return sum(len(w.records) for w in self._waiting.values())
+
+    def retry_waiting(self, now: float | None = None) -> int:
+        """Try the waiting records of each partition whose pause is over, in order, until one says "not
+        now" again; returns how many were applied or skipped."""
+        now = time.monotonic() if now is None else now
+        done = 0
+        for key in [k for k, w in self._waiting.items() if w.next_try <= now]:
+            topic, partition = key
+            w = self._waiting[key]
+            while w.records:
+                schema, offset, value, apply, msg = w.records[0]
+                exc = self._attempt(topic, schema, value, apply, msg)
+                if exc is not None and not_now(exc) and now - w.since < WAIT_GIVE_UP_S:
+                    w.pause = min(WAIT_MAX_S, w.pause * 2)
+                    w.next_try = now + w.pause
+                    break
+                w.records.popleft()
+                done += 1
+                if exc is not None:
+                    self.skip(topic, partition, offset, exc, self._decoded(schema, value))
+            if not w.records:
+                del self._waiting[key]
+                log.info("%s[%d]: the control records that waited are applied", topic, partition)
+        return done
 
     def _apply(
         self,
@@ -216,11 +298,36 @@ class ControlFollower:
         if offset < self.applied.get((topic, partition), 0):
             return
         self.applied[(topic, partition)] = offset + 1
-        record: dict[str, Any] | None = None
+        key = (topic, partition)
+        held = self._waiting.get(key)
+        if held is not None:  # an earlier record of this partition waits: this one waits behind it
+            if len(held.records) >= WAITING_MAX:
+                self.skip(topic, partition, offset, BrokerUnavailableError("too many records waiting"), None)
+            else:
+                held.records.append((schema, offset, value, apply, msg))
+            return
+        exc = self._attempt(topic, schema, value, apply, msg)
+        if exc is None:
+            return
+        if not_now(exc):
+            now = time.monotonic()
+            self._waiting[key] = _Waiting(
+                deque([(schema, offset, value, apply, msg)]), now, now + WAIT_FIRST_S
+            )
+            log.warning(
+                "%s[%d]@%d waits (tried again in %.0f s): %s", topic, partition, offset, WAIT_FIRST_S, exc
+            )
+            return
+        self.skip(topic, partition, offset, exc, self._decoded(schema, value))
+
+    def _attempt(
+        self, topic: str, schema: str, value: bytes | None, apply: Apply, msg: Any
+    ) -> BaseException | None:
+        """Validate and apply one record; what it raised, or None once applied."""
         try:
             if value is None:
                 apply(None, msg)  # a tombstone: services ignore or forget what it keys
-                return
+                return None
             if not isinstance(value, bytes) or len(value) > limits.MAX_CONTROL_BYTES:
                 raise DecodeError("record too large for a control topic")
             record = codec_for(schema).decode(value)
@@ -230,8 +337,20 @@ class ControlFollower:
             if validate is not None:
                 validate(record)
             apply(record, msg)
-        except Exception as exc:  # the record boundary: whatever it raises, the record is skipped
-            self.skip(topic, partition, offset, exc, record)
+        except Exception as exc:  # the record boundary: whatever it raises is the record's fate
+            return exc
+        return None
+
+    @staticmethod
+    def _decoded(schema: str, value: bytes | None) -> dict[str, Any] | None:
+        """The record, if it decodes (the CONTROL alert names its pipeline and model)."""
+        if not isinstance(value, bytes) or len(value) > limits.MAX_CONTROL_BYTES:
+            return None
+        try:
+            record: dict[str, Any] = codec_for(schema).decode(value)
+        except Exception:
+            return None
+        return record
 
     def skip(
         self, topic: str, partition: int, offset: int, exc: BaseException, record: dict[str, Any] | None

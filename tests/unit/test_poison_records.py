@@ -8,17 +8,21 @@ are still processed.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from river import linear_model, preprocessing
 
 from services.features import app as features_app
 from services.learner import app as learner_app
 from services.predictor import app as predictor_app
 from streamml import artifacts, limits
+from streamml import service as service_module
 from streamml.codec import codec_for
+from streamml.errors import BrokerUnavailableError
 from streamml.pipelines import load_file, to_definition
 from streamml.runtime import BatchLoop, Output
 from streamml.service import ControlFollower, dead_letter
@@ -245,6 +249,67 @@ def test_a_bad_definition_is_skipped_with_a_control_alert_and_the_good_revision_
     assert service.engines["agrawal"].revision == good["revision"]
     kinds = [codec_for("DriftAlert").decode(value)["kind"] for _t, value, _k in alerts.produced]
     assert kinds == ["CONTROL", "CONTROL"]
+
+
+def test_a_control_record_that_meets_a_broker_away_waits_and_applies_in_order_when_it_is_back(
+    settings: Settings,
+) -> None:
+    """Neither skipped nor applied out of order: the definition waits, the record after it waits behind
+    it, both apply once the broker answers; a refusal (not "not now") is still skipped at once."""
+    follower = ControlFollower(settings, "features")
+    alerts = follower._alerts = FakeProducer()
+    broker_away = True
+    applied: list[int] = []
+
+    def apply(record: dict[str, Any] | None, _msg: Any) -> None:
+        if broker_away:
+            raise BrokerUnavailableError("cannot read the configs of topic p.agrawal.features: _TRANSPORT")
+        assert record is not None
+        applied.append(record["revision"])
+
+    encode = codec_for("PipelineDefinition").encode
+    first, second = agrawal(), {**agrawal(), "revision": agrawal()["revision"] + 1}
+    follower._apply("p.pipelines", "PipelineDefinition", 0, 0, encode(first), apply, None)
+    follower._apply("p.pipelines", "PipelineDefinition", 0, 1, encode(second), apply, None)
+    assert follower.waiting() == 2 and follower.skipped == 0 and applied == []
+    t0 = time.monotonic()
+    assert follower.retry_waiting(t0 + 1) == 0  # its pause is not over
+    assert follower.retry_waiting(t0 + 5) == 0 and follower.waiting() == 2  # still away: waits longer
+    broker_away = False
+    assert follower.retry_waiting(t0 + 6) == 0  # the pause doubled
+    assert follower.retry_waiting(t0 + 60) == 2 and follower.waiting() == 0
+    assert applied == [first["revision"], second["revision"]] and follower.skipped == 0
+    follower._apply("p.pipelines", "PipelineDefinition", 0, 2, b"\x00garbage", apply, None)
+    assert follower.skipped == 1 and follower.waiting() == 0 and len(alerts.produced) == 1
+
+
+def test_a_control_record_still_not_applicable_after_the_longest_wait_is_skipped_with_an_alert(
+    settings: Settings,
+) -> None:
+    follower = ControlFollower(settings, "features")
+    alerts = follower._alerts = FakeProducer()
+
+    def away(_record: dict[str, Any] | None, _msg: Any) -> None:
+        raise KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+
+    follower._apply(
+        "p.pipelines",
+        "PipelineDefinition",
+        0,
+        0,
+        codec_for("PipelineDefinition").encode(agrawal()),
+        away,
+        None,
+    )
+    assert follower.waiting() == 1
+    assert follower.retry_waiting(time.monotonic() + service_module.WAIT_GIVE_UP_S + 1) == 1
+    assert follower.waiting() == 0 and follower.skipped == 1
+    (alert,) = [codec_for("DriftAlert").decode(v) for _t, v, _k in alerts.produced]
+    assert (
+        alert["kind"] == "CONTROL"
+        and alert["pipeline"] == "agrawal"
+        and "_ALL_BROKERS_DOWN" in alert["message"]
+    )
 
 
 def test_a_bad_alert_is_skipped_without_an_alert_about_it(settings: Settings) -> None:
