@@ -60,7 +60,7 @@ REQUIRE_JAVA = { command -v java >/dev/null 2>&1 || [ -x "$${JAVA_HOME:-/nonexis
 	{ echo "error: Java 17+ is not installed (e.g. apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
+.PHONY: help install lock quix-venv kafka-jars kafka-up kafka-down kafka-logs kafka-status topics lint format codegen \
         registry-dist registry-up registry-down \
         test test-unit test-integration test-e2e demo down prometheus-check ci bench fuzz chaos k8s-manifests
 
@@ -185,8 +185,18 @@ down: $(VENV_STAMP) ## Stop everything `make demo` started: producer, Prometheus
 	$(PY) -m streamml.localregistry down
 	@$(MAKE) --no-print-directory kafka-down
 
-bench: kafka-jars ## Benchmark (not a test): data path, latency, swaps, learner, capacity, closed loop; tables + a JSON last line (~9 min; SECURE=1 adds predictor and e2e on a secured cluster)
+bench: kafka-jars quix-venv ## Benchmark (not a test): data path, latency, swaps, learner, capacity, Quix Streams side by side, closed loop; tables + a JSON last line (~10 min; SECURE=1 adds predictor and e2e on a secured cluster)
 	$(PY) -m bench $(if $(filter 1 true yes,$(SECURE)),--secure,)
+
+QUIX_VENV := .local/quix-venv
+QUIX_STAMP := $(QUIX_VENV)/.stamp-$(shell cat bench/quix-requirements.txt 2>/dev/null | cksum | cut -d' ' -f1)
+
+quix-venv: $(QUIX_STAMP) ## The Quix Streams venv make bench compares with (its own: Quix pins an older confluent-kafka)
+
+$(QUIX_STAMP):
+	rm -rf $(QUIX_VENV) && $(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q --disable-pip-version-check -r bench/quix-requirements.txt
+	touch $@
 
 fuzz: kafka-jars ## Hostile-input benchmark (not a test): >=100k hostile records + 10k HTTP bodies against the running stack; JSON last line
 	$(PY) -m bench.fuzz

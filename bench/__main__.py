@@ -25,6 +25,7 @@ from bench.measures import Measured
 from bench.workload import (
     ESTIMATOR,
     PIPELINE,
+    TIME_FIELD,
     Deployment,
     agrawal_events,
     feature_vectors,
@@ -38,8 +39,9 @@ log = logging.getLogger("bench")
 T = TypeVar("T")
 MEASURES = (
     "passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown", "loop", "stationary",
-    "monitor", "typed", "capacity",
+    "monitor", "typed", "capacity", "quix",
 )  # fmt: skip
+QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".local" / "quix-venv" / "bin" / "python"
 MONITOR_WARMUP = 5000  # events handled untimed before the monitor's throughput is measured
 
 
@@ -70,6 +72,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="monitor: events timed through the monitor's handler (default 50000)",
     )
     p.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {MEASURES}")
+    p.add_argument(
+        "--quix-python",
+        type=Path,
+        default=QUIX_PYTHON,
+        help="quix: the Quix Streams venv's python (make quix-venv)",
+    )
     p.add_argument("--profile-dir", type=Path, help="record the predictor and learner with py-spy here")
     p.add_argument("--keep", type=Path, help="work folder to keep (broker data, service logs)")
     p.add_argument(
@@ -256,6 +264,8 @@ class Bench:
             if river is not None:
                 self.results["river"] = river
         self.measure("capacity", capacity)
+        if "quix" in self.only:
+            self.quix(events[:50_000], vectors, one)
         if "breakdown" in self.only:
             self.attempt("breakdown", lambda: self.breakdown(one))
         if "typed" in self.only:
@@ -309,6 +319,45 @@ class Bench:
                     self.results[name] = got
         finally:
             registry.stop()
+
+    def quix(self, events: list[dict[str, Any]], vectors: list[dict[str, Any]], one: dict[str, Any]) -> None:
+        """Issue 11: the features and predictor stages written with Quix Streams, same events and model,
+        same broker, in this run (`bench/quix_stages.py`, its own virtual environment)."""
+        from streamml.artifacts import load
+
+        a = self.args
+        stamp = int(time.time() * 1000)
+        raw = [(str(e["zipcode"]).encode(), json.dumps({**e, TIME_FIELD: stamp}).encode()) for e in events]
+        as_json = [(fv["event_id"].encode(), json.dumps(fv).encode()) for fv in vectors]
+        state = load(one, self.key.encode())
+        model = state["model"] if isinstance(state, dict) else state
+
+        ours = {fv["event_id"]: fv["features"] for fv in vectors[: len(events)]}
+
+        def features() -> Measured:
+            dep = self.deployment("quix_features")
+            return measures.quix_stage(dep, "features", raw, a.quix_python, expected=ours)
+
+        def predictor() -> Measured:
+            dep = self.deployment("quix_predictor")
+            return measures.quix_stage(dep, "predictor", as_json, a.quix_python, model)
+
+        def predictor_avro() -> Measured:
+            dep = self.deployment("quix_predictor_avro")
+            codec = codec_for("FeatureVector")
+            avro = [(fv["event_id"].encode(), codec.encode(fv)) for fv in vectors]
+            schema = codec.schema.raw
+            return measures.quix_stage(dep, "predictor", avro, a.quix_python, model, avro_schema=schema)
+
+        stages = (
+            ("quix_features", features),
+            ("quix_predictor", predictor),
+            ("quix_predictor_avro", predictor_avro),
+        )
+        for name, fn in stages:
+            got = self.attempt(name, fn)
+            if got is not None:
+                self.results[name] = got
 
     def closed_loop(self) -> None:
         """Issue 4: the loop on the six services, false alarms on a stationary stream, monitor throughput."""
@@ -376,6 +425,11 @@ class Bench:
             "predictor_ratio": r(stats.ratio(predictor_eps, passthrough_eps), 3),
             "features_eps": r(self.value("features"), 1),
             "capacity_eps": r(self.value("capacity"), 1),
+            "quix_features_eps": r(self.value("quix_features"), 1),
+            "quix_predictor_eps": r(self.value("quix_predictor"), 1),
+            "features_vs_quix": r(stats.ratio(self.value("features"), self.value("quix_features")), 3),
+            "predictor_vs_quix": r(stats.ratio(predictor_eps, self.value("quix_predictor")), 3),
+            "quix_predictor_avro_eps": r(self.value("quix_predictor_avro"), 1),
             "e2e_p50_ms": r(self.value("e2e"), 2),
             "e2e_p99_ms": r(self.value("e2e", "p99"), 2),
             "swap_p50_ms": r(self.value("swap"), 1),
@@ -457,6 +511,16 @@ class Bench:
              "the same vectors in the pipeline's generated contract, Confluent-framed"],
             ["learner, typed vectors (registry)", n(res["learner_typed_eps"]), "events/s",
              f"/ in-process River: {n(res['learner_typed_ratio'], 2)}"],
+            ["Quix Streams features stage (same events, group_by + state)", n(res["quix_features_eps"]),
+             "events/s", f"ours / Quix: {n(res['features_vs_quix'], 2)}, by main-thread CPU per event: "
+             f"{n(cpu_ratio('quix_features', 'features'), 2)}; {cpu_note('quix_features')}; "
+             f"outputs differing from ours: {n(d('quix_features', 'mismatches'))}"],
+            ["Quix Streams predictor stage (same vectors as JSON, same model)", n(res["quix_predictor_eps"]),
+             "events/s", f"ours / Quix: {n(res['predictor_vs_quix'], 2)}, by main-thread CPU per event: "
+             f"{n(cpu_ratio('quix_predictor', 'predictor'), 2)}; {cpu_note('quix_predictor')}"],
+            ["Quix Streams predictor stage reading our Avro vectors", n(self.value("quix_predictor_avro")),
+             "events/s", f"the same bytes our predictor reads (fastavro in a Quix deserializer); "
+             f"{cpu_note('quix_predictor_avro')}"],
             ["capacity: highest raw rate the six services keep up with", n(res["capacity_eps"]), "events/s",
              "; ".join(
                  f"{n(st['rate'])}/s: {n(st['received'])}/{n(st['sent'])} predicted, last 2 s p50 "

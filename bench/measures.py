@@ -13,6 +13,8 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -597,3 +599,78 @@ def river_inprocess(vectors: Sequence[dict[str, Any]], estimator: str) -> Measur
     cpu_us = (time.thread_time() - cpu) * 1e6 / len(vectors)
     value = float(accuracy.get())  # type: ignore[no-untyped-call]
     return Measured(len(vectors) / elapsed, {"accuracy": value, "cpu_us_per_event": (cpu_us, cpu_us)})
+
+
+# -- Quix Streams: the same two stages written with the library a Python team would otherwise pick -------
+QUIX_SCRIPT = Path(__file__).with_name("quix_stages.py")
+
+
+def quix_stage(
+    dep: Deployment,
+    stage: str,
+    records: Sequence[tuple[bytes | None, bytes]],
+    quix_python: Path,
+    model: Any = None,
+    avro_schema: dict[str, Any] | None = None,
+    expected: dict[str, dict[str, float]] | None = None,
+) -> Measured:
+    """One Quix Streams stage (`bench/quix_stages.py`, in its own virtual environment) drains N records
+    (JSON, or Avro of `avro_schema`) from a topic of its own; rate from the processing stamps it writes, CPU
+    per event of its main thread. With `expected` (features by event id), its outputs are checked."""
+    if not quix_python.exists():
+        raise FileNotFoundError(f"{quix_python} is missing: `make quix-venv` builds it")
+    about = "make bench: input and output of a Quix Streams stage"
+    topics = [
+        TopicSpec(f"{dep.prefix}.quix.{name}", name, "FeatureVector", "json-or-avro", "event id", about, 1, 1)
+        for name in ("in", "out")
+    ]
+    ensure_topics(dep.settings, topics)
+    source, sink = (t.name for t in topics)
+    produce_all(make_producer(dep.settings, **{"linger.ms": 20}), source, records)
+    dep.workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [str(quix_python), str(QUIX_SCRIPT), stage, "--bootstrap", dep.bootstrap, "--input", source,
+           "--output", sink, "--group", f"{dep.prefix}-quix-{stage}",
+           "--state-dir", str(dep.workdir / "quix-state")]  # fmt: skip
+    if model is not None:
+        model_file = dep.workdir / "model.pkl"
+        model_file.write_bytes(pickle.dumps(model))  # our own model, for our own subprocess
+        cmd += ["--model", str(model_file)]
+    if avro_schema is not None:
+        schema_file = dep.workdir / "schema.avsc"
+        schema_file.write_text(json.dumps(avro_schema))
+        cmd += ["--avro-schema", str(schema_file)]
+    log_path = dep.workdir / f"quix-{stage}.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        meter = DrainMeter(proc.pid)
+
+        def poll(count: int) -> None:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the Quix {stage} stage exited with {proc.returncode}: {tail}")
+            meter.poll(count)
+
+        dep.wait_count(sink, len(records), 240, None, poll)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    stamp = "feature_time" if stage == "features" else "prediction_time"
+    outputs = [json.loads(m.value() or b"{}") for m in read_to_end(dep.settings, sink, 120)]
+    stamps = [o[stamp] for o in outputs]
+    eps = stats.rate_from_batches([(t / 1000, c) for t, c in stats.group_stamps(stamps)])
+    details: dict[str, Any] = {"events": len(stamps), "cpu_us_per_event": meter.per_event_us()}
+    if expected is not None:  # the same features as ours, or the comparison is void
+        details["mismatches"] = sum(
+            1
+            for o in outputs
+            if any(
+                not math.isclose(o["features"][k], v, rel_tol=1e-9)
+                for k, v in expected[o["event_id"]].items()
+            )
+        )
+    return Measured(eps, details)

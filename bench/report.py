@@ -34,7 +34,7 @@ def targets_table(result: dict[str, float | None]) -> str:
     rows = []
     for t in stats.targets(result):
         met = "not measured" if t.met is None else ("MET" if t.met else "NOT MET")
-        digits = 2 if t.name.endswith(("ratio", "_pts")) else (1 if t.name.endswith("_ms") else 0)
+        digits = 2 if t.name.endswith(("ratio", "_pts", "_vs_quix")) else (1 if t.name.endswith("_ms") else 0)
         rows.append([t.text, num(t.value, digits), met])
     return table(["target (from the issue)", "measured", "status"], rows, "Targets")
 

@@ -245,6 +245,8 @@ def targets(result: Mapping[str, float | None]) -> list[Target]:
         at_least("predictor_eps_40k", "predictor >= 40,000 events/s", result.get("predictor_eps"), 40_000),
         at_least("features_eps", "features >= 40,000 events/s", result.get("features_eps"), 40_000),
         at_least("capacity_eps", "system keeps up with >= 8,000 events/s", result.get("capacity_eps"), 8_000),
+        at_least("features_vs_quix", "features >= 2 x Quix Streams", result.get("features_vs_quix"), 2.0),
+        at_least("predictor_vs_quix", "predictor >= 2 x Quix Streams", result.get("predictor_vs_quix"), 2.0),
         # An alert before the drift is a false alarm, not a fast detection: the delay must be >= 0.
         between(
             "drift_delay_events",
