@@ -390,7 +390,7 @@ _FENCED = frozenset({
 })  # fmt: skip
 
 
-def _in_daemon_thread(name: str, fn: Callable[[], Any]) -> Future[Any]:
+def in_daemon_thread(name: str, fn: Callable[[], Any]) -> Future[Any]:
     """Run `fn` on a new daemon thread (one that may never return must not hold the process at exit)."""
     future: Future[Any] = Future()
 
@@ -1181,7 +1181,7 @@ class BatchLoop(mode.Service):
             assert self._consumer is not None and self._producer is not None
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._positions.items()]
             metadata = self._consumer.consumer_group_metadata()
-            call = self._offsets_call = _in_daemon_thread(
+            call = self._offsets_call = in_daemon_thread(
                 f"{self.name}-txn-offsets",
                 partial(self._producer.send_offsets_to_transaction, offsets, metadata, timeout),
             )

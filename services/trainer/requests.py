@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import mode
@@ -24,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from streamml import metrics
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import SESSION_TIMEOUT_MS, Output, is_retriable, kafka_error, produce
+from streamml.runtime import SESSION_TIMEOUT_MS, Output, in_daemon_thread, is_retriable, kafka_error, produce
 from streamml.service import check_record_pipeline
 from streamml.topics import MODEL_MAX_BYTES
 from streams.trainer import route_request
@@ -39,6 +40,11 @@ IDLE_SLEEP_S = 0.05
 BUSY_POLL_S = 0.1  # while a request trains, the consumer is still polled (heartbeats, rebalances)
 CATCH_UP_TIMEOUT_S = 30.0  # one wait for the control topics' end; tried again while the partition is ours
 PUBLISH_TIMEOUT_S = 120.0  # an answer's transaction keeps trying this long through retriable broker errors
+# A transaction call that has not returned this long after its own deadline is taken as wedged: librdkafka's
+# send_offsets_to_transaction can block for good when the group coordinator's broker went away (librdkafka
+# issues 5456 and 5511, seen in the data loop). The answer is then lost as in a rebalance: the partition is
+# prepared again with a new producer (fencing the wedged one) and the request answered again.
+TRANSACT_WEDGED_S = PUBLISH_TIMEOUT_S + 30.0
 KAFKA_TIMEOUT_S = 10.0
 STOP_WAIT_S = 3.0  # a stop waits this long for an answer being committed; a fit in progress is left
 REPREPARE_DELAY_S = 12.0  # after losing a partition's producer: past the group session timeout (10 s)
@@ -354,16 +360,20 @@ class RequestLoop(mode.Service):
         """Run `fn` in a worker thread while the consumer keeps polling (see `polling`)."""
         return await self.polling(asyncio.get_running_loop().run_in_executor(None, fn, *args))
 
-    async def polling(self, future: asyncio.Future[T]) -> T:
+    async def polling(self, future: asyncio.Future[T], timeout_s: float | None = None) -> T:
         """Wait for `future` with every partition paused, polling the consumer meanwhile: heartbeats and
-        rebalances are served during a long fit, and no new request is taken."""
+        rebalances are served during a long fit, and no new request is taken. TimeoutError after
+        `timeout_s` (the future is left running)."""
         self._busy = True
         self._pause_all()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=BUSY_POLL_S)
                 if done:
                     return future.result()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"not done after {timeout_s:.0f} s")
                 msg = self._poll()
                 if msg is not None and (owned := self._owned.get(msg.partition() or 0)) is not None:
                     owned.backlog.append(msg)
@@ -415,11 +425,20 @@ class RequestLoop(mode.Service):
             raise OwnershipLostError(f"partition {owned.partition} is no longer ours")
         metadata = self._consumer.consumer_group_metadata()
         offsets = [TopicPartition(self.topic, owned.partition, offset + 1)]
-        loop = asyncio.get_running_loop()
-        self._publishing = loop.run_in_executor(
-            None, transact, owned.producer, outputs, offsets, metadata, PUBLISH_TIMEOUT_S
+        # A daemon thread of its own, not the default executor: a wedged call never returns, and must
+        # neither hold a pool's thread nor the process at exit.
+        call = in_daemon_thread(
+            f"trainer-txn-{owned.partition}",
+            partial(transact, owned.producer, outputs, offsets, metadata, PUBLISH_TIMEOUT_S),
         )
-        await self.polling(self._publishing)
+        self._publishing = asyncio.wrap_future(call)
+        try:
+            await self.polling(self._publishing, TRANSACT_WEDGED_S)
+        except TimeoutError as exc:
+            raise OwnershipLostError(
+                f"the transaction has not returned for {TRANSACT_WEDGED_S:.0f} s (wedged); "
+                "its producer is replaced"
+            ) from exc
         owned.next_offset = offset + 1
         self.handled += 1
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 
 from services.trainer import app as trainer_app
+from services.trainer import requests as requests_module
 from services.trainer.requests import Owned, OwnershipLostError, RequestLoop
 from streamml.codec import codec_for
 from streamml.runtime import Output
@@ -203,3 +206,69 @@ def test_an_invalid_request_is_skipped_with_an_alert_and_its_offset_committed(
 
     _loop, committed = asyncio.run(scenario())
     assert committed == [(0, 3, []), (0, 4, [])]
+
+
+class _WedgedProducer:
+    """A transactional producer whose send_offsets_to_transaction never returns (librdkafka 5456/5511)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def send_offsets_to_transaction(self, *_a: Any) -> None:
+        self.release.wait(30)
+
+    def commit_transaction(self, _timeout: float) -> None:
+        pass
+
+
+class _PausingConsumer:
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def pause(self, _parts: Any) -> None:
+        pass
+
+    def resume(self, _parts: Any) -> None:
+        pass
+
+    def consume(self, *_a: Any) -> list[Any]:
+        return []
+
+
+def test_a_wedged_answer_transaction_is_given_up_as_a_lost_answer_without_holding_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The call that never returns is left on its daemon thread; the answer is lost (answered again by
+    the partition's next preparation, with a new producer), and the event loop was free meanwhile."""
+    monkeypatch.setattr(requests_module, "TRANSACT_WEDGED_S", 0.5)
+    trainer = trainer_app.Trainer(settings(), Catalogue(settings()), b"k")
+    loop = RequestLoop(trainer)
+    producer = _WedgedProducer()
+    owned = loop._owned[0] = Owned(0, producer=producer, ready=True)
+    loop._consumer = _PausingConsumer()  # type: ignore[assignment]
+    ticks = 0
+
+    async def scenario() -> None:
+        nonlocal ticks
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        beat = asyncio.ensure_future(ticker())
+        try:
+            with pytest.raises(OwnershipLostError, match="wedged"):
+                await loop.commit(owned, 7, [])
+        finally:
+            beat.cancel()
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 5 and ticks >= 5  # the loop went on while the call hung
+    assert owned.next_offset == -1  # not answered
+    producer.release.set()
