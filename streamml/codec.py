@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from streamml import limits, unions
+from streamml import fvreader, limits, unions
 from streamml.errors import DecodeError, SchemaError
 from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
@@ -39,6 +39,8 @@ class AvroCodec:
         # Earlier versions of this record type, by fingerprint: records already on the topics (a compacted
         # topic keeps them for ever) or written by an instance not yet upgraded.
         self._earlier = {fp: s.parsed for fp, s in schema_history().items() if s.name == self.schema.name}
+        # The generic FeatureVector has a reader of its own (streamml.fvreader), while it is that contract.
+        self._fast = fvreader.read if fvreader.matches(self.schema.raw) else None
 
     def encode(self, record: Record) -> bytes:
         buf = io.BytesIO()
@@ -58,6 +60,11 @@ class AvroCodec:
             raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
         if data[2:HEADER_LEN] != self.schema.fingerprint:
             return self._decode_earlier(data)  # off the hot path: the current schema is checked first
+        if self._fast is not None:
+            try:
+                return self._fast(data, HEADER_LEN)
+            except Exception:  # not what it expects: fastavro reads it, or says why it cannot
+                pass
         try:
             record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), self._parsed, None)
         except Exception as exc:  # truncated or corrupt bodies raise EOFError, ValueError, ...
