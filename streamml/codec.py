@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from streamml import fvreader, limits, unions
+from streamml import fvreader, fvwriter, limits, unions
 from streamml.errors import DecodeError, SchemaError
 from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
@@ -41,8 +41,13 @@ class AvroCodec:
         self._earlier = {fp: s.parsed for fp, s in schema_history().items() if s.name == self.schema.name}
         # The generic FeatureVector has a reader of its own (streamml.fvreader), while it is that contract.
         self._fast = fvreader.read if fvreader.matches(self.schema.raw) else None
+        self._write = fvwriter.writer_for(self.schema.name, self.schema.raw)  # (FeatureVector, Prediction)
 
     def encode(self, record: Record) -> bytes:
+        if self._write is not None:
+            body = self._write(record)
+            if body is not None:
+                return self.header + body
         buf = io.BytesIO()
         buf.write(self.header)
         try:
