@@ -123,7 +123,7 @@ class _Keys:
     def __init__(self, branch: bytes) -> None:
         self.branch = branch
         self.prefix: dict[str, bytes] = {}
-        self.layouts: dict[tuple[str, ...], Callable[..., bytes]] = {}
+        self.layouts: dict[tuple[str, ...], tuple[Callable[..., bytes], list[bytes]]] = {}
 
     def key(self, name: Any) -> bytes:
         got = self.prefix.get(name)
@@ -138,29 +138,22 @@ class _Keys:
         if not values:
             return b"\x00"
         names = tuple(values)
-        pack = self.layouts.get(names)
-        if pack is None:
+        layout = self.layouts.get(names)
+        if layout is None:
             if len(self.layouts) >= 64:
                 self.layouts.clear()
             prefixes = [self.key(n) for n in names]
-            fmt = "<" + "".join(f"{len(p)}sd" for p in prefixes)
-            layout = struct.Struct(fmt).pack
-            keys = prefixes
-
-            def pack_values(
-                *xs: float, _layout: Callable[..., bytes] = layout, _keys: list[bytes] = keys
-            ) -> bytes:
-                args: list[Any] = [None] * (2 * len(_keys))
-                args[0::2] = _keys
-                args[1::2] = xs
-                return _layout(*args)
-
-            pack = self.layouts[names] = pack_values
+            codec = struct.Struct("<" + "".join(f"{len(p)}sd" for p in prefixes))
+            layout = self.layouts[names] = (codec.pack, prefixes)
+        pack, prefixes = layout
         xs = tuple(values.values())
         for x in xs:
             if type(x) is not float:
                 raise Unfit("not a float")
-        return _long(len(xs)) + pack(*xs) + b"\x00"
+        args: list[Any] = [None] * (2 * len(xs))
+        args[0::2] = prefixes
+        args[1::2] = xs
+        return _long(len(xs)) + pack(*args) + b"\x00"
 
 
 _FEATURE_KEYS = _Keys(b"\x00")  # features: map<["double", "string"]>, the double branch
