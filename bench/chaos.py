@@ -77,6 +77,9 @@ GUARANTEES = ("at_least_once", "exactly_once")
 SINGLE_WRITER = ("learner", "monitor", "controller")
 # The services an event passes through on its way to a prediction: only their stops can pause serving.
 PREDICTION_PATH = ("features", "predictor")
+# Features after a CONCEPT alert beyond the retraining window by which its training request must be out:
+# the controller may be down (12 s in the fixed schedule, 3,600 events at 300/s) when the alert comes.
+DUE_MARGIN = 4_000
 INVALID = b"{not json"  # a malformed raw event: dead-lettered, never predicted
 
 
@@ -511,7 +514,7 @@ class Run:
         pred_msgs, _ = read(c.predictions(PIPELINE).name, "Prediction")
         pairs = [(m, p) for m, p in zip(pred_msgs, decode_pairs(pred_msgs), strict=True) if p is not None]
         preds = [p for _, p in pairs]
-        _, features = read(c.features(PIPELINE).name, "FeatureVector")
+        feature_msgs, features = read(c.features(PIPELINE).name, "FeatureVector")
         _, versions = read(c.model_versions().name, "ModelVersion")
         _, alerts = read(c.drift_alerts().name, "DriftAlert")
         _, requests = read(c.training_requests().name, "TrainingRequest")
@@ -537,7 +540,12 @@ class Run:
         ocheck = inv.check_rolling_in_read_order(
             features, inv.rolling_steps(definition["feature_steps"]), read_order, self.raw
         )
-        concept = inv.count_alerts([a for a in alerts if a["pipeline"] == PIPELINE], "CONCEPT", expected=1)
+        concept_alerts = [a for a in alerts if a["pipeline"] == PIPELINE and a["kind"] == "CONCEPT"]
+        concept = inv.count_alerts(concept_alerts, "CONCEPT", expected=1)
+        # alerts a request must answer: a retraining window of features after them, and DUE_MARGIN more
+        window = int(definition["policy"]["retrain_window_events"])
+        feature_times = [m.timestamp()[1] for m in feature_msgs]
+        due = inv.alerts_due(concept_alerts, feature_times, window + DUE_MARGIN)
         loop = inv.loop_outcome(
             [r for r in requests if r["pipeline"] == PIPELINE],
             [r for r in results if r["pipeline"] == PIPELINE],
@@ -587,7 +595,8 @@ class Run:
         self.details = {
             "count": count, "lineage": lineage, "served": served, "features": fcheck, "concept": concept,
             "features_read_order": ocheck,
-            "loop": loop, "per_stop": per_stop, "stuck": stuck, "exits": exits, "dead": unasked,
+            "loop": loop, "concept_due": due, "per_stop": per_stop, "stuck": stuck, "exits": exits,
+            "dead": unasked,
             "alerts_by_kind": collections.Counter(a["kind"] for a in alerts),
             "requests": len(requests), "claims": len(claims),
             "decisions": [f"{p['action']} {p['model_name']} v{p['version']}" for p in promotions
@@ -635,16 +644,20 @@ class Run:
              f"{d['features_read_order'].copies:,} replayed copies not compared); "
              f"e.g. {d['features_read_order'].examples[:1]}"],
             ["CONCEPT alerts (1 expected)", f"{d['concept'].records}",
-             ", ".join(f"{k} {v}" for k, v in sorted(d["alerts_by_kind"].items()))],
+             ", ".join(f"{k} {v}" for k, v in sorted(d["alerts_by_kind"].items()))
+             + f"; on lineages {d['concept'].lineages}"],
             ["training requests (1 expected)", f"{loop.requests}",
-             f"{loop.results} results, {loop.answered_twice} answered twice"],
+             f"{loop.results} results, {loop.answered_twice} answered twice; {d['concept_due']} alerts "
+             f"followed by the retraining window + {DUE_MARGIN:,} features"],
             ["controller SHADOW / verdicts", f"{loop.shadows} / {loop.verdicts}",
              f"challenger {loop.challenger}, verdict {loop.verdict}, completed once: {loop.completed_once}; "
              + ", ".join(d["decisions"])],
             ["writer claims", f"{d['claims']}", ""],
             ["partitions not readable to the end", str(sum(len(p) for p in d["stuck"].values())),
              str(r["stuck_partitions"])],
-            ["dead instances at the end", str(len(d["dead"])), ", ".join(d["dead"])],
+            ["dead instances at the end", str(len(d["dead"])),
+             ", ".join(f"{lb} (exit {d['exits'][lb][-1].returncode if d['exits'].get(lb) else '?'})"
+                       for lb in d["dead"])],
             ["phases (s)", "", ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())],
         ]  # fmt: skip
         title = (f"StreamML chaos, {guarantee}: {count.expected:,} events at {self.config.rate:.0f}/s, "

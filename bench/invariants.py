@@ -6,6 +6,7 @@ decoded records, no broker. Each returns numbers plus a few examples, so a failu
 
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import math
@@ -359,6 +360,14 @@ def count_alerts(alerts: Iterable[Record], kind: str = "CONCEPT", expected: int 
         len(of_kind), len({a["alert_id"] for a in of_kind}), max(0, len(of_kind) - expected),
         lineages=lineages,
     )  # fmt: skip
+
+
+def alerts_due(alerts: Iterable[Record], later_times_ms: Sequence[int], events: int) -> int:
+    """Alerts followed by at least `events` records (of the topic whose times are `later_times_ms`)
+    after their `detected_at`: the controller schedules a retraining a window of events after an alert,
+    so only those must have been answered by a request when a run ends."""
+    times = sorted(later_times_ms)
+    return sum(1 for a in alerts if len(times) - bisect.bisect_right(times, int(a["detected_at"])) >= events)
 
 
 @dataclass

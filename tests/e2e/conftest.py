@@ -115,6 +115,23 @@ def model_signing(folder: Path) -> tuple[dict[str, str], Keys]:
     return env, Keys(Signer(load_private_key(path)), Verifier(parse_public_keys(public)))
 
 
+def show_logs_after(stack: Stack, failed: bool, lines: int) -> None:
+    """Stop every instance; if the test failed, print their logs. Instances not running before the
+    teardown (died by themselves, or stopped and not restarted) go last and longer, with how each run
+    ended: CI keeps the end of the output."""
+    down = stack.dead()
+    stack.stop_all()
+    if not failed:
+        return
+    exits = stack.exit_codes()
+    for label in sorted(stack.services, key=lambda lb: lb in down):
+        if label in down:
+            print(f"\n===== {label}: NOT RUNNING before the teardown; runs ended {exits.get(label)} =====")
+            print(f"===== {label} log (last 150 lines) =====\n{stack.tail(label, 150)}")
+        else:
+            print(f"\n===== {label} log (last {lines} lines) =====\n{stack.tail(label, lines)}")
+
+
 @pytest.fixture
 def make_system(
     kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -151,10 +168,7 @@ def make_system(
     yield make
     report = getattr(request.node, "rep_call", None)
     for system in made:
-        system.stack.stop_all()
-        if report is not None and report.failed:
-            for name in system.stack.services:
-                print(f"\n===== {name} log (last 60 lines) =====\n{system.stack.tail(name, 60)}")
+        show_logs_after(system.stack, report is not None and report.failed, 60)
 
 
 @pytest.fixture
@@ -280,7 +294,4 @@ def make_cluster_system(
     yield make
     report = getattr(request.node, "rep_call", None)
     for system in made:
-        system.stack.stop_all()
-        if report is not None and report.failed:
-            for label in system.stack.services:
-                print(f"\n===== {label} log (last 40 lines) =====\n{system.stack.tail(label, 40)}")
+        show_logs_after(system.stack, report is not None and report.failed, 40)

@@ -92,7 +92,12 @@ def test_two_instances_of_every_service_survive_kills_and_a_broker_restart(
     )
     loop = d["loop"]
     alerts = concept.records
-    expect(loop.requests == alerts, f"{loop.requests} training requests for {alerts} CONCEPT alerts")
+    # Every alert followed by a retraining window of events (and a margin for a controller that was down)
+    # was answered by one request; a later one (the stream ended first: its tail is bounded) may not be.
+    expect(
+        1 <= d["concept_due"] <= loop.requests <= alerts,
+        f"{loop.requests} training requests for {alerts} CONCEPT alerts, {d['concept_due']} of them due",
+    )
     expect(loop.answered_twice == 0, f"{loop.answered_twice} requests answered more than once")
     expect(
         loop.each_once and loop.shadows <= alerts,

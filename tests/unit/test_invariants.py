@@ -278,3 +278,12 @@ def test_concept_alerts_one_per_lineage() -> None:
     assert inv.count_alerts([alert("a", "online", 2), alert("b", "batch", 1)]).one_per_lineage
     assert not inv.count_alerts([alert("a", "online", 2), alert("b", "online", 2)]).one_per_lineage
     assert not inv.count_alerts([alert("a", "online", 2), alert("a", "batch", 1)]).one_per_lineage
+
+
+def test_an_alert_is_due_once_enough_records_came_after_it() -> None:
+    alerts = [{"detected_at": 1_000}, {"detected_at": 5_000}]
+    later = [900, 1_000, 1_001, 2_000, 4_999, 5_001, 6_000]  # 5 after the first alert, 2 after the second
+    assert inv.alerts_due(alerts, later, 2) == 2
+    assert inv.alerts_due(alerts, later, 3) == 1  # the second has 2 records after it, not 3
+    assert inv.alerts_due(alerts, later, 6) == 0
+    assert inv.alerts_due([], later, 1) == 0
