@@ -366,6 +366,16 @@ HOLD_LIMIT_S = 20.0
 TXN_CALL_WEDGED_S = 10.0
 # Exactly-once: how long one attempt to abort a given-up transaction waits for the broker (then retried).
 ABORT_WAIT_S = 5.0
+# Exactly-once: a data loop's transactional id is its instance's own, so a fence is almost always the broker
+# timing out a transaction that could not commit in time (a broker away longer than transaction.timeout.ms:
+# librdkafka reports PRODUCER_FENCED or INVALID_PRODUCER_EPOCH as fatal; Kafka Streams takes it as a task
+# migration). The producer is replaced and the loop goes back to its committed input. Fenced more than
+# FENCES_TOLERATED times within FENCE_WINDOW_S, another process runs with this instance id: that is raised.
+FENCES_TOLERATED = 3
+FENCE_WINDOW_S = 300.0
+# Exactly-once: how long a new transactional producer may wait in all for its coordinator (init_transactions
+# is asked again while the broker answers with a retriable error, e.g. the coordinator moving).
+INIT_WAIT_S = 90.0
 # How long an assignment with state to restore waits in all for the group's stable committed offsets of its
 # partitions (each attempt at most 10 s): the previous owner's last transaction must end first.
 COMMITTED_WAIT_S = 60.0
@@ -382,12 +392,12 @@ DEPENDENCY_WAIT_MAX_S = 5.0
 ALIGN_IDLE_S = 1.0
 
 
-# Fatal transactional errors that mean another producer owns this transactional id, or that this one may
-# not use it: never answered by replacing the producer (it would fence the rightful owner in turn).
-_FENCED = frozenset({
-    KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-})  # fmt: skip
+# Fatal transactional errors that mean another producer with this transactional id (or the coordinator,
+# timing out this one's transaction) bumped its epoch; and those that mean this one may not use the id.
+_FENCED = frozenset({KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED})
+_DENIED = frozenset(
+    {KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED}
+)
 
 
 def in_daemon_thread(name: str, fn: Callable[[], Any]) -> Future[Any]:
@@ -507,6 +517,7 @@ class BatchLoop(mode.Service):
         self._producer_overrides: dict[str, Any] = {}
         # replaced producers, never destroyed (see _replace_producer)
         self._abandoned: list[Producer] = []
+        self._fences: list[float] = []  # when this loop's producer was fenced (see FENCES_TOLERATED)
         self._last_hold_log = 0.0
         self._closing = False
         self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
@@ -514,6 +525,11 @@ class BatchLoop(mode.Service):
         self._dependency_wait = 0.0
         self.processed = 0
         super().__init__(**kwargs)
+
+    @property
+    def transactional_id(self) -> str:
+        """Exactly-once: the instance's own (a restart aborts what its crashed run left open at once)."""
+        return f"{self.group_id}-{self.settings.instance_id}"
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def on_start(self) -> None:
@@ -534,14 +550,14 @@ class BatchLoop(mode.Service):
         )
         overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
         if self.exactly_once:
-            overrides["transactional.id"] = f"{self.group_id}-{self.settings.instance_id}"
+            overrides["transactional.id"] = self.transactional_id
             # A crashed instance's open transaction holds back read_committed readers of its outputs until
             # the broker aborts it (librdkafka's default: 60 s) or the instance comes back.
             overrides.setdefault("transaction.timeout.ms", 10_000)
         self._producer_overrides = overrides
         self._producer = make_producer(self.settings, **overrides)
         if self.exactly_once:
-            self._producer.init_transactions(30)
+            self._init_transactions()
 
     async def on_stop(self) -> None:
         """Deliver, commit and close within STOP_TIMEOUT_S, whatever the broker does: outputs not
@@ -906,7 +922,8 @@ class BatchLoop(mode.Service):
         except DependencyUnavailableError as exc:
             self._read_again_later(good, exc)
             return
-        self._begin()  # offsets of records without outputs still commit inside the transaction
+        if not self._begin():  # offsets of records without outputs still commit inside the transaction
+            return
         self._produce_all(self._handle(interleave(good) if self._aligned is not None else good))
         positions = self._positions
         topic_counts: dict[str, int] = {}
@@ -968,18 +985,29 @@ class BatchLoop(mode.Service):
                 outputs.append(self._dead_letter(msg, exc))
         return outputs
 
-    def _begin(self) -> None:
+    def _begin(self) -> bool:
+        """Exactly-once: open a transaction if none is. False if the producer cannot (it failed, and was
+        replaced; or its last transaction must be aborted first): the loop then goes back to the committed
+        input, and what the caller was about to handle or produce is dropped (it comes again)."""
         if self.exactly_once and not self._in_txn:
             assert self._producer is not None
-            self._producer.begin_transaction()
+            try:
+                self._producer.begin_transaction()
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or err.fatal():
+                    self._replace_failed_producer(err, exc)
+                else:
+                    self._abort_and_rewind(f"cannot begin a transaction: {err}")
+                return False
             self._in_txn = True
+        return True
 
     def _produce_all(self, outputs: Iterable[Output]) -> None:
         assert self._producer is not None
         outputs = list(outputs)
-        if not outputs:
+        if not outputs or not self._begin():
             return
-        self._begin()
         for out in outputs:
             self._send(out)
         self._producer.poll(0)
@@ -987,6 +1015,8 @@ class BatchLoop(mode.Service):
     def _send(self, out: Output) -> None:
         """Produce one output; one the local queue or the broker cannot take now is kept for a retry."""
         assert self._producer is not None
+        if self._abort_needed is not None:  # the open transaction is lost anyway
+            return
         if self._retry:  # others wait already (the queue was full): keep the order, do not block again
             self._retry.append(out)
             return
@@ -1008,6 +1038,8 @@ class BatchLoop(mode.Service):
                 self._retry.append(out)
             elif err is None or is_permanent(err) or not err.fatal():
                 self._refused(out.topic, err or exc)  # refused locally (e.g. too large): this output only
+            elif self.exactly_once:  # the producer failed: its transaction is aborted, the producer replaced
+                self._abort_needed = f"the producer failed: {err}"
             else:
                 raise StreamMLError(f"{self.name}: the producer failed: {err}") from exc
 
@@ -1062,9 +1094,8 @@ class BatchLoop(mode.Service):
         if self._state is None:
             return False
         records = list(self._state())
-        if not records:
+        if not records or not self._begin():
             return False
-        self._begin()
         for out in records:
             self._send(out)
         self._producer.poll(0)  # type: ignore[union-attr]
@@ -1214,13 +1245,25 @@ class BatchLoop(mode.Service):
         return True
 
     def _replace_failed_producer(self, err: KafkaError | None, exc: BaseException) -> bool:
-        """A fatal transactional error. Fenced (another producer with this transactional id, or no right
-        to use it): this process must not write again, raised. Any other (librdkafka's transaction state
-        machine gave up, e.g. INVALID_TXN_STATE on an abort after the broker timed the transaction out): a
-        new producer with the same id, as for a wedged one; the loop goes back to the committed input."""
-        if err is None or err.code() in _FENCED:
+        """A fatal transactional error: a new producer with the same id, as for a wedged one, and the loop
+        goes back to the committed input. That covers librdkafka's transaction state machine giving up (e.g.
+        INVALID_TXN_STATE on an abort after the broker timed the transaction out) and a fence (see
+        FENCES_TOLERATED). No right to use the id, or fenced again and again: raised, this process must not
+        write."""
+        if err is None or err.code() in _DENIED:
             raise StreamMLError(f"{self.name}: the transactional producer failed: {err or exc}") from exc
-        self._replace_producer(f"it failed: {err}", "producer_failed")
+        metric = "producer_failed"
+        if err.code() in _FENCED:
+            now = time.monotonic()
+            self._fences = [t for t in self._fences if now - t < FENCE_WINDOW_S] + [now]
+            if len(self._fences) > FENCES_TOLERATED:
+                raise StreamMLError(
+                    f"{self.name}: fenced {len(self._fences)} times within {FENCE_WINDOW_S:.0f} s ({err}): "
+                    f"another process uses transactional id {self.transactional_id!r} "
+                    "(each replica needs its own STREAMML_INSTANCE_ID)"
+                ) from exc
+            metric = "producer_fenced"
+        self._replace_producer(f"it failed: {err}", metric)
         self._abort_pending = False  # the new producer aborted what was open
         return True
 
@@ -1234,12 +1277,29 @@ class BatchLoop(mode.Service):
         assert self._producer is not None
         self._abandoned.append(self._producer)
         self._producer = make_producer(self.settings, **self._producer_overrides)
-        self._producer.init_transactions(30)
+        self._init_transactions()
         self._offsets_call = None
         self._forget_transaction()
         self._rewind_pending = True
         if not self._in_revoke:
             self._rewind()
+
+    def _init_transactions(self) -> None:
+        """init_transactions on the current producer (it aborts what this id left open and fences an older
+        producer), asked again while the broker answers with a retriable error, up to INIT_WAIT_S."""
+        assert self._producer is not None
+        deadline = time.monotonic() + INIT_WAIT_S
+        while True:
+            try:
+                self._producer.init_transactions(max(1.0, min(30.0, deadline - time.monotonic())))
+                return
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                if err is None or not err.retriable() or err.fatal() or time.monotonic() >= deadline:
+                    raise StreamMLError(f"{self.name}: cannot initialise transactions: {err or exc}") from exc
+                ERRORS.labels(self.name, "init_retry").inc()
+                log.warning("%s: transactions not initialised yet (%s); asking again", self.name, err)
+                time.sleep(0.5)
 
     def _log_holding(self, what: str = "") -> None:
         """At most one line every 5 s while outputs wait for the broker."""

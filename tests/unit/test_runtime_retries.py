@@ -925,12 +925,10 @@ class FreshProducer(TxnFakeProducer):
         self.initialised = True
 
 
-def test_a_fatal_abort_replaces_the_producer_unless_another_process_fenced_it(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_fatal_abort_replaces_the_producer(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """librdkafka answered an abort (the broker had timed the transaction out) with a fatal INVALID_TXN_STATE
     in a local e2e run, and the features instance exited. A new producer with the same transactional id
-    aborts what is open, and the loop goes back to the committed input. A fence is never fought."""
+    aborts what is open, and the loop goes back to the committed input."""
     fresh = FreshProducer()
     monkeypatch.setattr(runtime, "make_producer", lambda *_a, **_k: fresh)
     failed = TxnFakeProducer()
@@ -942,12 +940,64 @@ def test_a_fatal_abort_replaces_the_producer_unless_another_process_fenced_it(
     assert loop._producer is fresh and fresh.initialised and loop._abandoned == [failed]
     assert not loop._abort_pending and consumer.unsubscribed and "commit" not in failed.calls
 
-    fenced = TxnFakeProducer()
-    fenced.abort_errors = [KafkaError(KafkaError.PRODUCER_FENCED, "fenced", fatal=True)]
-    loop = eos_loop(settings, fenced, RewindConsumer())
+
+class FencedProducer(TxnFakeProducer):
+    """A producer whose transaction the coordinator timed out: every commit and begin is refused as
+    fenced (fatal), as librdkafka does once the broker bumped the epoch."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(commit_error=error)
+        self.error = error
+
+    def init_transactions(self, _timeout: float = 0) -> None:
+        self.calls.append("init")
+
+    def begin_transaction(self) -> None:
+        if "fail-begin" in self.calls:
+            raise KafkaException(self.error)
+        super().begin_transaction()
+
+
+def test_a_fenced_data_loop_replaces_its_producer_unless_fenced_again_and_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI, scale-out e2e: a features instance held a transaction while a broker was down for 15 s; the
+    coordinator timed it out (transaction.timeout.ms 10 s) and librdkafka reported the bumped epoch as a
+    fatal fence; the instance exited. The data loop's transactional id is its instance's own, so this is
+    the broker's doing: a new producer, back to the committed input. Only repeated fences (a second process
+    with this instance id) or no right to the id stop it."""
+    fenced = KafkaError(KafkaError.PRODUCER_FENCED, "fenced by a newer epoch", fatal=True)
+    made: list[FencedProducer] = []
+
+    def make(*_a: Any, **_k: Any) -> FencedProducer:
+        made.append(FencedProducer(fenced))
+        return made[-1]
+
+    monkeypatch.setattr(runtime, "make_producer", make)
+    consumer = RewindConsumer()
+    loop = eos_loop(settings, FencedProducer(fenced), consumer)
+    for attempt in range(runtime.FENCES_TOLERATED):
+        loop.process([FakeMessage("in", b"a", offset=7)])
+        assert loop._commit(force=True)  # nothing is held: the producer was replaced, the input rewound
+        assert loop._producer is made[attempt] and consumer.unsubscribed and not loop._in_txn
+        consumer.unsubscribed = False
     loop.process([FakeMessage("in", b"a", offset=7)])
-    with pytest.raises(StreamMLError, match="fenced"):
-        loop._abort_and_rewind("outputs not acknowledged")
+    with pytest.raises(StreamMLError, match="another process uses transactional id"):
+        loop._commit(force=True)
+
+    # begin_transaction refused (the fence noticed first by a delivery, say): the batch is not handled
+    loop = eos_loop(settings, FencedProducer(fenced), RewindConsumer())
+    loop._producer.calls.append("fail-begin")  # type: ignore[union-attr]
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    assert loop._positions == {} and loop._producer is made[-1]
+
+    denied = TxnFakeProducer(
+        KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "denied", fatal=True)
+    )
+    loop = eos_loop(settings, denied, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    with pytest.raises(StreamMLError, match="denied"):
+        loop._commit(force=True)
 
 
 class _Future:

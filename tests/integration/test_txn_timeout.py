@@ -1,0 +1,68 @@
+"""Exactly-once data loop on a real broker whose transaction coordinator times a transaction out.
+
+A transaction kept open longer than transaction.timeout.ms (a broker away for longer, in production) is
+aborted by the coordinator, which bumps the producer's epoch: librdkafka then fails the commit as a fatal
+fence. The loop's transactional id is its instance's own, so it replaces its producer, goes back to its
+committed input, and every record still comes out exactly once (CI saw a features instance exit on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+from confluent_kafka import Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamml.runtime import BatchLoop, Output, read_to_end
+from streamml.settings import Settings
+
+N = 200
+
+
+def test_a_transaction_timed_out_by_the_coordinator_is_redone_not_fatal(kafka_bootstrap: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    slow = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=prefix,
+        processing_guarantee="exactly_once",
+        commit_interval_s=14.0,  # the open transaction outlives its 1 s timeout and the coordinator's sweep
+    )  # type: ignore[call-arg]
+    source, sink = f"{prefix}.in", f"{prefix}.out"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for created in admin.create_topics([NewTopic(source, 2, 1), NewTopic(sink, 2, 1)]).values():
+        created.result(30)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(N):
+        producer.produce(source, str(i).encode(), partition=i % 2)
+    assert producer.flush(30) == 0
+
+    def copy(msgs: list[Message]) -> list[Output]:
+        return [Output(sink, None, m.value() or b"", partition=m.partition()) for m in msgs]
+
+    loop = BatchLoop(
+        slow, name="copy", handler=copy, topics=lambda: {source},
+        producer_config={"transaction.timeout.ms": 1000},
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        await loop.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while not loop._abandoned:  # the commit was refused as fenced, the producer replaced
+                assert asyncio.get_running_loop().time() < deadline, "the coordinator never timed it out"
+                assert not loop.crashed, f"the loop crashed: {loop.crash_reason!r}"
+                await asyncio.sleep(0.2)
+            loop.settings = slow.model_copy(update={"commit_interval_s": 0.1})  # commits in time from now
+            while len(read_to_end(slow, sink)) < N:
+                assert asyncio.get_running_loop().time() < deadline + 30, "outputs never committed"
+                assert not loop.crashed, f"the loop crashed: {loop.crash_reason!r}"
+                await asyncio.sleep(0.5)
+        finally:
+            await loop.stop()
+
+    asyncio.run(scenario())
+    committed = Counter(m.value() for m in read_to_end(slow, sink))
+    assert len(loop._abandoned) == 1  # replaced once: commits were in time after that
+    assert committed == Counter(str(i).encode() for i in range(N))  # each exactly once (read_committed)
