@@ -54,11 +54,38 @@ class Malformed(ValueError):
 
 def _long(data: bytes, pos: int) -> tuple[int, int]:
     """A zig-zag varint (Avro int and long) of up to 9 bytes (|value| < 2**62) at `pos`: (value, position
-    after it)."""
+    after it). Unrolled up to 6 bytes (a millisecond time), then a loop."""
     b = data[pos]  # IndexError past the end
     if b < 0x80:
         return (b >> 1) ^ -(b & 1), pos + 1
-    n, shift = b & 0x7F, 7
+    n = b & 0x7F
+    b = data[pos + 1]
+    if b < 0x80:
+        n |= b << 7
+        return (n >> 1) ^ -(n & 1), pos + 2
+    n |= (b & 0x7F) << 7
+    b = data[pos + 2]
+    if b < 0x80:
+        n |= b << 14
+        return (n >> 1) ^ -(n & 1), pos + 3
+    n |= (b & 0x7F) << 14
+    b = data[pos + 3]
+    if b < 0x80:
+        n |= b << 21
+        return (n >> 1) ^ -(n & 1), pos + 4
+    n |= (b & 0x7F) << 21
+    b = data[pos + 4]
+    if b < 0x80:
+        n |= b << 28
+        return (n >> 1) ^ -(n & 1), pos + 5
+    n |= (b & 0x7F) << 28
+    b = data[pos + 5]
+    if b < 0x80:
+        n |= b << 35
+        return (n >> 1) ^ -(n & 1), pos + 6
+    n |= (b & 0x7F) << 35
+    pos += 5
+    shift = 42
     while True:
         pos += 1
         b = data[pos]

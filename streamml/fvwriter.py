@@ -50,15 +50,44 @@ class Unfit(ValueError):
     """A value this writer does not take (fastavro then writes or refuses the record)."""
 
 
+# Varints written recently: a batch's prediction time, a features batch's feature time and the event times
+# of one millisecond repeat from record to record. Bounded: emptied when full.
+_VARINTS: dict[int, bytes] = dict(_SMALL)
+_VARINTS_MAX = 8192
+
+
 def _long(n: Any) -> bytes:
-    if type(n) is not int:
+    if type(n) is not int:  # first: True and 1.0 would find 1's bytes
         raise Unfit("not an int")
-    small = _SMALL.get(n)
-    if small is not None:
-        return small
+    got = _VARINTS.get(n)
+    if got is not None:
+        return got
     if not _LONG_MIN <= n <= _LONG_MAX:
         raise Unfit("out of the long range")
-    z = ((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF
+    if len(_VARINTS) >= _VARINTS_MAX:
+        _VARINTS.clear()
+        _VARINTS.update(_SMALL)
+    got = _VARINTS[n] = _varint(((n << 1) ^ (n >> 63)) & 0xFFFFFFFFFFFFFFFF)
+    return got
+
+
+def _varint(z: int) -> bytes:
+    """The base-128 bytes of a zig-zagged long `z` >= 128, unrolled up to 6 bytes (a millisecond time)."""
+    if z < 0x4000:
+        return bytes((z & 0x7F | 0x80, z >> 7))
+    if z < 0x200000:
+        return bytes((z & 0x7F | 0x80, z >> 7 & 0x7F | 0x80, z >> 14))
+    if z < 0x10000000:
+        return bytes((z & 0x7F | 0x80, z >> 7 & 0x7F | 0x80, z >> 14 & 0x7F | 0x80, z >> 21))
+    if z < 0x800000000:
+        return bytes(
+            (z & 0x7F | 0x80, z >> 7 & 0x7F | 0x80, z >> 14 & 0x7F | 0x80, z >> 21 & 0x7F | 0x80, z >> 28)
+        )
+    if z < 0x40000000000:
+        return bytes(
+            (z & 0x7F | 0x80, z >> 7 & 0x7F | 0x80, z >> 14 & 0x7F | 0x80, z >> 21 & 0x7F | 0x80,
+             z >> 28 & 0x7F | 0x80, z >> 35)
+        )  # fmt: skip
     out = bytearray()
     while z >= 0x80:
         out.append((z & 0x7F) | 0x80)

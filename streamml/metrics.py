@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -28,6 +30,22 @@ BATCH_SECONDS = Histogram(
     ["service"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """Observe every value of a batch, with the result of `observe` on each (a per-event latency): one
+    locked increment per bucket touched instead of a bucket search and two locked increments per value.
+    prometheus_client's Histogram keeps one counter per upper bound (the first bound >= the value, as
+    `bisect_left` finds it) and a sum; a test holds this to `observe` for the pinned version."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    histogram._sum.inc(sum(values))
+    buckets = histogram._buckets
+    for index, n in collections.Counter(bisect.bisect_left(bounds, v) for v in values).items():
+        buckets[index].inc(n)  # (the last bound is +Inf: every number has a bucket; values are never NaN)
+
+
 E2E_SECONDS = Histogram(
     "streamml_end_to_end_latency_seconds",
     "Event time to prediction time.",

@@ -272,9 +272,8 @@ class Predictor:
             return [dead_letter(self.catalogue, SERVICE, pipeline, msg, exc) for msg, _ in items]
         topic = self.catalogue.predictions(pipeline).name
         encode = self.prediction_encoders.get(topic, self._predictions).encode
-        latency = metrics.E2E_SECONDS.labels(pipeline)
         served: list[dict[str, Any]] = []
-        append, observe = outputs.append, latency.observe
+        append = outputs.append
         if not is_batch_model(live):  # River, one event at a time: the hot path, kept flat
             for msg, fv in items:
                 try:
@@ -283,7 +282,6 @@ class Predictor:
                     append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
                     continue
                 append(Output(topic, fv["event_id"].encode(), value))
-                observe(max(0, now - fv["event_time"]) / 1000)
                 served.append(fv)
         else:  # scikit-learn: one vectorized call for the batch
             try:
@@ -301,9 +299,11 @@ class Predictor:
                     append(dead_letter(self.catalogue, SERVICE, pipeline, msg, exc))
                     continue
                 append(Output(topic, fv["event_id"].encode(), value))
-                observe(max(0, now - fv["event_time"]) / 1000)
                 served.append(fv)
         metrics.EVENTS_OUT.labels(SERVICE, topic, pipeline).inc(len(served))
+        metrics.observe_many(
+            metrics.E2E_SECONDS.labels(pipeline), [max(0, now - fv["event_time"]) / 1000 for fv in served]
+        )
         challenger = self.registry.shadow.get(pipeline)
         if challenger is not None and served:
             try:

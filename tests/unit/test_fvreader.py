@@ -209,3 +209,18 @@ def test_a_layout_learnt_from_one_vector_reads_the_next_and_never_another() -> N
     nan = fvreader.read(body({"x": math.nan, "y": 0.0}))["features"]
     assert math.isnan(nan["x"]) and list(nan) == ["x", "y"]
     assert [lay.names for lay in fvreader._LAYOUTS[2]] == [("y", "x"), ("x", "z"), ("x", "y")]
+
+
+def test_longs_are_read_as_fastavro_reads_them_at_every_width() -> None:
+    """The unrolled widths (up to 6 bytes) and the loop after them, both signs, each boundary; a varint of
+    10 bytes is left to fastavro."""
+    edges = [s * ((1 << k) + d) for k in range(62) for d in (-1, 0, 1) for s in (1, -1)]
+    for v in edges:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, {"type": "long"}, v)  # type: ignore[arg-type]
+        body = out.getvalue()
+        assert fvreader._long(body + b"\x05", 0) == (v, len(body)), v
+    with pytest.raises(fvreader.Malformed):
+        fvreader._long(b"\xff" * 9 + b"\x01", 0)
+    with pytest.raises(IndexError):
+        fvreader._long(b"\xff" * 7, 0)  # truncated

@@ -100,3 +100,19 @@ def test_the_codec_writes_through_them_and_still_refuses_what_fastavro_refuses()
     assert fvwriter.feature_vector(again) is not None
     assert fv.encode(again)[HEADER_LEN:] == _fastavro("FeatureVector", again)
     assert fv.encode(again)[HEADER_LEN:] == _fastavro("FeatureVector", again)
+
+
+def test_longs_are_fastavros_at_every_width_and_through_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every varint width (the unrolled ones and the loop), both signs, each boundary, written twice (the
+    second time from the cache of recent values), and with the cache emptied while full."""
+    monkeypatch.setattr(fvwriter, "_VARINTS_MAX", 300)
+    edges = [s * ((1 << k) + d) for k in range(64) for d in (-1, 0, 1) for s in (1, -1)]
+    values = [v for v in edges if fvwriter._LONG_MIN <= v <= fvwriter._LONG_MAX]
+    values += [fvwriter._LONG_MIN, fvwriter._LONG_MAX, 1_796_281_423_769]
+    for v in values + values:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, {"type": "long"}, v)  # type: ignore[arg-type]
+        assert fvwriter._long(v) == out.getvalue(), v
+    for unfit in (True, 1.0, 1 << 63, -(1 << 63) - 1):
+        with pytest.raises(fvwriter.Unfit):
+            fvwriter._long(unfit)
