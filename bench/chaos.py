@@ -546,6 +546,9 @@ class Run:
         window = int(definition["policy"]["retrain_window_events"])
         feature_times = [m.timestamp()[1] for m in feature_msgs]
         due = inv.alerts_due(concept_alerts, feature_times, window + DUE_MARGIN)
+        labels = {str(e["event_id"]): e["label"] for e in self.raw.values()}
+        alerted = [(a.get("model_name"), a.get("model_version")) for a in concept_alerts]
+        errors = [(m, inv.error_profile(preds, labels, m)) for m in alerted]  # per alert, in order
         loop = inv.loop_outcome(
             [r for r in requests if r["pipeline"] == PIPELINE],
             [r for r in results if r["pipeline"] == PIPELINE],
@@ -596,7 +599,8 @@ class Run:
             "count": count, "lineage": lineage, "served": served, "features": fcheck, "concept": concept,
             "features_read_order": ocheck,
             "loop": loop, "concept_due": due, "per_stop": per_stop, "stuck": stuck, "exits": exits,
-            "dead": unasked,
+            "dead": unasked, "errors": errors,
+            "alert_messages": [a.get("message", "") for a in concept_alerts],
             "alerts_by_kind": collections.Counter(a["kind"] for a in alerts),
             "requests": len(requests), "claims": len(claims),
             "decisions": [f"{p['action']} {p['model_name']} v{p['version']}" for p in promotions
@@ -675,6 +679,16 @@ class Run:
             ["t (s)", "action", "target", "signal", "exit", "stall s", "takeover s", "error"],
             stop_rows, "Stops: longest pause of predictions in any partition after each, and the takeover",
         )  # fmt: skip
+        # Each CONCEPT alert, and how the version it is about erred by event index and in prediction order.
+        for message, (model, profile) in zip(d["alert_messages"], d["errors"], strict=True):
+            by_index, by_time = profile
+            out += f"\n\nCONCEPT alert on {model[0]} v{model[1]}: {message}"
+            out += "\n  its errors by event index: " + ", ".join(
+                f"{start:,}+ {rate:.3f} ({n})" for start, rate, n in by_index
+            )
+            out += "\n  by prediction time (quarters): " + ", ".join(
+                f"{rate:.3f} ({n})" for rate, n in by_time
+            )
         return out
 
 

@@ -370,6 +370,35 @@ def alerts_due(alerts: Iterable[Record], later_times_ms: Sequence[int], events: 
     return sum(1 for a in alerts if len(times) - bisect.bisect_right(times, int(a["detected_at"])) >= events)
 
 
+def error_profile(
+    preds: Iterable[Record], labels: Mapping[str, Any], model: tuple[Any, Any], parts: int = 4
+) -> tuple[list[tuple[int, float, int]], list[tuple[float, int]]]:
+    """How one served version erred: by event index (the number ending the event id, in buckets of a
+    `parts`-th of its range: (first index, error rate, predictions)), and in the order it predicted (quarters
+    by prediction time). A rise in one but not the other tells a changing stream from a changing order
+    (late events of an older concept reaching a newer model)."""
+    mine = []
+    for p in preds:
+        if p["shadow"] or (p["model_name"], p["model_version"]) != model or p["event_id"] not in labels:
+            continue
+        index = int(str(p["event_id"]).rsplit("-", 1)[-1]) if str(p["event_id"])[-1:].isdigit() else 0
+        mine.append((index, int(p["prediction_time"]), p["prediction"] != labels[p["event_id"]]))
+    if not mine:
+        return [], []
+    lo, hi = min(m[0] for m in mine), max(m[0] for m in mine) + 1
+    width = max(1, -(-(hi - lo) // parts))
+    by_index: dict[int, list[bool]] = collections.defaultdict(list)
+    for index, _t, wrong in mine:
+        by_index[lo + (index - lo) // width * width].append(wrong)
+    mine.sort(key=lambda m: m[1])
+    step = -(-len(mine) // parts)
+    by_time = [mine[i : i + step] for i in range(0, len(mine), step)]
+    return (
+        [(start, sum(w) / len(w), len(w)) for start, w in sorted(by_index.items())],
+        [(sum(m[2] for m in q) / len(q), len(q)) for q in by_time],
+    )
+
+
 @dataclass
 class LoopOutcome:
     requests: int  # training requests on the topic

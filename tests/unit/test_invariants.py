@@ -287,3 +287,21 @@ def test_an_alert_is_due_once_enough_records_came_after_it() -> None:
     assert inv.alerts_due(alerts, later, 3) == 1  # the second has 2 records after it, not 3
     assert inv.alerts_due(alerts, later, 6) == 0
     assert inv.alerts_due([], later, 1) == 0
+
+
+def test_error_profile_by_event_index_and_by_prediction_order() -> None:
+    """Late events of an older concept reaching a newer model: the errors rise in prediction order while
+    they are flat by event index within the newer stream."""
+
+    def pred(i: int, t: int, right: bool, model: tuple[str, int] = ("batch", 1)) -> dict[str, Any]:
+        return {"event_id": f"a-drift-{i}", "model_name": model[0], "model_version": model[1],
+                "prediction": right, "prediction_time": t, "shadow": False}  # fmt: skip
+
+    labels = {f"a-drift-{i}": True for i in range(400)}
+    preds = [pred(i, 1000 + i, True) for i in range(200, 400)]  # the newer stream, all right
+    preds += [pred(i, 5000 + i, False) for i in range(0, 200)]  # old events, late, all wrong
+    preds += [pred(5, 1, False, ("online", 2)), {**pred(7, 2, False), "shadow": True}]  # not batch v1
+    by_index, by_time = inv.error_profile(preds, labels, ("batch", 1), parts=2)
+    assert by_index == [(0, 1.0, 200), (200, 0.0, 200)]
+    assert by_time == [(0.0, 200), (1.0, 200)]
+    assert inv.error_profile(preds, labels, ("online", 9)) == ([], [])
