@@ -102,11 +102,29 @@ def _int(n: Any) -> bytes:
     return _long(n)
 
 
+# Strings written recently that repeat from record to record (pipeline, model and topic names, keys). An
+# event id is unique: it is written without the cache.
+_STRINGS: dict[str, bytes] = {}
+_STRINGS_MAX = 4096
+
+
 def _string(s: Any) -> bytes:
     if type(s) is not str:
         raise Unfit("not a str")
     b = s.encode()  # a lone surrogate raises UnicodeEncodeError: fastavro then decides
     return _long(len(b)) + b
+
+
+def _name(s: Any) -> bytes:
+    """A string that repeats (see _STRINGS)."""
+    if type(s) is not str:  # first: a str subclass must not find a str's bytes
+        raise Unfit("not a str")
+    got = _STRINGS.get(s)
+    if got is None:
+        if len(_STRINGS) >= _STRINGS_MAX:
+            _STRINGS.clear()
+        got = _STRINGS[s] = _string(s)
+    return got
 
 
 def _double(x: Any) -> bytes:
@@ -122,7 +140,7 @@ def _source(src: Any) -> bytes:
         raise Unfit("not a dict")
     return (
         b"\x02"
-        + _string(src["topic"])
+        + _name(src["topic"])
         + _int(src["partition"])
         + _long(src["start_offset"])
         + _long(src["end_offset"])
@@ -213,7 +231,7 @@ def _features(values: Any) -> bytes:
 
 
 def _key(key: Any) -> bytes:
-    return b"\x00" if key is None else b"\x02" + _string(key)
+    return b"\x00" if key is None else b"\x02" + _name(key)
 
 
 def feature_vector(r: dict[str, Any]) -> bytes | None:
@@ -223,7 +241,7 @@ def feature_vector(r: dict[str, Any]) -> bytes | None:
             (
                 _string(r["event_id"]),
                 _key(r["key"]),
-                _string(r["pipeline"]),
+                _name(r["pipeline"]),
                 _long(r["pipeline_revision"]),
                 _features(r["features"]),
                 _scalar_union(r["label"]),
@@ -247,8 +265,8 @@ def prediction(r: dict[str, Any]) -> bytes | None:
             (
                 _string(r["event_id"]),
                 _key(r["key"]),
-                _string(r["pipeline"]),
-                _string(r["model_name"]),
+                _name(r["pipeline"]),
+                _name(r["model_name"]),
                 _long(r["model_version"]),
                 _scalar_union(r["prediction"]),
                 b"\x00" if score is None else b"\x02" + _double(score),
