@@ -158,13 +158,28 @@ def _check_scalar(name: str, value: Any) -> None:
 
 
 def check_fields(fields: dict[str, Any]) -> None:
-    """Raise DecodeError unless `fields` is a bounded, flat mapping of names to scalars."""
+    """Raise DecodeError unless `fields` is a bounded, flat mapping of names to scalars.
+
+    Once per raw event and stage: exact floats and ints (most values) are checked inline, anything else by
+    `_check_scalar`."""
     if len(fields) > limits.MAX_RAW_FIELDS:
         raise DecodeError(f"{len(fields)} fields in one event (at most {limits.MAX_RAW_FIELDS})")
+    name_max, low, high, finite = (
+        limits.MAX_FIELD_NAME_CHARS,
+        -limits.MAX_INT - 1,
+        limits.MAX_INT,
+        math.isfinite,
+    )
     for key, value in fields.items():
-        if not isinstance(key, str) or len(key) > limits.MAX_FIELD_NAME_CHARS:
+        if type(key) is not str or len(key) > name_max:
             raise DecodeError(f"field name longer than {limits.MAX_FIELD_NAME_CHARS} characters")
-        _check_scalar(key, value)
+        t = type(value)
+        if t is float:
+            if finite(value):
+                continue
+        elif t is int and low <= value <= high:
+            continue
+        _check_scalar(key, value)  # (and the error of a float or int out of bounds)
 
 
 class FramedReader(Protocol):

@@ -34,6 +34,11 @@ MAX_MAG_TEXT = f"{MAX_MAGNITUDE:g}"
 
 def coerce_value(name: str, kind: str, value: Scalar) -> float | str:
     """One raw value as its declared type (bools and ints become floats for the models)."""
+    t = type(value)  # the usual cases first (a comparison is false for NaN: it takes the long way)
+    if t is float and kind == "FLOAT" and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    if t is int and (kind == "INT" or kind == "FLOAT") and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:  # type: ignore[operator]
+        return float(value)  # type: ignore[arg-type]
     if kind == "STRING":
         if isinstance(value, bool | int | float | str):
             return str(value)
