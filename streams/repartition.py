@@ -7,8 +7,7 @@ was (topic, partition, offset, timestamp, key), so feature vectors and dead lett
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Header of a repartition record: b"<raw topic>/<partition>/<offset>/<timestamp ms>" (topic names hold no
 # "/"), and the raw record's own key if it had one.
@@ -47,12 +46,21 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+_PARTITIONS: dict[tuple[bytes, int], int] = {}  # keys seen recently (entity keys repeat): bounded
+_PARTITIONS_MAX = 16_384
+
+
 def partition_for(key: bytes | None, partitions: int) -> int:
     """The partition of a key: Kafka's default (positive murmur2 modulo the count), so a raw topic a Java
     producer keyed by the same text puts each key on the same partition number."""
     if key is None:
         return KEYLESS_PARTITION
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    got = _PARTITIONS.get((key, partitions))
+    if got is None:
+        if len(_PARTITIONS) >= _PARTITIONS_MAX:
+            _PARTITIONS.clear()
+        got = _PARTITIONS[(key, partitions)] = (murmur2(key) & 0x7FFFFFFF) % partitions
+    return got
 
 
 def source_time(msg: Any) -> int:
@@ -78,9 +86,8 @@ def key_of(raw: Mapping[str, Any], key_field: str) -> bytes | None:
     return None if value is None else str(value).encode()
 
 
-@dataclass(frozen=True)
-class Source:
-    """The raw record a repartitioned event was."""
+class Source(NamedTuple):
+    """The raw record a repartitioned event was (a named tuple: made twice per event on the hot path)."""
 
     topic: str
     partition: int
@@ -98,7 +105,7 @@ class Source:
     def from_headers(cls, headers: Any) -> Source | None:
         """The source named by a record's headers, a list of (name, value) as confluent-kafka gives them
         (None if absent or malformed: anyone may write to a topic)."""
-        found: Source | None = None
+        found: tuple[str, int, int, int] | None = None
         key: bytes | None = None
         for name, value in headers if isinstance(headers, list) else ():
             if name == SOURCE_KEY_HEADER and isinstance(value, bytes):
@@ -106,14 +113,14 @@ class Source:
             elif name == SOURCE_HEADER and isinstance(value, bytes):
                 try:
                     topic, partition, offset, timestamp = value.decode().rsplit("/", 3)
-                    found = cls(topic, int(partition), int(offset), int(timestamp))
+                    found = (topic, int(partition), int(offset), int(timestamp))
                 except (UnicodeDecodeError, ValueError):
                     return None
-                if not topic or min(found.partition, found.offset) < 0:
+                if not topic or min(found[1], found[2]) < 0:
                     return None
         if found is None:
             return None
-        return Source(found.topic, found.partition, found.offset, found.timestamp, key)
+        return cls(*found, key)
 
     # The part of a confluent-kafka Message that dead letters read, so a record refused after the hop is
     # dead-lettered with the raw record's coordinates and bytes.

@@ -220,14 +220,14 @@ class Features:
         """Stage 2: the feature vector of one event, with its input partition's windows."""
         partition, offset = msg.partition() or 0, msg.offset() or 0
         origin: Message = msg
-        source = Source(topic, partition, offset, msg.timestamp()[1])
+        named = Source.from_headers(msg.headers()) if topic in self.hop_inputs else None
         raw_record = None
-        if topic in self.hop_inputs:  # the raw record it was, as stage 1 named it
-            named = Source.from_headers(msg.headers())
-            if named is not None:
-                source = named
-                origin = cast(Message, named.as_message(msg.value()))
-                raw_record = (f"{named.topic}/{named.partition}", named.offset)
+        if named is not None:  # the raw record it was, as stage 1 named it
+            source = named
+            origin = cast(Message, named.as_message(msg.value()))
+            raw_record = (f"{named.topic}/{named.partition}", named.offset)
+        else:
+            source = Source(topic, partition, offset, msg.timestamp()[1])
         try:
             raw = decode_raw(msg.value(), self.registry)
             fv = engine.transform(
