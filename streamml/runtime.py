@@ -9,6 +9,7 @@ our logic plus librdkafka, not Faust's per-message plumbing (measured ~10x faste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import ssl
@@ -373,6 +374,8 @@ ABORT_WAIT_S = 5.0
 # FENCES_TOLERATED times within FENCE_WINDOW_S, another process runs with this instance id: that is raised.
 FENCES_TOLERATED = 3
 FENCE_WINDOW_S = 300.0
+# A replaced producer is kept this long (its wedged calls may still return), then let go (`_retire`).
+RETIRE_AFTER_S = 60.0
 # Exactly-once: how long a new transactional producer may wait in all for its coordinator (init_transactions
 # is asked again while the broker answers with a retriable error, e.g. the coordinator moving).
 INIT_WAIT_S = 90.0
@@ -548,7 +551,13 @@ class BatchLoop(mode.Service):
                 **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
             },
         )
-        overrides: dict[str, Any] = {"linger.ms": 2, **self._producer_config}
+        overrides: dict[str, Any] = {
+            "linger.ms": 2,
+            # A delivery report only for a failed output (`_on_delivery` acts on those alone): no Python
+            # callback per delivered record. Flushes and the in-flight count work as before.
+            "delivery.report.only.error": True,
+            **self._producer_config,
+        }
         if self.exactly_once:
             overrides["transactional.id"] = self.transactional_id
             # A crashed instance's open transaction holds back read_committed readers of its outputs until
@@ -1271,11 +1280,11 @@ class BatchLoop(mode.Service):
         """A new transactional producer with the same transactional.id: initialising it fences the old
         one (the broker aborts its open transaction), and the loop goes back to the committed input. The
         old producer is kept referenced for good: destroying a wedged one could block on the call that
-        hangs."""
+        hangs: it is let go on a daemon thread of its own after RETIRE_AFTER_S (see `_retire`)."""
         ERRORS.labels(self.name, metric).inc()
         log.error("%s: replacing the transactional producer (%s)", self.name, why)
         assert self._producer is not None
-        self._abandoned.append(self._producer)
+        self._retire(self._producer)
         self._producer = make_producer(self.settings, **self._producer_overrides)
         self._init_transactions()
         self._offsets_call = None
@@ -1283,6 +1292,22 @@ class BatchLoop(mode.Service):
         self._rewind_pending = True
         if not self._in_revoke:
             self._rewind()
+
+    def _retire(self, producer: Producer) -> None:
+        """Keep a replaced producer referenced for RETIRE_AFTER_S, then purge it and drop the reference on a
+        daemon thread: its librdkafka handle is destroyed there, so a destroy that blocks on a wedged call
+        holds that thread only, and replaced producers do not pile up over a long run."""
+        abandoned = self._abandoned
+        abandoned.append(producer)
+
+        def let_go() -> None:
+            time.sleep(RETIRE_AFTER_S)
+            with contextlib.suppress(Exception):
+                producer.purge()
+            with contextlib.suppress(ValueError):
+                abandoned.remove(producer)
+
+        in_daemon_thread(f"{self.name}-retire-producer", let_go)
 
     def _init_transactions(self) -> None:
         """init_transactions on the current producer (it aborts what this id left open and fences an older

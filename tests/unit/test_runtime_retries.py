@@ -941,6 +941,24 @@ def test_a_fatal_abort_replaces_the_producer(settings: Settings, monkeypatch: py
     assert not loop._abort_pending and consumer.unsubscribed and "commit" not in failed.calls
 
 
+def test_a_replaced_producer_is_let_go_after_a_while(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replaced producers are purged and dropped on a daemon thread after RETIRE_AFTER_S: a long run that
+    replaces some does not keep their librdkafka handles (threads, sockets) for good."""
+    monkeypatch.setattr(runtime, "RETIRE_AFTER_S", 0.05)
+    monkeypatch.setattr(runtime, "make_producer", lambda *_a, **_k: FreshProducer())
+    failed = TxnFakeProducer()
+    failed.abort_errors = [KafkaError(KafkaError.INVALID_TXN_STATE, "invalid state", fatal=True)]
+    loop = eos_loop(settings, failed, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    loop._abort_and_rewind("outputs not acknowledged")
+    deadline = time.monotonic() + 5
+    while loop._abandoned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loop._abandoned == [] and isinstance(loop._producer, FreshProducer)
+
+
 class FencedProducer(TxnFakeProducer):
     """A producer whose transaction the coordinator timed out: every commit and begin is refused as
     fenced (fatal), as librdkafka does once the broker bumped the epoch."""
