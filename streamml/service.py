@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -439,7 +440,24 @@ def run_service(compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> N
         log.error("%s", exc)
         raise SystemExit(2) from exc
     metrics.serve(settings.metrics_host, settings.metrics_port)
+    settle_garbage_collector()
     run_worker(app, *services, loglevel=settings.log_level)
+
+
+# Allocations between collections of the youngest generation (CPython's default: 700). The data paths
+# allocate a few objects per event and free them at once; collecting every 700 allocations walked the young
+# objects thousands of times a second.
+GC_GEN0_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """Once composed: what start-up built (Faust, River, scikit-learn, schemas) lives as long as the process,
+    so it is moved out of the collector's reach (`gc.freeze`: full collections no longer walk it), and the
+    youngest generation is collected less often. Reference cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 # SIGTERM to exit: the data loops' final commit (runtime.STOP_TIMEOUT_S), then Faust's own shutdown. If a

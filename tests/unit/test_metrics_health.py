@@ -62,3 +62,18 @@ def test_metrics_still_served_by_prometheus_client(server: tuple[str, int]) -> N
 
 def test_port_zero_turns_the_endpoint_off() -> None:
     assert metrics.serve("127.0.0.1", 0) is None
+
+
+def test_a_composed_service_freezes_its_start_up_objects_and_collects_young_ones_less_often() -> None:
+    import gc
+
+    from streamml import service
+
+    before = gc.get_threshold()
+    try:
+        service.settle_garbage_collector()
+        assert gc.get_threshold() == (service.GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
