@@ -518,7 +518,7 @@ class BatchLoop(mode.Service):
         self._offsets_call: Future[Any] | None = None  # send_offsets_to_transaction running on its thread
         self._offsets_call_since = 0.0
         self._producer_overrides: dict[str, Any] = {}
-        # replaced producers, never destroyed (see _replace_producer)
+        # replaced producers, kept RETIRE_AFTER_S and then let go on a daemon thread (see _retire)
         self._abandoned: list[Producer] = []
         self._fences: list[float] = []  # when this loop's producer was fenced (see FENCES_TOLERATED)
         self._last_hold_log = 0.0
