@@ -42,8 +42,10 @@ from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import (
+    MIN_BATCH,
     RETRIABLE,
     SESSION_TIMEOUT_MS,
+    BatchSizer,
     Output,
     interleave,
     is_permanent,
@@ -340,10 +342,16 @@ class WriterSlots:
         return True
 
     def commit_all(self, timeout_s: float = COMMIT_TIMEOUT_S) -> bool:
+        """Commit every open transaction within `timeout_s` in all (not each: the caller holds the event
+        loop meanwhile); False if one is left open (retried at the next call)."""
+        deadline = time.monotonic() + timeout_s
         done = True
         for slot in list(self._open):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
             try:
-                done = self.commit(slot, timeout_s) and done
+                done = self.commit(slot, left) and done
             except StreamMLError as exc:
                 log.error("%s", exc)
         return done
@@ -387,6 +395,10 @@ class WriterLoop(mode.Service):
         self._partitions: dict[str, list[int]] = {}
         self._last_commit = time.monotonic()
         self._pending = False  # a commit that met a retriable error: retried before new input
+        # An online learner can take a millisecond per record (a deep adaptive tree, on a starved core):
+        # batches start small and grow while steps stay quick, so the event loop (SIGTERM, control topics)
+        # is never held for seconds, even while catching up after a restart.
+        self._sizer = BatchSizer(settings.max_batch, start=MIN_BATCH)
         self.processed = 0
         super().__init__(**kwargs)
 
@@ -429,9 +441,11 @@ class WriterLoop(mode.Service):
                 await asyncio.sleep(0.1)
                 return
         self._reassign()
-        msgs = self._consumer.consume(self.settings.max_batch, 0) if self._assigned else []  # type: ignore[union-attr]
+        msgs = self._consumer.consume(self._sizer.limit, 0) if self._assigned else []  # type: ignore[union-attr]
         if msgs:
+            started = time.monotonic()
             self.process(msgs)
+            self._sizer.step(self.name, len(msgs), time.monotonic() - started)
             await asyncio.sleep(0)
         else:
             await asyncio.sleep(0.01)

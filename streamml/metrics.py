@@ -95,6 +95,17 @@ WRITER_SLOTS_CONFIGURED = Gauge(
     "Writer slots of the service (STREAMML_WRITER_SLOTS): its instances together should own this many.",
     ["service"],
 )
+LOOP_STALLS = Counter(
+    "streamml_event_loop_stalls_total",
+    "Times the service's event loop was blocked for 2 s or more (each logged with where it was stuck).",
+    ["service"],
+)
+LOOP_STALL_SECONDS = Histogram(
+    "streamml_event_loop_stall_seconds",
+    "How long each reported event-loop stall lasted.",
+    ["service"],
+    buckets=(2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 60.0),
+)
 CONTROL_SKIPPED = Counter(
     "streamml_control_records_skipped_total",
     "Control-topic records skipped as invalid (each also logged and alerted as kind CONTROL).",

@@ -442,6 +442,26 @@ def interleave(msgs: list[Message]) -> list[Message]:
     return out
 
 
+class BatchSizer:
+    """How many records a data loop's next step takes, so that a step holds the event loop about
+    STEP_TARGET_S at most: a slow step that took (at least half) a full batch sets the next one in
+    proportion (at most half as many), a quick full one doubles it, between MIN_BATCH and `most`."""
+
+    def __init__(self, most: int, start: int | None = None) -> None:
+        self.most = most
+        self.least = min(MIN_BATCH, most)
+        self.limit = most if start is None else max(self.least, min(most, start))
+
+    def step(self, name: str, n: int, held: float) -> None:
+        if held > SLOW_STEP_S:
+            log.warning("%s: one step (%d records) held the event loop for %.1f s", name, n, held)
+        if held > STEP_TARGET_S and n >= self.limit // 2:
+            in_proportion = int(n * STEP_TARGET_S / held)
+            self.limit = max(self.least, min(self.limit // 2, in_proportion))
+        elif held < STEP_TARGET_S / 4 and n >= self.limit:
+            self.limit = min(self.most, self.limit * 2)
+
+
 class BatchLoop(mode.Service):
     """Consume → handle a batch → produce → commit, on the Faust event loop.
 
@@ -523,7 +543,7 @@ class BatchLoop(mode.Service):
         self._fences: list[float] = []  # when this loop's producer was fenced (see FENCES_TOLERATED)
         self._last_hold_log = 0.0
         self._closing = False
-        self._batch_limit = settings.max_batch  # adapted to STEP_TARGET_S
+        self._sizer = BatchSizer(settings.max_batch)
         self._paused_until = 0.0  # reading waits until then for something unavailable (a registry)
         self._dependency_wait = 0.0
         self.processed = 0
@@ -747,13 +767,11 @@ class BatchLoop(mode.Service):
             await asyncio.sleep(0)  # let Faust agents (e.g. a model swap) run between batches
 
     def _check_step(self, started: float, n: int) -> None:
-        held = time.monotonic() - started
-        if held > SLOW_STEP_S:
-            log.warning("%s: one step (%d records) held the event loop for %.1f s", self.name, n, held)
-        if held > STEP_TARGET_S and n >= self._batch_limit // 2:
-            self._batch_limit = max(min(MIN_BATCH, self.settings.max_batch), self._batch_limit // 2)
-        elif held < STEP_TARGET_S / 4 and n >= self._batch_limit:
-            self._batch_limit = min(self.settings.max_batch, self._batch_limit * 2)
+        self._sizer.step(self.name, n, time.monotonic() - started)
+
+    @property
+    def _batch_limit(self) -> int:
+        return self._sizer.limit
 
     def _take_aligned(self, msgs: list[Message]) -> list[Message]:
         """Of the consumed records, those to handle now: records of aligned topics go through per-partition

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from streamml.pipelines import validate_definition
 from streamml.registry import Registry
 from streamml.runtime import Output, end_offsets, is_retriable, kafka_error, read_to_end
 from streamml.settings import Settings
+from streamml.stalls import STACK_LIMIT, LoopWatch
 from streamml.topics import PIPELINE_NAME, Catalogue
 
 log = logging.getLogger(__name__)
@@ -420,7 +422,7 @@ _PIPELINE_NAMED = {
 }
 
 
-def run_service(compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> None:
+def run_service(service: str, compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> None:
     """Entry point of every service: settings, logging, composition, metrics endpoint, then the worker.
 
     A configuration or broker problem found while composing exits with status 2 and one clear line.
@@ -441,7 +443,7 @@ def run_service(compose: Callable[[Settings], tuple[faust.App, list[Any]]]) -> N
         raise SystemExit(2) from exc
     metrics.serve(settings.metrics_host, settings.metrics_port)
     settle_garbage_collector()
-    run_worker(app, *services, loglevel=settings.log_level)
+    run_worker(app, *services, loglevel=settings.log_level, service=service)
 
 
 # Allocations between collections of the youngest generation (CPython's default: 700). The data paths
@@ -470,10 +472,15 @@ BUFFER_DRAIN_S = 2.0  # what the data loops left in Faust's producer buffer (tab
 class _Worker(faust.Worker):
     """A Faust worker whose stop is bounded: data loops first, then the app, then a deadline."""
 
-    def __init__(self, app: faust.App, *services: Any, **kwargs: Any) -> None:
+    def __init__(self, app: faust.App, *services: Any, service: str, **kwargs: Any) -> None:
         self._data_loops = [s for s in services if isinstance(s, mode.Service)]
         self._watchdog: threading.Timer | None = None
+        self._loop_watch = LoopWatch(service)
         super().__init__(app, *services, **kwargs)
+
+    async def on_start(self) -> None:
+        self._loop_watch.start()  # from the start: a stall while restoring or fencing is reported too
+        await super().on_start()
 
     def _on_sigterm(self) -> None:
         self._arm_watchdog("SIGTERM")
@@ -514,12 +521,14 @@ class _Worker(faust.Worker):
 
 
 def _stop_overdue(signal_name: str) -> None:
+    main = sys._current_frames().get(threading.main_thread().ident or 0)
     log.error(
         "still stopping %.0f s after %s (threads: %s); exiting now: what was not committed is processed "
-        "again after the restart",
+        "again after the restart. The main thread is in:\n%s",
         STOP_DEADLINE_S,
         signal_name,
         ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread()),
+        "".join(traceback.format_stack(main, limit=STACK_LIMIT)).rstrip() if main is not None else "(gone)",
     )
     _exit_now(1)
 
@@ -529,7 +538,7 @@ def _exit_before_worker(signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def run_worker(app: faust.App, *services: Any, loglevel: str = "INFO") -> None:
+def run_worker(app: faust.App, *services: Any, service: str, loglevel: str = "INFO") -> None:
     """Run the Faust worker until SIGTERM/SIGINT; the stop commits and finishes within 10 s.
 
     Once the worker has stopped, every client has flushed and closed, so the process leaves without the
@@ -537,7 +546,9 @@ def run_worker(app: faust.App, *services: Any, loglevel: str = "INFO") -> None:
     two busy cores) and without waiting for threads still busy (a model fit in the trainer's executor:
     its request was not committed and is answered after the restart).
     """
-    worker = _Worker(app, *services, loglevel=loglevel.lower(), quiet=True, redirect_stdouts=False)
+    worker = _Worker(
+        app, *services, service=service, loglevel=loglevel.lower(), quiet=True, redirect_stdouts=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -356,4 +356,4 @@ def main() -> None:
         app, _service = build(settings)
         return app, []
 
-    run_service(compose)
+    run_service(SERVICE, compose)

@@ -409,4 +409,4 @@ def main() -> None:
         app, _service, loop = build(settings)
         return app, [loop]
 
-    run_service(compose)
+    run_service(SERVICE, compose)

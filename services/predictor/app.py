@@ -450,4 +450,4 @@ def main() -> None:
         app, _predictor, loop = build(settings)
         return app, [loop]
 
-    run_service(compose)
+    run_service(SERVICE, compose)

@@ -370,4 +370,4 @@ def main() -> None:
         app, _trainer, requests = build(settings)
         return app, [requests]
 
-    run_service(compose)
+    run_service(SERVICE, compose)

@@ -224,6 +224,30 @@ def test_a_retriable_commit_failure_keeps_the_transaction_open(
     assert slots.commit(2) is True and 2 not in slots._open
 
 
+def test_commit_all_bounds_the_time_of_all_commits_together(
+    settings: Settings, producers: dict[str, TxnProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data loop commits on the event loop: six commits of 1 s each held it (and SIGTERM) 6 s."""
+    slots, _ = writer(settings)
+    slots._assigned(None, [TopicPartition("u.writers", s) for s in range(6)])  # type: ignore[arg-type]
+    slots.commit_all()
+    clock = [100.0]
+    monkeypatch.setattr(election.time, "monotonic", lambda: clock[0])
+    timeouts: list[float] = []
+
+    def slow_commit(timeout: float) -> None:
+        timeouts.append(timeout)
+        clock[0] += 0.4  # each commit takes 0.4 s
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True))
+
+    for slot in range(6):
+        slots.send(slot, Output("t", b"k", b"v"))
+        producers[f"u-learner-writer-{slot}"].commit_transaction = slow_commit  # type: ignore[method-assign]
+    assert slots.commit_all(1.0) is False
+    assert timeouts == pytest.approx([1.0, 0.6, 0.2])  # then the second is up: the rest wait for the next call
+    assert slots._open == set(range(6))
+
+
 # -- hand-over of the monitor's state ---------------------------------------------------------------------
 
 

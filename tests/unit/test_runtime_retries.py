@@ -508,18 +508,31 @@ def test_the_data_loop_producer_takes_the_services_producer_config(
 def test_slow_steps_shrink_the_batch_and_quick_full_ones_grow_it_back(settings: Settings) -> None:
     loop = data_loop(settings, FakeProducer())
     assert loop._batch_limit == settings.max_batch == 2000
-    now = time.monotonic()
-    loop._check_step(now - 1.0, 2000)  # a full batch held the event loop 1 s
-    loop._check_step(now - 1.0, 1000)
-    assert loop._batch_limit == 500
-    loop._check_step(now - 1.0, 3)  # slow for another reason (the broker): the batch size is not to blame
-    assert loop._batch_limit == 500
+    loop._check_step(time.monotonic() - 1.0, 2000)  # a full batch held the event loop 1 s (and a bit)
+    assert 990 <= loop._batch_limit <= 1000
+    loop._sizer.step("t", loop._batch_limit, 2 * runtime.STEP_TARGET_S)
+    assert 495 <= loop._batch_limit <= 500
+    limit = loop._batch_limit
+    loop._check_step(time.monotonic() - 1.0, 3)  # slow for another reason (the broker): not the batch size
+    assert loop._batch_limit == limit
     for _ in range(10):
         loop._check_step(time.monotonic(), loop._batch_limit)
     assert loop._batch_limit == 2000  # never above max_batch
     for _ in range(10):
         loop._check_step(time.monotonic() - 1.0, loop._batch_limit)
     assert loop._batch_limit == runtime.MIN_BATCH
+
+
+def test_a_much_too_slow_step_sets_the_next_batch_in_proportion() -> None:
+    sizer = runtime.BatchSizer(2000)
+    sizer.step("learner", 2000, 9.0)  # 4.5 ms per record (a deep tree on a starved core)
+    assert sizer.limit == int(2000 * runtime.STEP_TARGET_S / 9.0) == 111  # not 1000 (4.5 s again)
+    sizer.step("learner", 111, 0.6)  # a little slow: at most halved
+    assert sizer.limit == 55
+    start = runtime.BatchSizer(2000, start=runtime.MIN_BATCH)  # a writer loop starts small
+    assert start.limit == runtime.MIN_BATCH
+    start.step("learner", runtime.MIN_BATCH, 0.01)
+    assert start.limit == 2 * runtime.MIN_BATCH
 
 
 def test_the_worker_lets_faust_send_its_producer_buffer_before_the_app_stops() -> None:
