@@ -37,6 +37,9 @@ class LoopWatch:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.stalls = 0
+        # Series from the start at 0: the first stall is an increase (a counter born at 1 shows none).
+        LOOP_STALLS.labels(service)
+        LOOP_STALL_SECONDS.labels(service)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -536,6 +536,19 @@ OVERVIEW = Dashboard(
             width=6,
             thresholds=RATE_THRESHOLDS,
         ),
+        Panel(
+            "Event-loop stalls (10 min)",
+            "Times each process's event loop was blocked for 2 s or more in the last 10 minutes (its log has "
+            "where); StreamMLEventLoopStalled fires at 3.",
+            [
+                Target(
+                    f"sum by (component) (increase(streamml_event_loop_stalls_total{{{COMPONENT}}}[10m]))",
+                    "{{component}}",
+                )
+            ],
+            width=6,
+            thresholds=[("green", None), ("orange", 1), ("red", 3)],
+        ),
     ],
 )
 

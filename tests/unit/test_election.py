@@ -244,7 +244,9 @@ def test_commit_all_bounds_the_time_of_all_commits_together(
         slots.send(slot, Output("t", b"k", b"v"))
         producers[f"u-learner-writer-{slot}"].commit_transaction = slow_commit  # type: ignore[method-assign]
     assert slots.commit_all(1.0) is False
-    assert timeouts == pytest.approx([1.0, 0.6, 0.2])  # then the second is up: the rest wait for the next call
+    assert timeouts == pytest.approx(
+        [1.0, 0.6, 0.2]
+    )  # then the second is up: the rest wait for the next call
     assert slots._open == set(range(6))
 
 
