@@ -73,6 +73,7 @@ from streams.repartition import Source
 log = logging.getLogger("bench.chaos")
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE = "agrawal"
+KEY_FIELD = "zipcode"  # the pipeline's key_field: the features service keys vectors by str(its value)
 GUARANTEES = ("at_least_once", "exactly_once")
 SINGLE_WRITER = ("learner", "monitor", "controller")
 # The services an event passes through on its way to a prediction: only their stops can pause serving.
@@ -296,6 +297,7 @@ class Run:
         self.raw_topic = self.c.raw(PIPELINE).name
         self.acked: dict[str, inv.Where] = {}  # valid event id -> where the broker stored it
         self.raw: dict[inv.Where, dict[str, Any]] = {}
+        self.sent_at: dict[inv.Where, float] = {}  # when the producer created each acknowledged event (s)
         self.produce_errors: list[str] = []
         self.invalid_sent = 0
         self.started_at = 0.0  # wall clock of the first event
@@ -361,6 +363,7 @@ class Run:
             spot = (msg.topic() or "", msg.partition() or 0, msg.offset() or 0)
             self.acked[str(event["event_id"])] = spot
             self.raw[spot] = event
+            self.sent_at[spot] = msg.timestamp()[1] / 1000
 
         return done
 
@@ -565,6 +568,13 @@ class Run:
                 if spot is not None:
                     times[("raw", spot[1])].append(p["prediction_time"] / 1000)
                 times[("key", p.get("key"))].append(p["prediction_time"] / 1000)
+        # When input for each of those came (a partition or key silent after a stop had nothing to say
+        # unless input for it came after the stop).
+        inputs: dict[tuple[str, Any], list[float]] = collections.defaultdict(list)
+        for spot, sent in self.sent_at.items():
+            inputs[("raw", spot[1])].append(sent)
+            key = self.raw[spot].get(KEY_FIELD)
+            inputs[("key", None if key is None else str(key))].append(sent)
         self.done.sort(key=lambda x: x.at)
         stops = [d for d in self.done if d.action.kind in ("stop", "broker-stop") and not d.error]
         stall: dict[str, float] = {}
@@ -581,7 +591,7 @@ class Run:
             # each was counted for every stop it overlapped).
             until = stops[i + 1].at - d.at if i + 1 < len(stops) else 60.0
             gap = inv.max_stall(times, d.at, horizon_s=min(60.0, max(until, 0.0)), end=self.produced_at,
-                                began_after=d.at - 1.0)  # fmt: skip
+                                began_after=d.at - 1.0, inputs=inputs)  # fmt: skip
             if gap is not None:
                 stall[key] = max(stall.get(key, 0.0), gap)
             took: float | None = None

@@ -464,6 +464,7 @@ def max_stall(
     horizon_s: float = 60.0,
     end: float | None = None,
     began_after: float | None = None,
+    inputs: Mapping[Any, Sequence[float]] | None = None,
 ) -> float | None:
     """Longest pause in output, in any partition, from `at` (a kill) on: the longest gap between
     consecutive output times (seconds) that ends after `at` and starts within `horizon_s` of it, counted
@@ -471,9 +472,11 @@ def max_stall(
     None when no partition had produced anything before `at` (there was no flow to interrupt). `end` is
     when the input ended: a partition silent after a stop at or after it has nothing left to say. With
     `began_after`, a pause whose last output came before it (it was already running: an earlier stop's)
-    is not counted."""
+    is not counted. With `inputs` (when each partition's input was produced, by the same keys), a
+    partition silent after `at` is only counted if input for it came after `at` (else it had nothing to
+    say: a key whose last event came before a stop near the end of the stream)."""
     worst: float | None = None
-    for times in times_by_partition.values():
+    for partition, times in times_by_partition.items():
         ordered = sorted(times)
         before = [t for t in ordered if t <= at]
         previous = before[-1] if before else None
@@ -488,7 +491,8 @@ def max_stall(
             previous = t
         else:
             earlier = began_after is not None and previous < began_after
-            if previous <= at and (end is None or at < end) and not earlier:
+            due = inputs is None or any(t > at for t in inputs.get(partition, ()))
+            if previous <= at and (end is None or at < end) and not earlier and due:
                 worst = max(worst, horizon_s)
     return worst
 

@@ -212,6 +212,12 @@ def test_stall_is_the_longest_gap_after_a_kill_in_any_partition() -> None:
     assert inv.max_stall({0: steady, 1: stalled}, at=7.0, began_after=6.0) == pytest.approx(0.1)
     assert inv.max_stall({0: steady, 1: stalled}, at=5.5, began_after=4.5) == pytest.approx(2.5)
     assert inv.max_stall({0: [1.0, 2.0]}, at=3.0, horizon_s=30.0, began_after=2.5) == 0.0
+    # A partition (a key) whose last input came before the stop has nothing left to say; one with input
+    # after the stop and no output is stalled up to the horizon.
+    quiet = {0: [1.0, 2.0]}
+    assert inv.max_stall(quiet, at=2.5, horizon_s=30.0, inputs={0: [0.9, 1.9]}) == 0.0
+    assert inv.max_stall(quiet, at=2.5, horizon_s=30.0, inputs={0: [0.9, 1.9, 2.7]}) == 30.0
+    assert inv.max_stall(quiet, at=2.5, horizon_s=30.0, inputs={}) == 0.0
 
 
 def test_first_after_and_percentile() -> None:
