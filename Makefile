@@ -140,7 +140,7 @@ test-integration: kafka-jars registry-dist ## Integration tests against a real K
 	$(PY) -m pytest tests/integration -q
 
 test-e2e: kafka-jars registry-dist ## End-to-end tests of whole services against a real broker
-	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q; else echo "no e2e tests yet"; fi
+	@if ls tests/e2e/test_*.py >/dev/null 2>&1; then $(PY) -m pytest tests/e2e -q --durations=12; else echo "no e2e tests yet"; fi
 
 demo: kafka-up ## Whole system live: broker, Schema Registry (REGISTRY=0: none), services (INSTANCES=2: two of each; SECURE=1: TLS, SCRAM, ACLs), a drifting Agrawal stream and `streamml top`
 	@mkdir -p .local/logs
