@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from streamml.pipelines import validate_definition
 from streamml.registry import Registry
 from streamml.runtime import Output, end_offsets, is_retriable, kafka_error, read_to_end
 from streamml.settings import Settings
-from streamml.stalls import STACK_LIMIT, LoopWatch
+from streamml.stalls import LoopWatch, stack_of
 from streamml.topics import PIPELINE_NAME, Catalogue
 
 log = logging.getLogger(__name__)
@@ -521,14 +520,13 @@ class _Worker(faust.Worker):
 
 
 def _stop_overdue(signal_name: str) -> None:
-    main = sys._current_frames().get(threading.main_thread().ident or 0)
     log.error(
         "still stopping %.0f s after %s (threads: %s); exiting now: what was not committed is processed "
         "again after the restart. The main thread is in:\n%s",
         STOP_DEADLINE_S,
         signal_name,
         ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread()),
-        "".join(traceback.format_stack(main, limit=STACK_LIMIT)).rstrip() if main is not None else "(gone)",
+        stack_of(threading.main_thread().ident),
     )
     _exit_now(1)
 

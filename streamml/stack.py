@@ -275,16 +275,22 @@ class Stack:
         if svc.alive():
             started = time.monotonic()
             svc.proc.send_signal(sig)
-            try:
-                svc.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored %s for %.0f s; killing it", svc.label, sig.name, timeout_s)
-                svc.proc.kill()
-                svc.proc.wait(10)
-            svc.record_exit(sig.name, time.monotonic() - started)
+            self._await_exit(svc, sig, started, started + timeout_s)
         else:
             svc.record_exit(None, 0.0)  # it had exited by itself
         return svc.proc.returncode
+
+    @staticmethod
+    def _await_exit(svc: ServiceProcess, sig: signal.Signals, started: float, deadline: float) -> None:
+        """Wait for a signalled instance until `deadline` (then kill it) and record how it ended."""
+        assert svc.proc is not None
+        try:
+            svc.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s ignored %s for %.0f s; killing it", svc.label, sig.name, deadline - started)
+            svc.proc.kill()
+            svc.proc.wait(10)
+        svc.record_exit(sig.name, time.monotonic() - started)
 
     def stop(
         self,
@@ -345,16 +351,8 @@ class Stack:
                 signalled.append(svc)
             else:
                 svc.record_exit(None, 0.0)  # it had exited by itself
-        deadline = started + timeout_s
         for svc in signalled:
-            assert svc.proc is not None
-            try:
-                svc.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM for %.0f s; killing it", svc.label, timeout_s)
-                svc.proc.kill()
-                svc.proc.wait(10)
-            svc.record_exit("SIGTERM", time.monotonic() - started)
+            self._await_exit(svc, signal.SIGTERM, started, started + timeout_s)
 
     def tail(self, name: str, lines: int = 30, index: int | None = None) -> str:
         """Last log lines of one instance: a label, or a service name (instance 0 unless `index`)."""

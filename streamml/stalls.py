@@ -25,6 +25,14 @@ STALL_AFTER_S = 2.0  # a loop silent this long is reported (with its stack) whil
 STACK_LIMIT = 30  # innermost frames logged
 
 
+def stack_of(thread_id: int | None) -> str:
+    """Where a thread is now: its innermost STACK_LIMIT frames, as a traceback prints them."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    return (
+        "".join(traceback.format_stack(frame, limit=STACK_LIMIT)).rstrip() if frame is not None else "(gone)"
+    )
+
+
 class LoopWatch:
     """Watches one event loop from a daemon thread (start it from a coroutine running on that loop)."""
 
@@ -72,13 +80,11 @@ class LoopWatch:
     def _report(self, silent: float) -> None:
         self.stalls += 1
         LOOP_STALLS.labels(self.service).inc()
-        frame = sys._current_frames().get(self._thread_id) if self._thread_id is not None else None
-        stack = "".join(traceback.format_stack(frame, limit=STACK_LIMIT)) if frame is not None else "(gone)\n"
         log.warning(
             "%s: event loop blocked for %.1f s so far (timers, control topics, SIGTERM wait); it is in:\n%s",
             self.service,
             silent,
-            stack.rstrip(),
+            stack_of(self._thread_id),
         )
 
     def _ended(self, lasted: float) -> None:
