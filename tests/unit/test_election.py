@@ -16,7 +16,7 @@ from streamml.codec import codec_for
 from streamml.election import Fenced, WriterSlots, slot_of
 from streamml.errors import StreamMLError
 from streamml.pipelines import load_file, to_definition
-from streamml.runtime import Output
+from streamml.runtime import MIN_BATCH, Output
 from streamml.settings import Settings
 from streamml.topics import Catalogue
 from streams.controller import LoopState, open_work, resume_work
@@ -248,6 +248,24 @@ def test_commit_all_bounds_the_time_of_all_commits_together(
         [1.0, 0.6, 0.2]
     )  # then the second is up: the rest wait for the next call
     assert slots._open == set(range(6))
+
+
+def test_the_writer_loop_starts_with_small_batches_and_sizes_them_by_step_time(
+    settings: Settings, producers: dict[str, TxnProducer]
+) -> None:
+    """Its first batch after a (re)start is a catch-up that an online learner handles at ~1 ms per record."""
+    slots, _ = writer(settings)
+    loop = election.WriterLoop(
+        settings,
+        name="learner",
+        slots=slots,
+        handler=lambda _p, _m: [],
+        inputs=dict,
+        pipeline_of=lambda _t: None,
+    )
+    assert loop._sizer.limit == MIN_BATCH < settings.max_batch
+    loop._sizer.step("learner", MIN_BATCH, 0.001)
+    assert loop._sizer.limit == 2 * MIN_BATCH
 
 
 # -- hand-over of the monitor's state ---------------------------------------------------------------------
