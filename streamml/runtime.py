@@ -345,9 +345,13 @@ MODEL_VERSION_MAX_BYTES = min(MODEL_MAX_BYTES - 64 * 1024, limits.MAX_CONTROL_BY
 # A stopping data loop waits at most this long for its outputs and its final commit; with Faust's own
 # shutdown after it, a service stops within 10 s of SIGTERM (streamml.service.run_worker bounds the rest).
 STOP_TIMEOUT_S = 4.0
-# A periodic commit waits at most this long for deliveries on the event loop; outputs still unacknowledged
-# then hold the commit (and new input) back while they are retried, without blocking the loop.
+# The librdkafka timeout of a commit's calls (deliveries, adding offsets to a transaction, committing it).
 COMMIT_WAIT_S = 1.0
+# How long the data loop's periodic commit (and each retry of a held one) waits on the event loop. What is
+# not done by then (outputs unacknowledged, offsets not yet added to the transaction, a commit still under
+# way) holds the commit and new input back and is resumed at the next turn: the event loop keeps answering
+# signals, Faust's agents and the group while the broker is slow (in a rebalance it can take seconds).
+LOOP_WAIT_S = 0.1
 # How long a rebalance waits for the outputs and the commit of the partitions it takes away.
 REVOKE_WAIT_S = 5.0
 # The loop holding the event loop longer than this is logged: signals (SIGTERM) wait for it.
@@ -526,7 +530,7 @@ class BatchLoop(mode.Service):
         self._offsets_sent = False
         self._delivery_errors: list[str] = []
         self._retry: list[Output] = []  # outputs that failed with a retriable error, to produce again
-        self._holding = False  # outputs unacknowledged at the last commit: commit them before new input
+        # Since when the commit has been held (see `_holding`); None while nothing is held.
         self._holding_since: float | None = None
         self._abort_needed: str | None = None  # exactly-once: why the open transaction must be aborted
         self._rewinding = False  # partitions revoked to go back to the committed input: commit nothing
@@ -727,14 +731,14 @@ class BatchLoop(mode.Service):
                     self._rewind()
                 continue
             if self._holding:  # outputs not acknowledged yet: retry them, read nothing new meanwhile
-                self._commit(force=True, timeout_s=0.2)
+                self._commit(force=True, timeout_s=LOOP_WAIT_S)
                 if self._holding and self.exactly_once and self._held_for() > HOLD_LIMIT_S:
                     self._abort_and_rewind(f"outputs not acknowledged for {HOLD_LIMIT_S:.0f} s")
                 await asyncio.sleep(0.05 if self._holding else 0)
                 continue
             if self._paused_until:  # records wait for something unavailable (`_read_again_later`)
                 if time.monotonic() < self._paused_until:
-                    self._commit()
+                    self._commit(timeout_s=LOOP_WAIT_S)
                     await asyncio.sleep(0.05)
                     continue
                 self._paused_until = 0.0
@@ -755,14 +759,14 @@ class BatchLoop(mode.Service):
                     and time.monotonic() - self._last_commit >= self.settings.commit_interval_s
                 ):
                     self._produce_all(self._on_idle())
-                self._commit()
+                self._commit(timeout_s=LOOP_WAIT_S)
                 self._check_step(started, 0)
                 await asyncio.sleep(0.002)
                 continue
             self.process(msgs)
             if not self._paused_until:
                 self._dependency_wait = 0.0  # (what was unavailable is back)
-            self._commit()
+            self._commit(timeout_s=LOOP_WAIT_S)
             self._check_step(started, len(msgs))
             await asyncio.sleep(0)  # let Faust agents (e.g. a model swap) run between batches
 
@@ -834,13 +838,22 @@ class BatchLoop(mode.Service):
             return True
         return high < 0 or position.offset < 0 or position.offset < high
 
-    def _held_for(self) -> float:
-        if not self._holding:
+    @property
+    def _holding(self) -> bool:
+        """The last commit could not finish (outputs unacknowledged, the transaction not committed yet):
+        it is finished before any new input is read."""
+        return self._holding_since is not None
+
+    @_holding.setter
+    def _holding(self, holding: bool) -> None:
+        if not holding:
             self._holding_since = None
-            return 0.0
-        if self._holding_since is None:
+        elif self._holding_since is None:
             self._holding_since = time.monotonic()
-        return time.monotonic() - self._holding_since
+
+    def _held_for(self) -> float:
+        """How long the commit has been held without a break (0 when it is not held)."""
+        return 0.0 if self._holding_since is None else time.monotonic() - self._holding_since
 
     def _abort_and_rewind(self, why: str) -> None:
         """Exactly-once: abort the open transaction and go back to the last committed input. The
@@ -863,7 +876,7 @@ class BatchLoop(mode.Service):
     def _forget_transaction(self) -> None:
         """Drop what the given-up transaction held: its outputs, retries, positions and buffered input."""
         self._in_txn = self._offsets_sent = self._holding = False
-        self._holding_since, self._abort_needed = None, None
+        self._abort_needed = None
         self._retry.clear()
         self._delivery_errors.clear()
         self._buffers.clear()
@@ -1205,17 +1218,17 @@ class BatchLoop(mode.Service):
             if self._retry:
                 self._log_holding(f"{len(self._retry)} state records not taken by the producer yet")
                 return False
-        timeout = max(timeout_s, COMMIT_WAIT_S)
         try:
             if not self._offsets_sent:
-                if not self._offsets_added(timeout):
+                if not self._offsets_added(max(timeout_s, COMMIT_WAIT_S), wait_s=timeout_s):
                     return not self._holding_after_wedge()
                 self._offsets_sent = True
-            self._producer.commit_transaction(timeout)
+            self._producer.commit_transaction(timeout_s)
         except KafkaException as exc:
             err = kafka_error(exc)
             if err is not None and err.retriable() and not err.txn_requires_abort() and not err.fatal():
-                ERRORS.labels(self.name, "commit_retry").inc()
+                if err.code() != KafkaError._TIMED_OUT:  # (timed out: still under way, not an error)
+                    ERRORS.labels(self.name, "commit_retry").inc()
                 self._log_holding(f"transaction commit not done yet ({err})")
                 return False
             if err is not None and not err.fatal():  # abortable (e.g. timed out on the broker's side)
@@ -1227,13 +1240,15 @@ class BatchLoop(mode.Service):
         self._delivery_errors.clear()  # (a failed delivery would have failed the commit)
         return True
 
-    def _offsets_added(self, timeout: float) -> bool:
-        """Add the input offsets to the open transaction; False while the broker has not answered.
+    def _offsets_added(self, timeout: float, wait_s: float) -> bool:
+        """Add the input offsets to the open transaction (the call's own timeout: `timeout`); False while
+        the broker has not answered.
 
         librdkafka's `send_offsets_to_transaction` can block for good, past its timeout, when the group
         coordinator's broker went away (librdkafka issues 5456 and 5511: seen here as a predictor whose
-        event loop stopped for good while a broker was down). So the call runs on a daemon thread and the
-        loop waits for it at most `timeout` (+0.5 s) per turn; a librdkafka error it raises is raised here."""
+        event loop stopped for good while a broker was down), and takes seconds while the group rebalances.
+        So the call runs on a daemon thread and the loop waits for it at most `wait_s` per turn (the
+        periodic commit: LOOP_WAIT_S, then it holds); a librdkafka error it raises is raised here."""
         call = self._offsets_call
         if call is None:
             assert self._consumer is not None and self._producer is not None
@@ -1245,7 +1260,7 @@ class BatchLoop(mode.Service):
             )
             self._offsets_call_since = time.monotonic()
         try:
-            call.result(timeout=timeout + 0.5)
+            call.result(timeout=wait_s)
         except FutureTimeout:
             return False
         finally:
@@ -1345,9 +1360,10 @@ class BatchLoop(mode.Service):
                 time.sleep(0.5)
 
     def _log_holding(self, what: str = "") -> None:
-        """At most one line every 5 s while outputs wait for the broker."""
+        """At most one line every 5 s while outputs wait for the broker, from a wait of COMMIT_WAIT_S on
+        (shorter holds are the normal pace of a commit: see LOOP_WAIT_S)."""
         now = time.monotonic()
-        if now - self._last_hold_log >= 5.0:
+        if self._held_for() >= COMMIT_WAIT_S and now - self._last_hold_log >= 5.0:
             self._last_hold_log = now
             assert self._producer is not None
             what = what or (

@@ -824,6 +824,42 @@ def test_a_wedged_send_offsets_holds_the_loop_briefly_then_the_producer_is_repla
     wedged.release.set()
 
 
+def test_a_slow_send_offsets_is_waited_for_between_turns_not_on_the_event_loop(
+    settings: Settings,
+) -> None:
+    """A rebalancing group makes send_offsets_to_transaction take seconds: the periodic commit waits
+    LOOP_WAIT_S for it, holds, and commits at the turn after it returned (the same call, not a second)."""
+    slow = HangingOffsetsProducer()
+    loop = eos_loop(settings, slow, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    started = time.monotonic()
+    assert loop._commit(force=True, timeout_s=runtime.LOOP_WAIT_S) is False and loop._holding
+    assert loop._commit(force=True, timeout_s=runtime.LOOP_WAIT_S) is False
+    assert time.monotonic() - started < 4 * runtime.LOOP_WAIT_S + 0.5
+    slow.release.set()
+    deadline = time.monotonic() + 5
+    while not loop._commit(force=True, timeout_s=runtime.LOOP_WAIT_S) and time.monotonic() < deadline:
+        pass
+    assert slow.calls == ["begin", "offsets", "commit"] and not loop._holding and not loop._in_txn
+    assert loop._producer is slow  # a slow call is not a wedged one
+
+
+def test_the_hold_clock_restarts_after_a_hold_that_ended(settings: Settings) -> None:
+    """HOLD_LIMIT_S gives up one hold that lasted too long, never the sum of holds that each ended."""
+    producer = TxnFakeProducer(commit_error=KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True))
+    loop = eos_loop(settings, producer, RewindConsumer())
+    loop.process([FakeMessage("in", b"a", offset=7)])
+    assert loop._commit(force=True) is False and loop._holding
+    first = loop._holding_since
+    producer.commit_error = None
+    assert loop._commit(force=True) is True and not loop._holding and loop._held_for() == 0.0
+    producer.commit_error = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
+    loop.process([FakeMessage("in", b"b", offset=8)])
+    assert loop._commit(force=True) is False and loop._holding
+    assert first is not None and loop._holding_since is not None and loop._holding_since > first
+    assert loop._held_for() < 1.0
+
+
 def test_a_stop_never_replaces_a_wedged_producer_it_aborts_what_it_can_and_closes(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
