@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
@@ -390,6 +390,13 @@ COMMITTED_WAIT_S = 60.0
 # its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
 # catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
 SESSION_TIMEOUT_MS = 6_000
+# A data loop's consumer that has subscribed but whose group coordinator has not seen it join (no member id)
+# after this long is replaced by a new one. Seen once in `make chaos`: a predictor restarted next to a busy
+# sibling subscribed and never sent its JoinGroup (the broker logged no join), so it stayed out of the group
+# and its sibling's SIGTERM left every partition unread until that sibling came back (45-59 s). A join
+# normally takes milliseconds; the coordinator answers a join at once with a member id even while it waits
+# for the other members to rejoin, so this never replaces a consumer in a slow rebalance.
+JOIN_WAIT_S = 15.0
 # Records that wait for a dependency (a writer schema while the registry is away) are read again after
 # this long, doubling up to DEPENDENCY_WAIT_MAX_S while it lasts.
 DEPENDENCY_WAIT_S = 0.5
@@ -493,9 +500,18 @@ class BatchLoop(mode.Service):
         producer_config: dict[str, Any] | None = None,
         aligned: Callable[[str], bool] | None = None,
         order_time: Callable[[Message], int] | None = None,
+        catch_up: Callable[[], Awaitable[bool]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
+        # Awaited after every assignment before the new partitions are read (they stay paused): what their
+        # previous owner knew must be known here first. The predictor applies every promotion and version
+        # written so far, so a new owner never serves an older version than its predecessor did. False (it
+        # took longer than the caller's own timeout) is logged and counted, and reading starts anyway.
+        self._catch_up = catch_up
+        self._gated: dict[tuple[str, int], int] = {}  # paused partition -> the assignment that paused it
+        self._assignments = 0
+        self._gate_tasks: set[asyncio.Future[None]] = set()
         # Topics whose partitions are read in timestamp order across partitions (see `_take_aligned`).
         self._aligned = aligned
         # The time aligned records are ordered by: the record's timestamp unless the caller knows better
@@ -530,6 +546,7 @@ class BatchLoop(mode.Service):
         self._offsets_sent = False
         self._delivery_errors: list[str] = []
         self._retry: list[Output] = []  # outputs that failed with a retriable error, to produce again
+        self._join_deadline: float | None = None  # subscribed, not seen joining the group yet (JOIN_WAIT_S)
         # Since when the commit has been held (see `_holding`); None while nothing is held.
         self._holding_since: float | None = None
         self._abort_needed: str | None = None  # exactly-once: why the open transaction must be aborted
@@ -560,21 +577,7 @@ class BatchLoop(mode.Service):
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def on_start(self) -> None:
-        self._consumer = make_consumer(
-            self.settings,
-            self.group_id,
-            **{
-                "enable.auto.offset.store": False,
-                "isolation.level": "read_committed",
-                # A crashed instance's partitions move on after this: the broker's minimum (6 s by default);
-                # heartbeats come from librdkafka's own thread, so a busy event loop does not expire it.
-                "session.timeout.ms": SESSION_TIMEOUT_MS,
-                "heartbeat.interval.ms": 1_000,
-                "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
-                # Aligned loops: small runs per partition, so a batch holds several partitions to order.
-                **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
-            },
-        )
+        self._consumer = self._new_consumer()
         overrides: dict[str, Any] = {
             "linger.ms": 2,
             # A delivery report only for a failed output (`_on_delivery` acts on those alone): no Python
@@ -592,12 +595,31 @@ class BatchLoop(mode.Service):
         if self.exactly_once:
             self._init_transactions()
 
+    def _new_consumer(self) -> Consumer:
+        return make_consumer(
+            self.settings,
+            self.group_id,
+            **{
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                # A crashed instance's partitions move on after this: the broker's minimum (6 s by default);
+                # heartbeats come from librdkafka's own thread, so a busy event loop does not expire it.
+                "session.timeout.ms": SESSION_TIMEOUT_MS,
+                "heartbeat.interval.ms": 1_000,
+                "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
+                # Aligned loops: small runs per partition, so a batch holds several partitions to order.
+                **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
+            },
+        )
+
     async def on_stop(self) -> None:
         """Deliver, commit and close within STOP_TIMEOUT_S, whatever the broker does: outputs not
         acknowledged by then keep their input uncommitted (processed again after the restart)."""
         deadline = time.monotonic() + STOP_TIMEOUT_S
         consumer, producer = self._consumer, self._producer
         self._closing = True
+        for task in list(self._gate_tasks):
+            task.cancel()
         try:
             if consumer is not None and producer is not None:
                 committed = self._commit(force=True, timeout_s=STOP_TIMEOUT_S / 2)
@@ -644,7 +666,43 @@ class BatchLoop(mode.Service):
             # offsets before restoring it for the same reason.
             partitions = self._on_assign_hook(self._committed_offsets(consumer, partitions))
             consumer.assign(partitions)
+        if self._catch_up is not None and partitions:
+            if self._on_assign_hook is None:
+                consumer.assign(partitions)  # (in the callback: the library then assigns nothing itself)
+            consumer.pause(partitions)  # before any fetch: nothing of them is read until `_open_gate`
+            self._assignments += 1
+            for tp in partitions:
+                self._gated[(tp.topic, tp.partition)] = self._assignments
+            task = asyncio.ensure_future(self._open_gate(self._assignments))
+            self._gate_tasks.add(task)
+            task.add_done_callback(self._gate_tasks.discard)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
+
+    async def _open_gate(self, assignment: int) -> None:
+        """Resume the partitions paused by assignment number `assignment` once `catch_up` is done (those
+        revoked or assigned again meanwhile are not this call's any more)."""
+        assert self._catch_up is not None
+        started = time.monotonic()
+        try:
+            caught_up = await self._catch_up()
+        except Exception:  # (never leave partitions paused for good)
+            log.exception("%s: catching up before reading new partitions failed", self.name)
+            caught_up = False
+        if not caught_up:
+            ERRORS.labels(self.name, "catch_up_timeout").inc()
+            log.warning(
+                "%s: not caught up with the control topics; reading the new partitions anyway", self.name
+            )
+        mine = [key for key, n in self._gated.items() if n == assignment]
+        for key in mine:
+            del self._gated[key]
+        if mine and self._consumer is not None:
+            try:
+                self._consumer.resume([TopicPartition(t, p) for t, p in mine])
+            except (KafkaException, RuntimeError) as exc:  # (not assigned any more, or closed: stopping)
+                log.warning("%s: resuming %s: %s", self.name, mine, exc)
+                return
+            log.info("%s: caught up in %.2f s; reading %s", self.name, time.monotonic() - started, mine)
 
     def _committed_offsets(
         self, consumer: Consumer, partitions: list[TopicPartition]
@@ -697,6 +755,7 @@ class BatchLoop(mode.Service):
             if self._rewind_pending and not self._kept_after(consumer, partitions):
                 self._rewind_pending = False  # everything goes anyway: nothing else to take back
         for p in partitions:
+            self._gated.pop((p.topic, p.partition), None)
             self._positions.pop((p.topic, p.partition), None)
             self._committed.pop((p.topic, p.partition), None)
             self._buffers.pop((p.topic, p.partition), None)  # not handled: read again by the next owner
@@ -749,6 +808,7 @@ class BatchLoop(mode.Service):
                 await asyncio.sleep(0.1)
                 continue
             msgs = self._consumer.consume(self._batch_limit, 0)
+            self._check_joined()
             if self._abort_pending or self._rewind_pending:  # (an abort inside consume's rebalance callback)
                 continue  # these records are read again from the committed offsets
             if self._aligned is not None:
@@ -938,11 +998,37 @@ class BatchLoop(mode.Service):
         assert self._consumer is not None
         self._commit(force=True)
         if wanted:
-            self._consumer.subscribe(sorted(wanted), on_assign=self._on_assign, on_revoke=self._on_revoke)
+            self._subscribe(sorted(wanted))
         else:
             self._consumer.unsubscribe()
+            self._join_deadline = None
         self._subscribed = set(wanted)
         log.info("%s: subscribed to %s", self.name, sorted(wanted))
+
+    def _subscribe(self, topics: list[str]) -> None:
+        assert self._consumer is not None
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._join_deadline = time.monotonic() + JOIN_WAIT_S
+
+    def _check_joined(self) -> None:
+        """Replace the consumer if the group coordinator has not seen it join JOIN_WAIT_S after it
+        subscribed (see there): a new consumer subscribes to the same topics and joins afresh."""
+        if self._join_deadline is None:
+            return
+        assert self._consumer is not None
+        if self._consumer.memberid():
+            self._join_deadline = None
+            return
+        if time.monotonic() < self._join_deadline:
+            return
+        ERRORS.labels(self.name, "group_join_stuck").inc()
+        log.error(
+            "%s: subscribed %.0f s ago but not a member of group %s yet; replacing the consumer",
+            self.name, JOIN_WAIT_S, self.group_id,
+        )  # fmt: skip
+        old, self._consumer = self._consumer, self._new_consumer()
+        in_daemon_thread(f"{self.name}-close-consumer", old.close)  # (never joined: nothing to revoke)
+        self._subscribe(sorted(self._subscribed))
 
     def process(self, msgs: list[Message]) -> None:
         assert self._producer is not None

@@ -6,6 +6,7 @@ topic: its events wait in Kafka (nothing is dropped) and are predicted as soon a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -53,6 +54,9 @@ SERVICE = "predictor"
 
 
 MAX_BODY_BYTES = 64 * 1024
+# How long a predictor waits to apply the control records written so far before it reads partitions it
+# was just assigned (then it reads them anyway: serving an older version beats not serving).
+CATCH_UP_TIMEOUT_S = 10.0
 
 
 class PredictRequest(BaseModel):
@@ -224,6 +228,15 @@ class Predictor:
         self.control.bootstrap(c.promotions().name, "Promotion", self.on_promotion)
         live = {p: (m.model_name, m.version) for p, m in self.registry.live.items()}
         log.info("bootstrap done: %d pipelines, live versions %s", len(self.pipelines), live)
+
+    async def caught_up(self) -> bool:
+        """Every pipeline revision, model version and promotion written so far is applied. Awaited before
+        the predictor reads partitions it was assigned: their previous owner served with what it had
+        applied, all of it written before the hand-over, so the new owner never serves an older version."""
+        c = self.catalogue
+        topics = (c.pipelines().name, c.model_versions().name, c.promotions().name)
+        done = await asyncio.gather(*(self.control.caught_up(t, CATCH_UP_TIMEOUT_S) for t in topics))
+        return all(done)
 
     def follow(self, app: faust.App) -> None:
         c = self.catalogue
@@ -435,12 +448,27 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
             }
             return web.json_response({"status": "ok", "live": live})
 
+    # The data loop joins its group once the control topics are applied up to where they were at start
+    # (the bootstrap read them, the followers take over from there): partitions handed to a starting
+    # predictor would otherwise wait for it, paused (see `caught_up`).
+    ready = asyncio.Event()
+
+    async def catch_up_before_joining() -> None:
+        if not await predictor.caught_up():
+            log.warning(
+                "control topics not applied to their end within %.0f s; joining anyway", CATCH_UP_TIMEOUT_S
+            )
+        ready.set()
+
+    app.task(catch_up_before_joining)
     loop = BatchLoop(
         settings,
         name=SERVICE,
         handler=predictor.handle,
         topics=predictor.topics,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
+        ready=ready,
+        catch_up=predictor.caught_up,
     )
     return app, predictor, loop
 

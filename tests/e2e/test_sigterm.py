@@ -74,9 +74,12 @@ def test_sigterm_stops_each_service_cleanly_while_events_flow(make_system: Syste
             with svc.log_path.open("rb") as f:  # what the stopping process logged, for a failure report
                 f.seek(log_start)
                 stop_logs[name] = f.read().decode(errors="replace")[-6000:]
+            # Restarted without waiting for it: the next service is stopped while this one starts and
+            # catches up (work in flight everywhere); all are waited for at the end.
             system.stack.start(name)
+        for name in SERVICES:
             system.stack.wait_ready(name, timeout_s=90)
-        time.sleep(2.0)  # traffic through the restarted predictor
+        time.sleep(2.0)  # traffic through the restarted services
     finally:
         stop.set()
         producer.join()

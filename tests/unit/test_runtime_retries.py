@@ -1111,3 +1111,112 @@ def test_a_refusal_of_the_topic_configs_still_fails_start_up_with_the_reason() -
     transport = _ConfigsAdmin(*[KafkaError(KafkaError._TRANSPORT)] * 50)
     with pytest.raises(kafka.BrokerUnavailableError):  # a broker away past the deadline: "not now"
         kafka._cleanup_policies(transport, ["p.pipelines"], time.monotonic() + 0.3)  # type: ignore[arg-type]
+
+
+class JoiningConsumer(FakeConsumer):
+    """A consumer whose group membership is what the test says (None: the coordinator never saw it)."""
+
+    def __init__(self, member: str | None) -> None:
+        super().__init__()
+        self.member = member
+        self.subscriptions: list[list[str]] = []
+
+    def subscribe(self, topics: list[str], **_callbacks: Any) -> None:
+        self.subscriptions.append(topics)
+
+    def memberid(self) -> str | None:
+        return self.member
+
+
+def test_a_consumer_that_never_joins_its_group_is_replaced_and_subscribes_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stuck, fresh = JoiningConsumer(None), JoiningConsumer(None)
+    loop = data_loop(settings, FakeProducer(), stuck)
+    monkeypatch.setattr(loop, "_new_consumer", lambda: fresh)
+    loop._resubscribe({"b", "a"})
+    loop._check_joined()
+    assert loop._consumer is stuck  # not before JOIN_WAIT_S
+    monkeypatch.setattr(runtime, "JOIN_WAIT_S", 0.0)
+    loop._join_deadline = time.monotonic()
+    loop._check_joined()
+    assert loop._consumer is fresh and fresh.subscriptions == [["a", "b"]]
+    deadline = time.monotonic() + 5
+    while not stuck.closed and time.monotonic() < deadline:  # closed on a thread of its own
+        time.sleep(0.01)
+    assert stuck.closed
+    fresh.member = "m-1"  # the coordinator has seen it: never replaced again
+    loop._check_joined()
+    assert loop._join_deadline is None and loop._consumer is fresh
+
+
+def test_a_consumer_in_its_group_is_kept_however_long_its_first_assignment_takes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    joined = JoiningConsumer("m-1")  # a member id: the coordinator answered (the rebalance may go on)
+    loop = data_loop(settings, FakeProducer(), joined)
+    monkeypatch.setattr(runtime, "JOIN_WAIT_S", 0.0)
+    monkeypatch.setattr(loop, "_new_consumer", lambda: pytest.fail("a member is never replaced"))
+    loop._resubscribe({"a"})
+    loop._check_joined()
+    assert loop._consumer is joined and loop._join_deadline is None
+
+
+class PausingConsumer(FakeConsumer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+    def _note(self, what: str, partitions: list[TopicPartition]) -> None:
+        self.calls.append((what, sorted((tp.topic, tp.partition) for tp in partitions)))
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self._note("assign", partitions)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._note("pause", partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self._note("resume", partitions)
+
+
+def test_assigned_partitions_are_read_only_once_the_loop_has_caught_up(settings: Settings) -> None:
+    """The predictor's hand-over: partitions stay paused until what their previous owner knew (every
+    promotion written so far) is applied; one revoked meanwhile is not resumed by that catch-up."""
+    consumer = PausingConsumer()
+    loop = data_loop(settings, FakeProducer(), consumer)
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+
+        async def catch_up() -> bool:
+            await done.wait()
+            return True
+
+        loop._catch_up = catch_up
+        loop._on_assign(consumer, [TopicPartition("f", 0), TopicPartition("f", 1)])  # type: ignore[arg-type]
+        assert consumer.calls == [("assign", [("f", 0), ("f", 1)]), ("pause", [("f", 0), ("f", 1)])]
+        await asyncio.sleep(0.05)
+        assert len(consumer.calls) == 2  # still waiting for the catch-up: nothing read
+        loop._on_revoke(consumer, [TopicPartition("f", 1)])  # type: ignore[arg-type]
+        done.set()
+        await asyncio.sleep(0.05)
+        assert consumer.calls[-1] == ("resume", [("f", 0)]) and not loop._gated
+
+    asyncio.run(scenario())
+
+
+def test_a_catch_up_that_fails_still_lets_the_partitions_be_read(settings: Settings) -> None:
+    consumer = PausingConsumer()
+    loop = data_loop(settings, FakeProducer(), consumer)
+
+    async def scenario() -> None:
+        async def catch_up() -> bool:
+            return False  # e.g. the control topics' broker away past the caller's timeout
+
+        loop._catch_up = catch_up
+        loop._on_assign(consumer, [TopicPartition("f", 0)])  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert consumer.calls[-1] == ("resume", [("f", 0)])
+
+    asyncio.run(scenario())
