@@ -454,11 +454,14 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
     ready = asyncio.Event()
 
     async def catch_up_before_joining() -> None:
-        if not await predictor.caught_up():
-            log.warning(
-                "control topics not applied to their end within %.0f s; joining anyway", CATCH_UP_TIMEOUT_S
-            )
-        ready.set()
+        try:
+            if not await predictor.caught_up():
+                log.warning(
+                    "control topics not applied to their end within %.0f s; joining anyway",
+                    CATCH_UP_TIMEOUT_S,
+                )
+        finally:  # (whatever happened: a predictor that never joins would serve nothing)
+            ready.set()
 
     app.task(catch_up_before_joining)
     loop = BatchLoop(
