@@ -460,8 +460,9 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
                     "control topics not applied to their end within %.0f s; joining anyway",
                     CATCH_UP_TIMEOUT_S,
                 )
-        finally:  # (whatever happened: a predictor that never joins would serve nothing)
-            ready.set()
+        except Exception:  # (whatever it was: a predictor that never joins would serve nothing)
+            log.exception("catching up with the control topics failed; joining anyway")
+        ready.set()
 
     app.task(catch_up_before_joining)
     loop = BatchLoop(
