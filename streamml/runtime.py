@@ -352,6 +352,8 @@ COMMIT_WAIT_S = 1.0
 # way) holds the commit and new input back and is resumed at the next turn: the event loop keeps answering
 # signals, Faust's agents and the group while the broker is slow (in a rebalance it can take seconds).
 LOOP_WAIT_S = 0.1
+# A held commit is tried again at once after an attempt that waited, after this pause if it returned at once.
+HOLD_RETRY_S = 0.02
 # How long a rebalance waits for the outputs and the commit of the partitions it takes away.
 REVOKE_WAIT_S = 5.0
 # The loop holding the event loop longer than this is logged: signals (SIGTERM) wait for it.
@@ -793,7 +795,11 @@ class BatchLoop(mode.Service):
                 self._commit(force=True, timeout_s=LOOP_WAIT_S)
                 if self._holding and self.exactly_once and self._held_for() > HOLD_LIMIT_S:
                     self._abort_and_rewind(f"outputs not acknowledged for {HOLD_LIMIT_S:.0f} s")
-                await asyncio.sleep(0.05 if self._holding else 0)
+                # The commit's waits (acknowledgements, the offsets call, the transaction) return as soon as
+                # what they wait for is done, so the next attempt follows at once; only an attempt that had
+                # nothing to wait on (e.g. the local queue still full) pauses before the next.
+                quick = time.monotonic() - started < HOLD_RETRY_S
+                await asyncio.sleep(HOLD_RETRY_S if self._holding and quick else 0)
                 continue
             if self._paused_until:  # records wait for something unavailable (`_read_again_later`)
                 if time.monotonic() < self._paused_until:
