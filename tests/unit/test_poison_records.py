@@ -7,6 +7,7 @@ are still processed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -390,3 +391,27 @@ def test_the_monitor_dead_letters_forged_predictions(
     msgs = [FakeMessage("p.agrawal.predictions", encode(r), i) for i, r in enumerate([*forged, base])]
     outputs = service.handle(msgs)  # type: ignore[arg-type]
     assert [o.topic for o in outputs].count("p.agrawal.dead-letter") == len(forged)
+
+
+def test_predictor_catch_up_waits_for_every_control_topic_a_previous_owner_served_by(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before reading partitions it was handed, a predictor has applied the pipelines, model versions and
+    promotions written so far; one topic not caught up in time makes the whole catch-up False."""
+    predictor = live_predictor(settings)
+    asked: list[tuple[str, float]] = []
+    behind = {predictor.catalogue.promotions().name}
+
+    async def caught_up(topic: str, timeout_s: float) -> bool:
+        asked.append((topic, timeout_s))
+        return topic not in behind
+
+    monkeypatch.setattr(predictor.control, "caught_up", caught_up)
+    c = predictor.catalogue
+    assert asyncio.run(predictor.caught_up()) is False
+    assert sorted(t for t, _ in asked) == sorted(
+        [c.pipelines().name, c.model_versions().name, c.promotions().name]
+    )
+    assert {s for _, s in asked} == {predictor_app.CATCH_UP_TIMEOUT_S}
+    behind.clear()
+    assert asyncio.run(predictor.caught_up()) is True
