@@ -506,10 +506,11 @@ class BatchLoop(mode.Service):
         **kwargs: Any,
     ) -> None:
         self.settings = settings
-        # Awaited after every assignment before the new partitions are read (they stay paused): what their
-        # previous owner knew must be known here first. The predictor applies every promotion and version
-        # written so far, so a new owner never serves an older version than its predecessor did. False (it
-        # took longer than the caller's own timeout) is logged and counted, and reading starts anyway.
+        # Awaited before the loop joins its group, and after every assignment before the new partitions are
+        # read (they stay paused): what their previous owner knew must be known here first. The predictor
+        # applies every promotion and version written so far, so a new owner never serves an older version
+        # than its predecessor did. False (slower than the caller's own timeout) is logged and counted,
+        # and the loop goes on anyway.
         self._catch_up = catch_up
         self._gated: dict[tuple[str, int], int] = {}  # paused partition -> the assignment that paused it
         self._assignments = 0
@@ -680,21 +681,24 @@ class BatchLoop(mode.Service):
             task.add_done_callback(self._gate_tasks.discard)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
 
-    async def _open_gate(self, assignment: int) -> None:
-        """Resume the partitions paused by assignment number `assignment` once `catch_up` is done (those
-        revoked or assigned again meanwhile are not this call's any more)."""
+    async def _caught_up(self, then: str) -> None:
+        """Await `catch_up`; not caught up in time, or failed, is logged and counted, and the caller goes
+        on (`then`): never left paused or out of the group for good."""
         assert self._catch_up is not None
-        started = time.monotonic()
         try:
             caught_up = await self._catch_up()
-        except Exception:  # (never leave partitions paused for good)
-            log.exception("%s: catching up before reading new partitions failed", self.name)
+        except Exception:
+            log.exception("%s: catching up failed; %s anyway", self.name, then)
             caught_up = False
         if not caught_up:
             ERRORS.labels(self.name, "catch_up_timeout").inc()
-            log.warning(
-                "%s: not caught up with the control topics; reading the new partitions anyway", self.name
-            )
+            log.warning("%s: not caught up with the control topics; %s anyway", self.name, then)
+
+    async def _open_gate(self, assignment: int) -> None:
+        """Resume the partitions paused by assignment number `assignment` once `catch_up` is done (those
+        revoked or assigned again meanwhile are not this call's any more)."""
+        started = time.monotonic()
+        await self._caught_up("reading the new partitions")
         mine = [key for key, n in self._gated.items() if n == assignment]
         for key in mine:
             del self._gated[key]
@@ -782,6 +786,8 @@ class BatchLoop(mode.Service):
     async def _run(self) -> None:
         if self.ready is not None:
             await self.ready.wait()
+        if self._catch_up is not None:  # partitions handed to this instance would only wait, paused
+            await self._caught_up("joining the group")
         while not self.should_stop:
             assert self._consumer is not None
             started = time.monotonic()

@@ -448,30 +448,12 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
             }
             return web.json_response({"status": "ok", "live": live})
 
-    # The data loop joins its group once the control topics are applied up to where they were at start
-    # (the bootstrap read them, the followers take over from there): partitions handed to a starting
-    # predictor would otherwise wait for it, paused (see `caught_up`).
-    ready = asyncio.Event()
-
-    async def catch_up_before_joining() -> None:
-        try:
-            if not await predictor.caught_up():
-                log.warning(
-                    "control topics not applied to their end within %.0f s; joining anyway",
-                    CATCH_UP_TIMEOUT_S,
-                )
-        except Exception:  # (whatever it was: a predictor that never joins would serve nothing)
-            log.exception("catching up with the control topics failed; joining anyway")
-        ready.set()
-
-    app.task(catch_up_before_joining)
     loop = BatchLoop(
         settings,
         name=SERVICE,
         handler=predictor.handle,
         topics=predictor.topics,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
-        ready=ready,
         catch_up=predictor.caught_up,
     )
     return app, predictor, loop
