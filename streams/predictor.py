@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamml.artifacts import ArtifactRejectedError, load
+from streamml.artifacts import ArtifactRejectedError, load, verify
 from streamml.signing import Keys
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class ModelRegistry:
     wanted_shadow: dict[str, tuple[str, int]] = field(default_factory=dict)  # shadowed, not yet received
     rejected: set[tuple[str, str, int]] = field(default_factory=set)
     previous: dict[str, tuple[str, int]] = field(default_factory=dict)  # the rollback target per pipeline
+    # Versions a decision named before their record arrived: each is verified when it arrives, even if a
+    # later decision overrode it meanwhile, so a promoted forgery is always reported, never silently dropped.
+    named: set[tuple[str, str, int]] = field(default_factory=set)
     # Reads one version's record (with its artifact) back from the model-versions topic, for a decision
     # about a version whose artifact was dropped from memory; None where there is no such source.
     fetch: Callable[[str, str, int], Mapping[str, Any] | None] | None = None
@@ -60,14 +63,27 @@ class ModelRegistry:
     def on_version(self, record: Mapping[str, Any]) -> list[RegistryEvent]:
         key = (record["pipeline"], record["model_name"], int(record["version"]))
         self.versions[key] = dict(record)
+        named = key in self.named
+        self.named.discard(key)
         if self.wanted.get(key[0]) == (key[1], key[2]):
             events = self._activate(*key)
         elif self.wanted_shadow.get(key[0]) == (key[1], key[2]):
             events = self._shadow(*key)
+        elif named:
+            events = self._check(*key)
         else:
             events = []
         self._trim(key[0])
         return events
+
+    def _check(self, pipeline: str, name: str, version: int) -> list[RegistryEvent]:
+        """Verify (never unpickle) a version a decision named that is no longer wanted."""
+        try:
+            verify(self.versions[(pipeline, name, version)], self.signing_key)
+        except ArtifactRejectedError as exc:
+            self.rejected.add((pipeline, name, version))
+            return [RegistryEvent("rejected", pipeline, name, version, None, str(exc))]
+        return []
 
     def retry(self, pipeline: str) -> list[RegistryEvent]:
         """Decisions waiting for a version that was seen but not kept (its pipeline was not known yet)."""
@@ -123,6 +139,11 @@ class ModelRegistry:
             name,
             version,
         )
+        if (
+            record["action"] in ("SHADOW", "PROMOTE", "ROLLBACK")
+            and (pipeline, name, version) not in self.versions
+        ):
+            self.named.add((pipeline, name, version))
         if record["action"] == "SHADOW":
             return self._shadow(pipeline, name, version)
         if record["action"] == "DISCARD":

@@ -163,6 +163,27 @@ def test_version_signed_with_another_key_is_rejected_when_it_arrives_after_promo
     assert registry.on_version(version(classifier(40), 2, key=b"attacker")) == []
 
 
+def test_a_forged_version_promoted_then_overridden_is_still_rejected_when_it_arrives() -> None:
+    # The decision overtakes its version record, a later decision overrides it before the record arrives:
+    # the forgery is never served, and it is still reported (verified without unpickling) on arrival.
+    registry = ModelRegistry(signing_key=KEY)
+    registry.on_version(version(classifier(20), 1))
+    registry.on_promotion(decision(1))
+    assert registry.on_promotion(decision(99) | {"actor": "user"}) == []
+    registry.on_version(version(classifier(30), 2))
+    assert [(e.kind, e.version) for e in registry.on_promotion(decision(2))] == [("swap", 2)]
+    events = registry.on_version(version(classifier(40), 99, key=b"attacker"))
+    assert [(e.kind, e.version) for e in events] == [("rejected", 99)]
+    assert "bad signature" in events[0].reason
+    assert registry.live[PIPE].version == 2 and (PIPE, "online", 99) in registry.rejected
+    assert registry.on_version(version(classifier(40), 99, key=b"attacker")) == []  # reported once
+    # A genuine version named the same way is verified quietly and stays available.
+    assert registry.on_promotion(decision(3) | {"actor": "user"}) == []
+    registry.on_promotion(decision(2) | {"actor": "user"})
+    assert registry.on_version(version(classifier(50), 3)) == []
+    assert registry.live[PIPE].version == 2 and (PIPE, "online", 3) not in registry.rejected
+
+
 def test_registry_without_a_key_rejects_everything() -> None:
     registry = ModelRegistry(signing_key=None)
     registry.on_version(version(classifier(5), 1))
