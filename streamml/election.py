@@ -42,10 +42,12 @@ from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import (
+    FETCH_WAIT_MS,
     MIN_BATCH,
     RETRIABLE,
     SESSION_TIMEOUT_MS,
     BatchSizer,
+    IdleWait,
     Output,
     interleave,
     is_permanent,
@@ -399,6 +401,7 @@ class WriterLoop(mode.Service):
         # batches start small and grow while steps stay quick, so the event loop (SIGTERM, control topics)
         # is never held for seconds, even while catching up after a restart.
         self._sizer = BatchSizer(settings.max_batch, start=MIN_BATCH)
+        self._idle = IdleWait()
         self.processed = 0
         super().__init__(**kwargs)
 
@@ -408,7 +411,7 @@ class WriterLoop(mode.Service):
             f"{self.settings.topic_prefix}-{self.name}-writer-data",  # never joined, never committed
             **{
                 "isolation.level": "read_committed",
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 "max.partition.fetch.bytes": 64 * 1024,
             },
         )
@@ -446,9 +449,7 @@ class WriterLoop(mode.Service):
             started = time.monotonic()
             self.process(msgs)
             self._sizer.step(self.name, len(msgs), time.monotonic() - started)
-            await asyncio.sleep(0)
-        else:
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(self._idle.after(len(msgs)))
 
     def _reassign(self) -> None:
         """Read exactly the partitions of the owned pipelines' topics, from the service's resume points."""

@@ -363,6 +363,11 @@ SLOW_STEP_S = 2.0
 # batches take milliseconds; on starved cores this keeps signals and Faust's agents answered within ~1 s.
 STEP_TARGET_S = 0.5
 MIN_BATCH = 50
+# A data loop's sleeps after polls that found nothing (see IdleWait), and how long its consumer's fetch may
+# wait at the broker for data (answered at once when there is some).
+IDLE_WAIT_MIN_S = 0.001
+IDLE_WAIT_MAX_S = 0.02
+FETCH_WAIT_MS = 500
 # Exactly-once: a transaction whose outputs are not acknowledged for this long (a broker away longer than
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
@@ -453,6 +458,25 @@ def interleave(msgs: list[Message]) -> list[Message]:
     for i in range(longest):
         out.extend(run[i] for run in runs.values() if i < len(run))
     return out
+
+
+class IdleWait:
+    """How long a data loop sleeps after a poll that found nothing: from IDLE_WAIT_MIN_S, doubling while
+    nothing comes, up to IDLE_WAIT_MAX_S; back to none as soon as records come. A loop polls without
+    blocking (the event loop must stay free), so a fixed short sleep kept every idle loop busy: a features
+    service with one pipeline and no input used 9% of a core at 2 ms, 3% at this cap. The cap is the most
+    a first record after a quiet spell waits beyond its fetch; under load every poll finds records."""
+
+    def __init__(self) -> None:
+        self.next_s = 0.0
+
+    def after(self, n: int) -> float:
+        """The sleep after a poll that returned `n` records (0 when it returned any)."""
+        if n:
+            self.next_s = 0.0
+        else:
+            self.next_s = min(IDLE_WAIT_MAX_S, max(IDLE_WAIT_MIN_S, self.next_s * 2))
+        return self.next_s
 
 
 class BatchSizer:
@@ -568,6 +592,7 @@ class BatchLoop(mode.Service):
         self._last_hold_log = 0.0
         self._closing = False
         self._sizer = BatchSizer(settings.max_batch)
+        self._idle = IdleWait()
         self._paused_until = 0.0  # reading waits until then for something unavailable (a registry)
         self._dependency_wait = 0.0
         self.processed = 0
@@ -609,7 +634,9 @@ class BatchLoop(mode.Service):
                 # heartbeats come from librdkafka's own thread, so a busy event loop does not expire it.
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": 1_000,
-                "fetch.wait.max.ms": 10,  # low latency when idle; full batches arrive anyway under load
+                # The broker answers a fetch as soon as there is data (fetch.min.bytes 1), so a long wait adds
+                # no latency; a short one made every idle consumer ask each broker 100 times a second.
+                "fetch.wait.max.ms": FETCH_WAIT_MS,
                 # Aligned loops: small runs per partition, so a batch holds several partitions to order.
                 **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
             },
@@ -833,8 +860,9 @@ class BatchLoop(mode.Service):
                     self._produce_all(self._on_idle())
                 self._commit(timeout_s=LOOP_WAIT_S)
                 self._check_step(started, 0)
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(self._idle.after(0))
                 continue
+            self._idle.after(len(msgs))
             self.process(msgs)
             if not self._paused_until:
                 self._dependency_wait = 0.0  # (what was unavailable is back)

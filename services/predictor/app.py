@@ -142,16 +142,19 @@ class Predictor:
             )
         topic = self.catalogue.model_versions().name
         self._fetcher.assign([TopicPartition(topic, where[0], where[1])])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            msg = self._fetcher.poll(0.05)
-            if msg is None or msg.error():
-                continue
-            if msg.key() != f"{pipeline}/{name}/{version}".encode() or msg.value() is None:
-                return None  # compacted away or replaced since: nothing to serve
-            log.info("%s: read %s v%d back from %s@%d", pipeline, name, version, topic, where[1])
-            return codec_for("ModelVersion").decode(msg.value() or b"")
-        return None
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                msg = self._fetcher.poll(0.05)
+                if msg is None or msg.error():
+                    continue
+                if msg.key() != f"{pipeline}/{name}/{version}".encode() or msg.value() is None:
+                    return None  # compacted away or replaced since: nothing to serve
+                log.info("%s: read %s v%d back from %s@%d", pipeline, name, version, topic, where[1])
+                return codec_for("ModelVersion").decode(msg.value() or b"")
+            return None
+        finally:
+            self._fetcher.unassign()  # (assigned, an idle consumer would go on fetching from the broker)
 
     def on_version(self, record: dict[str, Any] | None, msg: Any) -> None:
         if record is not None:
