@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from streamml import control, pipelines, signing, sources
-from streamml.codec import codec_for, decode_any, is_avro
+from streamml.codec import codec_for, decode_any, is_avro, registry_in_use, use_registry
 from streamml.contracts import contracts_of, export
 from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import check_broker, ensure_topics, make_admin, make_consumer, make_producer
@@ -51,9 +51,12 @@ log = logging.getLogger(__name__)
 
 def _settings() -> Settings:
     try:
-        return get_settings()
+        settings = get_settings()
     except Exception as exc:  # pydantic's ValidationError carries the variable and the reason
         raise StreamMLError(f"invalid StreamML settings: {exc}") from exc
+    if settings.schema_registry_url and registry_in_use() is None:
+        use_registry(Registry(settings))  # records the services wrote framed (no registry call until read)
+    return settings
 
 
 def _pipelines(names: list[str] | None) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -203,6 +203,26 @@ _registry: FramedReader | None = None
 def use_registry(registry: FramedReader | None) -> None:
     global _registry
     _registry = registry
+    _framed.clear()  # (framing needs a registry: set again with `frame_topics`)
+
+
+class Encoder(Protocol):
+    def encode(self, record: Record) -> bytes: ...
+
+
+# Topics this process writes in the Confluent wire format: with a registry in use, each topic's generic
+# contract registered under its subject (`frame_topics`); every other topic is written single-object.
+_framed: dict[str, Encoder] = {}
+
+
+def frame_topics(encoders: Mapping[str, Encoder]) -> None:
+    _framed.update(encoders)
+
+
+def encoder_for(topic: str, record_name: str) -> Encoder:
+    """How a `record_name` record is written to `topic`: framed under the topic's registered schema id
+    where `frame_topics` set that up, else in the single-object encoding."""
+    return _framed.get(topic) or codec_for(record_name)
 
 
 def registry_in_use() -> FramedReader | None:

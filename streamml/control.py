@@ -18,6 +18,7 @@ from streamml.codec import codec_for
 from streamml.errors import StreamMLError, ValidationError
 from streamml.kafka import make_producer
 from streamml.pipelines import validate_definition
+from streamml.registry import Registry, framed_encoders
 from streamml.runtime import read_to_end
 from streamml.settings import Settings
 from streamml.topics import PIPELINE_NAME, Catalogue
@@ -173,7 +174,11 @@ def _produce(settings: Settings, topic: str, key: bytes, value: bytes | None) ->
 
 
 def publish(settings: Settings, topic: str, schema: str, key: str, record: dict[str, Any]) -> None:
-    _produce(settings, topic, key.encode(), codec_for(schema).encode(record))
+    """Publish one control record; with a schema registry configured, in the Confluent wire format under
+    the topic's subject, as the services write theirs (single-object if the registry cannot take it)."""
+    registry = Registry.from_settings(settings)
+    framed = framed_encoders(registry, [(topic, schema)]).get(topic) if registry is not None else None
+    _produce(settings, topic, key.encode(), (framed or codec_for(schema)).encode(record))
 
 
 def tombstone(settings: Settings, topic: str, key: bytes) -> None:

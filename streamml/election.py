@@ -37,11 +37,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from streamml.codec import codec_for
-from streamml.errors import StreamMLError
+from streamml.codec import encoder_for, prefetch_writers
+from streamml.errors import DependencyUnavailableError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import (
+    DEPENDENCY_WAIT_MAX_S,
+    DEPENDENCY_WAIT_S,
     FETCH_WAIT_MS,
     MIN_BATCH,
     RETRIABLE,
@@ -110,7 +112,6 @@ class WriterSlots:
         self.producers: dict[int, Producer] = {}
         self._open: set[int] = set()  # slots with an open transaction
         self._consumer: Consumer | None = None
-        self._claims = codec_for("WriterClaim")
         self.pipelines_of: Callable[[int], list[str]] = lambda _slot: []
         self.changes = 0  # bumped at every gain or loss: readers of the slots' inputs seek again
         self._dropped_at: dict[int, float] = {}
@@ -255,7 +256,10 @@ class WriterSlots:
             "claimed_at": time.time_ns() // 1_000_000,
         }
         key = f"{self.service}/{slot}".encode()
-        self.send(slot, Output(self.topic, key, self._claims.encode(record), partition=slot))
+        self.send(
+            slot,
+            Output(self.topic, key, encoder_for(self.topic, "WriterClaim").encode(record), partition=slot),
+        )
 
     def _drop(self, slots: list[int], why: str, regain: bool = True) -> None:
         if not slots:
@@ -402,6 +406,7 @@ class WriterLoop(mode.Service):
         # is never held for seconds, even while catching up after a restart.
         self._sizer = BatchSizer(settings.max_batch, start=MIN_BATCH)
         self._idle = IdleWait()
+        self._dependency_wait = 0.0  # the pause before reading again while the registry is away
         self.processed = 0
         super().__init__(**kwargs)
 
@@ -445,11 +450,42 @@ class WriterLoop(mode.Service):
                 return
         self._reassign()
         msgs = self._consumer.consume(self._sizer.limit, 0) if self._assigned else []  # type: ignore[union-attr]
+        if msgs and not await self._writers_known(msgs):
+            return
         if msgs:
             started = time.monotonic()
             self.process(msgs)
             self._sizer.step(self.name, len(msgs), time.monotonic() - started)
         await asyncio.sleep(self._idle.after(len(msgs)))
+
+    async def _writers_known(self, msgs: list[Message]) -> bool:
+        """With a schema registry: fetch the writer schemas of the batch's framed records first. While the
+        registry cannot answer, none of them is handled (a decode would dead-letter it): their partitions go
+        back to the batch's first records, read again after a pause (0.5 s, doubling up to 5 s)."""
+        try:
+            prefetch_writers(m.value() for m in msgs if m.error() is None)
+        except DependencyUnavailableError as exc:
+            first: dict[tuple[str, int], int] = {}
+            for m in msgs:
+                if m.error() is None:
+                    tp = (m.topic() or "", m.partition() or 0)
+                    first[tp] = min(first.get(tp, m.offset() or 0), m.offset() or 0)
+            for (topic, partition), offset in first.items():
+                try:
+                    self._consumer.seek(TopicPartition(topic, partition, offset))  # type: ignore[union-attr]
+                except KafkaException as seek_exc:  # (unassigned meanwhile: read from its resume point)
+                    log.warning("%s: cannot go back to %s[%d]@%d: %s", self.name, topic, partition, offset,
+                                seek_exc)  # fmt: skip
+            self._dependency_wait = min(
+                DEPENDENCY_WAIT_MAX_S, max(DEPENDENCY_WAIT_S, self._dependency_wait * 2)
+            )
+            ERRORS.labels(self.name, "dependency_unavailable").inc()
+            log.warning("%s: %d records wait (read again in %.1f s): %s", self.name, len(msgs),
+                        self._dependency_wait, exc)  # fmt: skip
+            await asyncio.sleep(self._dependency_wait)
+            return False
+        self._dependency_wait = 0.0
+        return True
 
     def _reassign(self) -> None:
         """Read exactly the partitions of the owned pipelines' topics, from the service's resume points."""

@@ -25,7 +25,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streamml import limits, unions
-from streamml.contracts import ORIGINAL_NAME, Contract
+from streamml.contracts import ORIGINAL_NAME, Contract, generic_contract
 from streamml.errors import DecodeError, DependencyUnavailableError, SchemaError, StreamMLError
 from streamml.schemas import strip_logical_types
 from streamml.settings import Settings
@@ -135,7 +135,15 @@ class Registry:
             self._client.set_compatibility(name, COMPATIBILITY)
             schema_id = int(self._client.register_schema(name, _avro(contract)))
         except SchemaRegistryError as exc:
+            if exc.http_status_code >= 500 or exc.http_status_code < 0:  # (negative: no HTTP answer)
+                raise RegistryUnavailableError(
+                    f"registry {self.url}: registering {name}: {_message(exc)}"
+                ) from exc
             raise RegistryError(f"registry {self.url}: registering {name}: {_message(exc)}") from exc
+        except Exception as exc:  # httpx transport errors: the registry is away
+            raise RegistryUnavailableError(
+                f"registry {self.url} unreachable: registering {name}: {limits.clip(str(exc), 200)}"
+            ) from exc
         self.remember(schema_id, contract.schema, contract.parsed)
         return schema_id
 
@@ -300,6 +308,24 @@ class FramedEncoder:
         except Exception as exc:  # fastavro raises ValueError/TypeError/KeyError on records that don't fit
             raise SchemaError(f"record does not fit {self.contract.fullname}: {exc}") from exc
         return buf.getvalue()
+
+
+def framed_encoders(registry: Registry, topics: Iterable[tuple[str, str]]) -> dict[str, FramedEncoder]:
+    """For each (topic, generic record type): its contract registered under `<topic>-value` (BACKWARD) and an
+    encoder writing the Confluent wire format with that id. A topic the registry refuses stays in the
+    single-object encoding (every reader reads both), and so does every topic after one it could not be
+    reached for (a service starts without waiting for it); both are logged."""
+    encoders: dict[str, FramedEncoder] = {}
+    for topic, record_name in topics:
+        contract = generic_contract(record_name)
+        try:
+            encoders[topic] = FramedEncoder(contract, registry.register(topic, contract))
+        except RegistryUnavailableError as exc:
+            log.error("%s and the topics after it stay single-object encoded: %s", topic, exc)
+            break
+        except RegistryError as exc:
+            log.error("%s stays single-object encoded: %s", topic, exc)
+    return encoders
 
 
 _PATH = re.compile(r"(/fields/\d+(?:/type(?:/fields/\d+|/\d+)?)*)")

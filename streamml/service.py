@@ -20,7 +20,7 @@ import mode
 from confluent_kafka import KafkaError, Message
 
 from streamml import limits
-from streamml.codec import codec_for, use_registry
+from streamml.codec import codec_for, encoder_for, frame_topics, use_registry
 from streamml.errors import (
     BrokerUnavailableError,
     DecodeError,
@@ -32,7 +32,7 @@ from streamml.follow import ControlTail, start_offsets
 from streamml.kafka import check_broker, ensure_topics, make_producer
 from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
 from streamml.pipelines import validate_definition
-from streamml.registry import Registry
+from streamml.registry import Registry, framed_encoders
 from streamml.runtime import Output, end_offsets, is_retriable, kafka_error, read_to_end
 from streamml.settings import Settings
 from streamml.stalls import LoopWatch, stack_of
@@ -57,8 +57,22 @@ def prepare(settings: Settings, service: str) -> Catalogue:
     check_broker(settings)
     catalogue = Catalogue(settings)
     ensure_topics(settings, catalogue.used_by(catalogue.global_topics(), service))
-    use_registry(Registry.from_settings(settings))  # typed feature vectors decode wherever they are read
+    registry = Registry.from_settings(settings)
+    use_registry(registry)  # framed records (typed feature vectors, ...) decode wherever they are read
+    if registry is not None:  # the global topics this service writes: Confluent-framed, any SerDe reads them
+        frame_topics(framed_encoders(registry, framed_topics(catalogue, service)))
     return catalogue
+
+
+def framed_topics(catalogue: Catalogue, writer: str) -> list[tuple[str, str]]:
+    """(topic, record type) of the global topics `writer` writes that are framed when a registry is in use:
+    every one but the internal state topics (monitor and controller snapshots, read only by their writer)."""
+    internal = {catalogue.monitor_state().name, catalogue.controller_state().name}
+    return [
+        (spec.name, spec.schema)
+        for spec in catalogue.global_topics()
+        if writer in spec.writers and spec.name not in internal
+    ]
 
 
 def dead_letter(
@@ -97,7 +111,7 @@ def dead_letter(
     }
     topic = catalogue.dead_letter(owner).name if owner else catalogue.dead_letters().name
     out_key = f"{record['source_topic']}/{record['source_partition']}/{record['source_offset']}".encode()
-    return Output(topic, out_key, codec_for("DeadLetter").encode(record))
+    return Output(topic, out_key, encoder_for(topic, "DeadLetter").encode(record))
 
 
 def source_pipeline(catalogue: Catalogue, topic: str) -> str | None:
@@ -395,7 +409,7 @@ class ControlFollower:
                 self._alerts = make_producer(self.settings, **{"linger.ms": 0})
             self._alerts.produce(
                 alerts_topic,
-                codec_for("DriftAlert").encode(alert),
+                encoder_for(alerts_topic, "DriftAlert").encode(alert),
                 pipeline.encode(),
             )
             self._alerts.poll(0)

@@ -23,7 +23,7 @@ import faust
 from confluent_kafka import KafkaException, Message, TopicPartition
 
 from streamml import metrics
-from streamml.codec import codec_for
+from streamml.codec import codec_for, encoder_for
 from streamml.election import WriterSlots, slot_of
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer
@@ -249,7 +249,9 @@ class ControllerService:
                     Output(
                         self.catalogue.training_requests().name,
                         pipeline.encode(),
-                        codec_for("TrainingRequest").encode(request),
+                        encoder_for(self.catalogue.training_requests().name, "TrainingRequest").encode(
+                            request
+                        ),
                         pipeline=pipeline,
                     )
                 )
@@ -265,7 +267,7 @@ class ControllerService:
                 Output(
                     self.catalogue.promotions().name,
                     f"{decision['pipeline']}/{decision['model_name']}/{decision['decided_at']}".encode(),
-                    codec_for("Promotion").encode(decision),
+                    encoder_for(self.catalogue.promotions().name, "Promotion").encode(decision),
                     pipeline=pipeline,
                 )
             )

@@ -20,7 +20,7 @@ from confluent_kafka import Message
 
 from streamml import artifacts, metrics
 from streamml.artifacts import ArtifactRejectedError
-from streamml.codec import codec_for
+from streamml.codec import codec_for, encoder_for
 from streamml.election import WriterLoop, WriterSlots, slot_of
 from streamml.errors import ValidationError
 from streamml.kafka import ensure_topics
@@ -56,8 +56,6 @@ class Learner:
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._versions = codec_for("ModelVersion")
-        self._promotions = codec_for("Promotion")
-        self._alerts = codec_for("DriftAlert")
         self.oversized: dict[tuple[str, str], float] = {}  # (pipeline, model) -> when a too-large alert went
         # Whether this instance writes for a pipeline (its writer slot); set by `build` (all, in tests).
         self.owns: Callable[[str], bool] = lambda _pipeline: True
@@ -302,7 +300,7 @@ class Learner:
         """
         record = learner.snapshot(now_ms())
         key = f"{name}/{learner.model_name}/{record['version']}".encode()
-        encoded = self._versions.encode(record)
+        encoded = encoder_for(self.catalogue.model_versions().name, "ModelVersion").encode(record)
         if len(key) + len(encoded) > MODEL_VERSION_MAX_BYTES:
             learner.version -= 1  # the number goes to the next version that is published
             return self._too_large(name, learner, record, len(key) + len(encoded))
@@ -354,7 +352,7 @@ class Learner:
             "message": message,
             "detected_at": now_ms(),
         }
-        value = self._alerts.encode(alert)
+        value = encoder_for(self.catalogue.drift_alerts().name, "DriftAlert").encode(alert)
         return [Output(self.catalogue.drift_alerts().name, name.encode(), value, pipeline=name)]
 
     def _auto_promotion(self, version: dict[str, Any]) -> Output:
@@ -363,7 +361,7 @@ class Learner:
         return Output(
             self.catalogue.promotions().name,
             key,
-            self._promotions.encode(record),
+            encoder_for(self.catalogue.promotions().name, "Promotion").encode(record),
             pipeline=version["pipeline"],
         )
 

@@ -23,7 +23,7 @@ import faust
 from confluent_kafka import Message
 
 from streamml import artifacts, metrics
-from streamml.codec import codec_for
+from streamml.codec import codec_for, encoder_for
 from streamml.election import WriterLoop, WriterSlots, slot_of
 from streamml.errors import ConfigError, ValidationError
 from streamml.kafka import ensure_topics
@@ -70,8 +70,6 @@ class MonitorService:
         self._features = codec_for("FeatureVector")
         self._labels = codec_for("Label")
         self._predictions = codec_for("Prediction")
-        self._alerts = codec_for("DriftAlert")
-        self._evaluations = codec_for("Evaluation")
         self._series: dict[str, dict[ModelKey, set[tuple[str, str]]]] = {}  # gauge series set per version
         self._counted: dict[tuple[int, tuple[str, ...]], int] = {}  # last total synced per counter
 
@@ -342,7 +340,7 @@ class MonitorService:
         record = result.record
         if result.kind == "alert":
             metrics.DRIFT_ALERTS.labels(result.pipeline, record["kind"], record["detector"]).inc()
-            value = self._alerts.encode(record)
+            value = encoder_for(self.catalogue.drift_alerts().name, "DriftAlert").encode(record)
             return Output(
                 self.catalogue.drift_alerts().name, result.pipeline.encode(), value, pipeline=result.pipeline
             )
@@ -353,7 +351,7 @@ class MonitorService:
             record["champion_value"], record["challenger_model"], record["challenger_version"],
             record["challenger_value"], record["labels"],
         )  # fmt: skip
-        value = self._evaluations.encode(record)
+        value = encoder_for(self.catalogue.evaluations().name, "Evaluation").encode(record)
         return Output(
             self.catalogue.evaluations().name, result.pipeline.encode(), value, pipeline=result.pipeline
         )

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as RequestError
 
 from streamml import limits, metrics
-from streamml.codec import check_fields, codec_for
+from streamml.codec import check_fields, codec_for, encoder_for
 from streamml.contracts import generic_contract
 from streamml.errors import StreamMLError, ValidationError
 from streamml.httpauth import api_token, authorized
@@ -202,7 +202,7 @@ class Predictor:
                 )
                 self.alerts.produce(
                     self.catalogue.drift_alerts().name,
-                    codec_for("DriftAlert").encode(
+                    encoder_for(self.catalogue.drift_alerts().name, "DriftAlert").encode(
                         {
                             "alert_id": f"artifact-{ev.pipeline}-{ev.model_name}-{ev.version}-{now_ms()}",
                             "pipeline": ev.pipeline,

@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 
 from services.trainer.requests import RequestLoop
 from streamml import artifacts, metrics
-from streamml.codec import codec_for
+from streamml.codec import codec_for, encoder_for
 from streamml.errors import StreamMLError
 from streamml.kafka import make_consumer
 from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app
@@ -182,8 +182,6 @@ class Trainer:
         self.control = ControlFollower(settings, SERVICE)
         self.answered: set[str] = set()
         self.requests_codec = codec_for("TrainingRequest")
-        self._results = codec_for("TrainingResult")
-        self._versions = codec_for("ModelVersion")
 
     # -- control topics -------------------------------------------------------------------------------
     def on_pipeline(self, record: dict[str, Any] | None, msg: Any) -> None:
@@ -264,7 +262,7 @@ class Trainer:
         result_output = Output(
             self.catalogue.training_results().name,
             result["request_id"].encode(),
-            self._results.encode(result),
+            encoder_for(self.catalogue.training_results().name, "TrainingResult").encode(result),
         )
         outputs = ([version_output] if version_output is not None else []) + [result_output]
         return Answer(status, version, reason, outputs)
@@ -345,7 +343,7 @@ class Trainer:
             plan, outcome, version=version, training_data=ranges, signing_key=self.key, now_ms=now_ms()
         )
         key = f"{record['pipeline']}/{record['model_name']}/{version}"
-        value = self._versions.encode(record)
+        value = encoder_for(self.catalogue.model_versions().name, "ModelVersion").encode(record)
         if len(key) + len(value) > MODEL_VERSION_MAX_BYTES:  # the broker or the services would refuse it
             raise TrainingFailedError(
                 f"the model version is {(len(key) + len(value)) / 2**20:.1f} MiB, above the "

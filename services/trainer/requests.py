@@ -23,9 +23,18 @@ import mode
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamml import metrics
-from streamml.errors import StreamMLError
+from streamml.codec import prefetch_writers
+from streamml.errors import DependencyUnavailableError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
-from streamml.runtime import SESSION_TIMEOUT_MS, Output, in_daemon_thread, is_retriable, kafka_error, produce
+from streamml.runtime import (
+    DEPENDENCY_WAIT_S,
+    SESSION_TIMEOUT_MS,
+    Output,
+    in_daemon_thread,
+    is_retriable,
+    kafka_error,
+    produce,
+)
 from streamml.service import check_record_pipeline
 from streamml.topics import MODEL_MAX_BYTES
 from streams.trainer import route_request
@@ -387,6 +396,14 @@ class RequestLoop(mode.Service):
         partition, offset = msg.partition() or 0, msg.offset() or 0
         if offset < owned.next_offset:
             return  # delivered again after a pause: handled already
+        try:
+            prefetch_writers([msg.value()])  # (a framed request's writer schema; at once without a registry)
+        except DependencyUnavailableError as exc:  # the registry is away: not this request's fault
+            log.warning("request at %s[%d]@%d waits for the schema registry: %s", self.topic, partition,
+                        offset, exc)  # fmt: skip
+            owned.backlog.appendleft(msg)  # tried again first, after a pause
+            await asyncio.sleep(DEPENDENCY_WAIT_S)
+            return
         try:
             request = self.trainer.requests_codec.decode(msg.value() or b"")
             check_record_pipeline(request)

@@ -24,11 +24,12 @@ from typer.testing import CliRunner, Result
 from services.features.app import Features
 from services.predictor.app import Predictor
 from streamml import artifacts, cli, control, doctor
-from streamml.codec import codec_for, use_registry
+from streamml.codec import codec_for, encoder_for, use_registry
 from streamml.contracts import contracts_of
 from streamml.kafka import ensure_topics
 from streamml.registry import Registry, is_framed
 from streamml.runtime import read_to_end
+from streamml.service import framed_topics, prepare
 from streamml.settings import Settings, get_settings
 from streamml.topics import Catalogue
 
@@ -196,6 +197,39 @@ def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
     assert client.get_latest_version(f"{topic}-value").schema.schema_str is not None
 
 
+def test_control_records_are_framed_under_their_topics_subjects(
+    isolated: Settings, registry_url: str
+) -> None:
+    """With a registry, the control topics a service writes carry the Confluent wire format under their own
+    subjects (registered at the service's start), and so does what the CLI publishes: confluent-kafka's own
+    AvroDeserializer reads them, and so do our readers (the CLI's, a service's control follower)."""
+    applied = invoke("pipeline", "apply", str(AGRAWAL))  # the CLI publishes the definition
+    assert applied.exit_code == 0, applied.output
+    catalogue = Catalogue(isolated)
+    client = SchemaRegistryClient({"url": registry_url})
+    deserializer = AvroDeserializer(client)
+    pipelines_topic = catalogue.pipelines().name
+    (definition,) = read_to_end(isolated, pipelines_topic)
+    framed = definition.value()
+    assert framed is not None and is_framed(framed)
+    theirs = deserializer(framed, SerializationContext(pipelines_topic, MessageField.VALUE))
+    assert theirs["name"] == "agrawal" and theirs["revision"] == 1
+    assert control.read_pipelines(isolated).current["agrawal"]["revision"] == 1  # ours, in this process
+
+    # A controller's start registers the topics it writes; its decisions and requests are framed.
+    prepare(isolated, "controller")
+    promotions = catalogue.promotions().name
+    value = encoder_for(promotions, "Promotion").encode(promoted())
+    assert is_framed(value)
+    assert deserializer(value, SerializationContext(promotions, MessageField.VALUE))["version"] == 1
+    assert codec_for("Promotion").decode(value)["actor"] == "auto"
+    written = {topic for topic, _schema in framed_topics(catalogue, "controller")}
+    assert {promotions, catalogue.training_requests().name, catalogue.dead_letters().name} <= written
+    assert catalogue.controller_state().name not in written  # its own state: read by itself alone
+    assert {f"{t}-value" for t in written} <= set(client.get_subjects())
+    assert not is_framed(encoder_for(catalogue.evaluations().name, "Evaluation").encode(evaluation()))
+
+
 MODEL_KEY = b"registry-test-model-key"
 
 
@@ -242,6 +276,15 @@ def signed_version() -> dict[str, Any]:
         "signature": artifacts.sign(data, MODEL_KEY),
         "library_versions": artifacts.library_versions(), "metrics": {}, "training_data": [],
         "events_seen": 1, "parent_version": None, "created_at": 1,
+    }  # fmt: skip
+
+
+def evaluation() -> dict[str, Any]:
+    """An Evaluation record (the monitor writes them; the controller does not: single-object here)."""
+    return {
+        "pipeline": "agrawal", "champion_model": "online", "champion_version": 1, "challenger_model": "batch",
+        "challenger_version": 1, "metric": "accuracy", "higher_is_better": True, "champion_value": 0.5,
+        "challenger_value": 0.6, "labels": 10, "evaluated_at": 1,
     }  # fmt: skip
 
 

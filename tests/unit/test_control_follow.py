@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from streamml import follow
-from streamml.codec import codec_for
+from streamml.codec import codec_for, use_registry
 from streamml.follow import ControlTail, advance, is_caught_up, start_offsets
+from streamml.registry import RegistryUnavailableError
 from streamml.service import ControlFollower
 from streamml.settings import Settings
 from tests.unit.fakes import FakeMessage, FakeProducer
@@ -219,3 +221,46 @@ def test_follow_registers_one_task_and_applies_only_records_not_applied_yet() ->
     follower._deliver(FakeMessage("p.promotions", b"junk", 3))  # type: ignore[arg-type]
     assert follower.skipped == 1 and seen == [2, 3]  # skipped with a reason, never raised
     assert [topic for topic, _v, _k in follower._alerts.produced] == ["p.drift-alerts"]
+
+
+class AwayRegistry:
+    """A schema registry that cannot answer now, then can (reads framed records as the real one does)."""
+
+    def __init__(self) -> None:
+        self.away = True
+
+    def decode_as(self, data: bytes, reader: Any) -> dict[str, Any]:
+        if self.away:
+            raise RegistryUnavailableError("registry unreachable")
+        return codec_for("Promotion").decode(b"\xc3\x01" + codec_for("Promotion").header[2:] + data[5:])
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        return self.decode_as(data, None)
+
+    def decode_features(self, data: bytes) -> dict[str, Any]:
+        return self.decode_as(data, None)
+
+    def prefetch(self, values: Any) -> None:
+        if self.away:
+            raise RegistryUnavailableError("registry unreachable")
+
+
+def test_a_framed_control_record_waits_while_the_registry_is_away_and_applies_when_it_is_back() -> None:
+    """Not the record's fault: never skipped (no CONTROL alert), applied in order once the writer schema
+    can be fetched."""
+    registry = AwayRegistry()
+    use_registry(registry)
+    try:
+        follower = ControlFollower(settings(), "svc")
+        follower._alerts = FakeProducer()
+        follower.follow(FakeApp(), "p.promotions", "Promotion", lambda r, _m: seen.append(r["version"]))  # type: ignore[arg-type]
+        seen: list[int] = []
+        body = promotion(7)[10:]  # the Avro body, framed as a registry-using writer does (id 42)
+        follower._deliver(FakeMessage("p.promotions", b"\x00\x00\x00\x00\x2a" + body, 0))  # type: ignore[arg-type]
+        follower._deliver(FakeMessage("p.promotions", promotion(8), 1))  # type: ignore[arg-type]
+        assert follower.skipped == 0 and seen == [] and follower.waiting() == 2
+        registry.away = False
+        assert follower.retry_waiting(time.monotonic() + 60) == 2
+        assert seen == [7, 8] and follower.skipped == 0 and follower._alerts.produced == []
+    finally:
+        use_registry(None)

@@ -82,7 +82,8 @@ def loop_with_fakes(monkeypatch: pytest.MonkeyPatch, fail_commits: int = 0) -> t
     monkeypatch.setattr(
         trainer_app, "result_record", lambda req, status, **kw: {**req, "status": status, **kw}
     )
-    monkeypatch.setattr(trainer, "_results", type("C", (), {"encode": staticmethod(lambda r: b"result")})())
+    stub = type("C", (), {"encode": staticmethod(lambda r: b"result")})()
+    monkeypatch.setattr(trainer_app, "encoder_for", lambda _topic, _name: stub)
     loop = RequestLoop(trainer)
     for p in range(3):
         loop._owned[p] = Owned(p, producer=object(), ready=True)
