@@ -282,6 +282,7 @@ class Bench:
         """Issue 11: predictor and learner on the same vectors written typed (each pipeline's generated
         contract, Confluent-framed) with a real Schema Registry (Apicurio, started here), side by side
         with the generic encoding measured above."""
+        from streamml.codec import use_registry
         from streamml.contracts import contracts_of
         from streamml.localregistry import LocalRegistry
         from streamml.registry import FramedEncoder, Registry
@@ -298,6 +299,7 @@ class Bench:
                 env = {"STREAMML_SCHEMA_REGISTRY_URL": url}
                 dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, security_env=env)
                 self.deployments[name] = dep
+                use_registry(Registry(dep.settings))  # the services frame what they write: read it back here
                 definition = definition_for(dep, **kw)
                 contract = contracts_of(definition).features
                 encoder = FramedEncoder(
@@ -318,6 +320,7 @@ class Bench:
                 if got is not None:
                     self.results[name] = got
         finally:
+            use_registry(None)
             registry.stop()
 
     def quix(self, events: list[dict[str, Any]], vectors: list[dict[str, Any]], one: dict[str, Any]) -> None:
