@@ -94,8 +94,10 @@ def test_two_instances_of_every_service_survive_kills_and_a_broker_restart(
     alerts = concept.records
     # Every alert followed by a retraining window of events (and a margin for a controller that was down)
     # was answered by one request; a later one (the stream ended first: its tail is bounded) may not be.
+    # At least one request in all: an alert that came late (after a long stall, CI once: 22 s after a kill)
+    # is followed by fewer events than that margin by the time the stream ends, and is still answered.
     expect(
-        1 <= d["concept_due"] <= loop.requests <= alerts,
+        loop.requests >= 1 and d["concept_due"] <= loop.requests <= alerts,
         f"{loop.requests} training requests for {alerts} CONCEPT alerts, {d['concept_due']} of them due",
     )
     expect(loop.answered_twice == 0, f"{loop.answered_twice} requests answered more than once")
