@@ -51,6 +51,7 @@ from streamml.runtime import (
     BatchSizer,
     IdleWait,
     Output,
+    first_offsets,
     interleave,
     is_permanent,
     kafka_error,
@@ -465,12 +466,7 @@ class WriterLoop(mode.Service):
         try:
             prefetch_writers(m.value() for m in msgs if m.error() is None)
         except DependencyUnavailableError as exc:
-            first: dict[tuple[str, int], int] = {}
-            for m in msgs:
-                if m.error() is None:
-                    tp = (m.topic() or "", m.partition() or 0)
-                    first[tp] = min(first.get(tp, m.offset() or 0), m.offset() or 0)
-            for (topic, partition), offset in first.items():
+            for (topic, partition), offset in first_offsets(msgs).items():
                 try:
                     self._consumer.seek(TopicPartition(topic, partition, offset))  # type: ignore[union-attr]
                 except KafkaException as seek_exc:  # (unassigned meanwhile: read from its resume point)

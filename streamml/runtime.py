@@ -460,6 +460,17 @@ def interleave(msgs: list[Message]) -> list[Message]:
     return out
 
 
+def first_offsets(msgs: Iterable[Message]) -> dict[tuple[str, int], int]:
+    """The first offset of each partition among `msgs` (records without an error): where to go back to
+    for reading them again."""
+    first: dict[tuple[str, int], int] = {}
+    for msg in msgs:
+        if msg.error() is None:
+            tp, offset = (msg.topic() or "", msg.partition() or 0), msg.offset() or 0
+            first[tp] = min(first.get(tp, offset), offset)
+    return first
+
+
 class IdleWait:
     """How long a data loop sleeps after a poll that found nothing: from IDLE_WAIT_MIN_S, doubling while
     nothing comes, up to IDLE_WAIT_MAX_S; back to none as soon as records come. A loop polls without
@@ -1106,12 +1117,8 @@ class BatchLoop(mode.Service):
         """Records that need something unavailable now (a writer schema while the registry is away) are
         neither handled nor dead-lettered: their partitions go back to the first of them, and reading
         pauses (0.5 s, doubling up to 5 s while it lasts). Nothing was handled, so no state changed."""
-        first: dict[tuple[str, int], int] = {}
-        for msg in msgs:
-            tp = (msg.topic() or "", msg.partition() or 0)
-            first[tp] = min(first.get(tp, msg.offset() or 0), msg.offset() or 0)
         assert self._consumer is not None
-        for (topic, partition), offset in first.items():
+        for (topic, partition), offset in first_offsets(msgs).items():
             self._buffers.pop((topic, partition), None)  # (read again from there too)
             try:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
