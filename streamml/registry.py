@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Registry:
         if settings.schema_registry_ca_location:
             conf["ssl.ca.location"] = settings.schema_registry_ca_location
         self.url = settings.schema_registry_url
+        self._conf = conf
         self._client = SchemaRegistryClient(conf)
         self._writers: OrderedDict[int, Writer | None] = OrderedDict()  # by schema id; None: unknown id
 
@@ -146,6 +148,29 @@ class Registry:
             ) from exc
         self.remember(schema_id, contract.schema, contract.parsed)
         return schema_id
+
+    def wait_ready(self, timeout_s: float, pause_s: float = 1.0) -> bool:
+        """Wait up to `timeout_s` for the registry to answer (any HTTP answer but a 5xx: a 401 is an answer,
+        and registration then says why); False if it did not. Services call it at start, so a registry
+        started alongside them (compose, a pod restarted with them) is in use from their first record."""
+        deadline = time.monotonic() + timeout_s
+        probe = SchemaRegistryClient({**self._conf, "max.retries": 0})  # this loop is the retrying
+        while True:
+            try:
+                probe.get_subjects()
+                return True
+            except SchemaRegistryError as exc:
+                if 0 <= exc.http_status_code < 500:
+                    return True
+                reason = _message(exc)
+            except Exception as exc:  # httpx transport errors: nothing listens (yet)
+                reason = limits.clip(str(exc), 200)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("registry %s did not answer in %.0f s: %s", self.url, timeout_s, reason)
+                return False
+            log.info("waiting for the registry %s (%.0f s left): %s", self.url, left, reason)
+            time.sleep(min(pause_s, left))
 
     def subjects(self) -> list[str]:
         try:

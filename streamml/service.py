@@ -60,6 +60,7 @@ def prepare(settings: Settings, service: str) -> Catalogue:
     registry = Registry.from_settings(settings)
     use_registry(registry)  # framed records (typed feature vectors, ...) decode wherever they are read
     if registry is not None:  # the global topics this service writes: Confluent-framed, any SerDe reads them
+        registry.wait_ready(settings.schema_registry_wait_s)
         frame_topics(framed_encoders(registry, framed_topics(catalogue, service)))
     return catalogue
 

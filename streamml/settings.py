@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     schema_registry_ca_location: str | None = Field(
         None, description="CA bundle that verifies an https registry (default: the system's)."
     )
+    schema_registry_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a service waits at start for the registry to answer; after that it writes "
+        "its control topics single-object encoded (logged) until restarted.",
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
         description="at_least_once: outputs may repeat after a crash; exactly_once: Kafka transactions.",
