@@ -93,6 +93,10 @@ class DriftAlert(_Record):
     severity: SeveritySymbol = Field(..., description="How urgent the alert is.")
     message: str = Field("", description="Human-readable description.")
     detected_at: int = Field(..., description="When the detector fired.")
+    event_time: int | None = Field(
+        None,
+        description="Concept drift: the newest event time among the labelled events the detector had seen when it fired (never after detected_at). A retraining learns only from events at or after it, so a partition that lagged behind the change adds none of its older events.",
+    )
 
 
 class Evaluation(_Record):
@@ -464,6 +468,10 @@ class TrainingRequest(_Record):
         description="Start of the training data as a time range (inclusive), when no offset ranges are given.",
     )
     time_to: int | None = Field(None, description="End of the time range (exclusive).")
+    event_time_from: int | None = Field(
+        None,
+        description="Learn only from feature vectors whose event_time is at or after this (with data_ranges or a time range): a drift's retraining leaves out events that happened before it was seen.",
+    )
     validation_split: float = Field(0.2, description="Fraction of the slice held out for evaluation.")
     seed: int = Field(0, description="Seed of every random choice, so a replay reproduces the model.")
     reason: str = Field("", description="Why the training was requested (e.g. the drift alert id).")

@@ -159,6 +159,8 @@ class Controller:
             "data_ranges": recent(int(definition["policy"]["retrain_window_events"]), st.alert),
             "time_from": None,
             "time_to": None,
+            # events that happened before the drift was seen are left out, wherever they sit in the ranges
+            "event_time_from": alert.get("event_time"),
             "validation_split": 0.2,
             "seed": 0,
             "reason": f"{alert.get('kind', '?')} drift alert {alert.get('alert_id', '?')} "

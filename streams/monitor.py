@@ -114,8 +114,8 @@ class Served:
 class _Entry:
     """What is known about one event id while it waits in the join."""
 
-    __slots__ = ("born", "features", "has_label", "label", "paired", "sampled", "scored", "served", "shadow",
-                 "shadow_scored", "src")  # fmt: skip
+    __slots__ = ("born", "event_time", "features", "has_label", "label", "paired", "sampled", "scored",
+                 "served", "shadow", "shadow_scored", "src")  # fmt: skip
 
     def __init__(self, born: float) -> None:
         self.born = born
@@ -125,6 +125,7 @@ class _Entry:
         self.shadow: Served | None = None
         self.features: Mapping[str, Any] | None = None
         self.src: Src | None = None  # where its feature vector was read
+        self.event_time: int | None = None  # when the event happened (its feature vector or prediction says)
         self.scored = False  # served prediction compared with the label
         self.sampled = False  # features added to the data-drift windows
         self.paired = False  # served and shadow predictions compared on the label
@@ -427,6 +428,10 @@ class JoinCounts:
 class PipelineMonitor:
     """One pipeline: the label join, per-version metrics, drift detectors and the challenger comparison."""
 
+    # The newest event time among the labelled events scored (a class default: snapshots pickled before it
+    # existed restore without it).
+    newest_labelled_ms: int | None = None
+
     def __init__(self, definition: Mapping[str, Any], max_pending: int = 200_000) -> None:
         self.name: str = definition["name"]
         self.max_pending = max_pending
@@ -574,6 +579,7 @@ class PipelineMonitor:
         if entry is None:
             return []
         entry.src = src
+        entry.event_time = fv.get("event_time")
         if not entry.sampled:
             entry.features = fv["features"]
         if fv["label"] is not None and not entry.has_label and self.expects_label:
@@ -615,6 +621,10 @@ class PipelineMonitor:
             return []  # a duplicate (at-least-once redelivery)
         self._switch(served.key)
         entry.served = served
+        if (
+            getattr(entry, "event_time", None) is None
+        ):  # (an entry restored from an older snapshot has no slot)
+            entry.event_time = record.get("event_time")
         self.served_events += 1
         if not entry.has_label and self.expects_label:
             self.counts.unlabelled += 1
@@ -687,6 +697,11 @@ class PipelineMonitor:
             # error is that version's (counted in its metrics above), not the served model's.
             return []
         self.labelled_src.append(entry.src)
+        event_time = getattr(entry, "event_time", None)
+        if event_time is not None and (
+            self.newest_labelled_ms is None or event_time > self.newest_labelled_ms
+        ):
+            self.newest_labelled_ms = int(event_time)
         hit = self.concept.update(error)
         if hit is None:
             return []
@@ -705,8 +720,14 @@ class PipelineMonitor:
             f"{hit.before:.4g} to {hit.after:.4g} (last {RECENT_ERRORS} labelled events; "
             f"{hit.window} in the detector's window, detected at event {event_id})"
         )
-        return [self._alert("CONCEPT", detector, None, hit.after, hit.before, window, "CRITICAL", message,
-                            served, event_id, now_ms)]  # fmt: skip
+        alert = self._alert("CONCEPT", detector, None, hit.after, hit.before, window, "CRITICAL", message,
+                            served, event_id, now_ms)  # fmt: skip
+        if self.newest_labelled_ms is not None:
+            # Where the retraining begins in event time: a partition that lagged behind the change (a stall
+            # after a crash) still held old-concept events after its part of the window, and a challenger
+            # trained on them was weak on the new concept (measured: a second CONCEPT alert on it).
+            alert.record["event_time"] = min(self.newest_labelled_ms, now_ms)
+        return [alert]
 
     def _version_metrics(self, key: ModelKey) -> VersionMetrics:
         vm = self.versions.get(key)
@@ -839,6 +860,7 @@ class PipelineMonitor:
             "severity": severity,
             "message": message,
             "detected_at": now_ms,
+            "event_time": None,
         }
         return MonitorOutput("alert", self.name, record)
 

@@ -426,12 +426,20 @@ class Dataset:
     unlabelled: int = 0
     duplicates: int = 0
     undecodable: int = 0
+    earlier: int = 0  # events that happened before the request's event_time_from
 
 
-def assemble(values: Iterable[bytes | None], labels: Mapping[str, Any] | None, *, pipeline: str) -> Dataset:
+def assemble(
+    values: Iterable[bytes | None],
+    labels: Mapping[str, Any] | None,
+    *,
+    pipeline: str,
+    event_time_from: int | None = None,
+) -> Dataset:
     """FeatureVector bytes (slice order) → labelled examples: inline labels, or `labels` by event id.
 
-    An event id seen twice (a producer retry upstream) is used once, at its first offset.
+    An event id seen twice (a producer retry upstream) is used once, at its first offset. With
+    `event_time_from`, events that happened before it are left out (counted as `earlier`).
     """
     codec = codec_for("FeatureVector")
     data = Dataset()
@@ -445,6 +453,9 @@ def assemble(values: Iterable[bytes | None], labels: Mapping[str, Any] | None, *
             continue
         if fv["pipeline"] != pipeline:
             data.undecodable += 1
+            continue
+        if event_time_from is not None and fv["event_time"] < event_time_from:
+            data.earlier += 1
             continue
         if fv["event_id"] in seen:
             data.duplicates += 1
@@ -481,8 +492,9 @@ def check_dataset(data: Dataset, regression: bool, validation_split: float, labe
     n = len(data.labels)
     if n == 0:
         raise RequestRejectedError(
-            f"no labelled records in the slice: {data.read} feature vectors read, none has a label "
-            f"({labels_from}); choose a range whose events are labelled"
+            f"no labelled records in the slice: {data.read} feature vectors read"
+            + (f", {data.earlier} of them before event_time_from" if data.earlier else "")
+            + f", none (of the rest) has a label ({labels_from}); choose a range whose events are labelled"
         )
     if regression:
         bad = next((y for y in data.labels if isinstance(y, bool | str)), None)

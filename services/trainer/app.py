@@ -316,7 +316,9 @@ class Trainer:
             values = read_slice(consumer, feature_ranges, deadline)
         finally:
             consumer.close()
-        data = assemble(values, labels, pipeline=request["pipeline"])
+        data = assemble(
+            values, labels, pipeline=request["pipeline"], event_time_from=request.get("event_time_from")
+        )
         self._log_dataset(request["request_id"], data)
         where = f"labels topic {plan.labels_topic}" if plan.labels_topic else "inline label"
         check_dataset(data, plan.regression, float(request["validation_split"]), where)
@@ -326,13 +328,15 @@ class Trainer:
     @staticmethod
     def _log_dataset(request_id: str, data: Dataset) -> None:
         log.info(
-            "request %s: %d records read, %d labelled, %d unlabelled, %d duplicates, %d undecodable",
+            "request %s: %d records read, %d labelled, %d unlabelled, %d duplicates, %d undecodable, "
+            "%d before event_time_from",
             request_id,
             data.read,
             len(data.labels),
             data.unlabelled,
             data.duplicates,
             data.undecodable,
+            data.earlier,
         )
 
     def version_output(

@@ -85,6 +85,17 @@ def test_concept_alert_requests_training_once_a_full_window_of_new_data_exists()
     assert c.on_progress("agrawal", 20_000, recent) == []  # once
 
 
+def test_the_request_learns_only_from_events_after_the_alert_s_event_time() -> None:
+    c = controller()
+    c.on_alert({**alert(), "event_time": 1_700_000_000_000}, progress=7000)
+    [request] = c.on_progress("agrawal", 10_000, recent)
+    assert request["event_time_from"] == 1_700_000_000_000
+    c = controller()
+    c.on_alert(alert(), progress=7000)  # an alert written before the field existed
+    [request] = c.on_progress("agrawal", 10_000, recent)
+    assert request["event_time_from"] is None
+
+
 def test_alerts_while_a_retrain_is_under_way_do_not_pile_up() -> None:
     c = controller()
     c.on_alert(alert(alert_id="a1"), progress=0)

@@ -358,6 +358,54 @@ def test_the_retraining_slice_of_a_concept_alert_is_the_new_concept_not_the_whol
     assert window["start_offset"] >= min(change, fired + 1 - MIN_RETRAIN_EVENTS), window
 
 
+def lagging_partitions_stream(
+    pm: PipelineMonitor, rng: random.Random, change: int, lag: int, now_ms: int, start_ms: int = 1_000_000
+) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """World event k happens at start_ms + 10 k ms, error rate 0.02 before `change` and 0.5 from it; even k
+    go to partition 0, odd k to partition 1, which the monitor reads `lag` events behind (a partition whose
+    reader stalled after a crash). The alerts, and k of each (partition, offset) read."""
+    outputs: list[MonitorOutput] = []
+    world: dict[int, int] = {}  # (partition 1 offsets) -> k; partition 0 offset o is k = 2 o
+    for step in range(change // 2 + 800):
+        for partition, k in ((0, 2 * step), (1, 2 * (step - lag // 2) + 1)):
+            if k < 0:
+                continue
+            offset = k // 2
+            world[offset] = k
+            y = rng.random() < 0.5
+            wrong = rng.random() < (0.02 if k < change else 0.5)
+            record = fv(f"e{k}", {}, y)
+            record["event_time"] = start_ms + 10 * k
+            outputs += pm.on_features(record, (FEATURES, partition, offset), 0.0, now_ms)
+            p = pred(f"e{k}", (not y) if wrong else y, {"True": 0.8, "False": 0.2})
+            p["event_time"] = start_ms + 10 * k
+            outputs += pm.on_prediction(p, (PREDICTIONS, partition, offset), 0.0, now_ms)
+    return [o.record for o in outputs if o.kind == "alert" and o.record["kind"] == "CONCEPT"], world
+
+
+def test_a_concept_alert_says_from_which_event_time_on_to_retrain_when_a_partition_lags() -> None:
+    """The alert's window ends, in the lagging partition, among events from before the change: learning
+    after it there would teach the old concept again. Its event_time is the newest labelled event's time,
+    after the change, and no later than the detection."""
+    change, now_ms = 8000, 10**13
+    alerts, world = lagging_partitions_stream(
+        PipelineMonitor(definition(concept_detector="ADWIN")), random.Random(5), change, 3000, now_ms
+    )
+    alert = alerts[0]
+    ends = {r["partition"]: r["end_offset"] for r in alert["window"]}
+    assert world[ends[1] - 1] < change, "the lagging partition's window ends before the change"
+    change_ms, newest_ms = 1_000_000 + 10 * change, 1_000_000 + 10 * 2 * (ends[0] - 1)
+    assert change_ms <= alert["event_time"] == newest_ms
+
+
+def test_a_concept_alert_s_event_time_is_never_after_its_detection() -> None:
+    """An event stamped in the future (a producer's clock) cannot push the retraining past what exists."""
+    alerts, _ = lagging_partitions_stream(
+        PipelineMonitor(definition(concept_detector="ADWIN")), random.Random(5), 8000, 0, now_ms=1_050_000
+    )
+    assert alerts and all(a["event_time"] == 1_050_000 == a["detected_at"] for a in alerts)
+
+
 def test_late_predictions_of_a_replaced_version_stay_out_of_the_concept_detector() -> None:
     """v1 (trained on little data) errs 25 % of the time, its successor 2 %: v1's late predictions, arriving
     among v2's, are no rise of v2's error."""

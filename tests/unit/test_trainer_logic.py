@@ -89,10 +89,16 @@ def phishing_data(n: int | None = None) -> Dataset:
     return Dataset(features=[dict(x) for x, _ in rows], labels=[y for _, y in rows], read=len(rows))
 
 
-def fv_bytes(event_id: str, features: dict[str, Any], label: Any = None, pipeline: str = "phishing") -> bytes:
+def fv_bytes(
+    event_id: str,
+    features: dict[str, Any],
+    label: Any = None,
+    pipeline: str = "phishing",
+    event_time: int = 0,
+) -> bytes:
     return codec_for("FeatureVector").encode(
         {"event_id": event_id, "key": None, "pipeline": pipeline, "pipeline_revision": 1,
-         "features": features, "label": label, "event_time": 0, "feature_time": 0, "source": None}
+         "features": features, "label": label, "event_time": event_time, "feature_time": 0, "source": None}
     )  # fmt: skip
 
 
@@ -310,6 +316,20 @@ def test_assemble_uses_inline_labels_once_per_event_and_counts_what_it_left_out(
     assert data.features == [{"x": 1.0}, {"x": 4.0, "colour": "red"}]
     assert data.labels == [True, False]
     assert (data.read, data.unlabelled, data.duplicates, data.undecodable) == (7, 1, 1, 3)
+
+
+def test_assemble_leaves_out_events_that_happened_before_event_time_from() -> None:
+    """A drift's retraining: a partition that lagged behind holds old-concept events after its offset."""
+    values = [fv_bytes(f"e{t}", {"x": float(t)}, t % 2 == 0, event_time=t) for t in (50, 100, 20, 150, 99)]
+    data = assemble(values, None, pipeline="phishing", event_time_from=100)
+    assert data.features == [{"x": 100.0}, {"x": 150.0}] and data.earlier == 3
+    assert assemble(values, None, pipeline="phishing").earlier == 0
+    with pytest.raises(
+        RequestRejectedError, match="5 feature vectors read, 5 of them before event_time_from"
+    ):
+        check_dataset(
+            assemble(values, None, pipeline="phishing", event_time_from=10**6), False, 0.2, "inline"
+        )
 
 
 def test_assemble_joins_labels_from_the_labels_topic_by_event_id() -> None:
