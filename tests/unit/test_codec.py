@@ -147,7 +147,13 @@ def test_pipeline_written_before_raw_keyed_decodes_with_raw_keyed_false() -> Non
 
 def test_alert_written_before_the_control_kind_decodes() -> None:
     (schema,) = _earlier("DriftAlert", lambda text: '"CONTROL"' not in text)
-    assert codec_for("DriftAlert").decode(_encode_with(schema, ALERT)) == ALERT
+    assert codec_for("DriftAlert").decode(_encode_with(schema, ALERT)) == {**ALERT, "event_time": None}
+
+
+def test_alert_written_before_its_event_time_decodes_without_one() -> None:
+    """The controller then passes no event_time_from: the trainer learns the whole slice, as before."""
+    for schema in _earlier("DriftAlert", lambda text: '"event_time"' not in text):
+        assert codec_for("DriftAlert").decode(_encode_with(schema, ALERT)) == {**ALERT, "event_time": None}
 
 
 def test_unknown_fingerprint_is_still_refused() -> None:

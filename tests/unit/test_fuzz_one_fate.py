@@ -862,7 +862,7 @@ def control_values(
 
 ALERT = dict(alert_id="a", pipeline="agrawal", model_name="online", model_version=1, kind="CONCEPT",
              detector="d", feature=None, statistic=None, threshold=None, window=[], severity="WARNING",
-             message="", detected_at=0)  # fmt: skip
+             message="", detected_at=0, event_time=None)  # fmt: skip
 CONTROL_CASES: dict[str, tuple[str, str, st.SearchStrategy[Event]]] = {  # case: (topic, schema, values)
     "pipelines": (
         CATALOGUE.pipelines().name,
