@@ -66,6 +66,7 @@ class MonitoringFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     concept_detector: Literal["ADWIN", "PageHinkley", "DDM"] = "ADWIN"
     concept_params: dict[str, Any] = Field(default_factory=dict)
+    concept_min_rise: float = Field(0.05, ge=0)
     data_window: int = Field(1000, ge=50)
     data_threshold: float = Field(1e-4, gt=0, lt=1)
     cooldown_events: int = Field(2000, ge=0)

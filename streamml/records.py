@@ -286,6 +286,10 @@ class MonitoringSpec(_Record):
     concept_params: dict[str, str] = Field(
         default_factory=dict, description="Parameters of the concept detector, each value JSON-encoded."
     )
+    concept_min_rise: float = Field(
+        0.05,
+        description="Smallest rise of the error that a concept-drift alert reports: of the error rate (classification, absolute: 0.05 = 5 points), or of the mean absolute error relative to its level before (regression: 0.05 = 5 %). A detector also flags rises that are significant but negligible (a near-perfect model going from 0.25 % to 1.5 % errors); such a rise is held back and reported once the mean of the last 500 errors reaches the minimum.",
+    )
     data_window: int = Field(
         1000, description="Events in the reference and the current window of each feature's data-drift test."
     )

@@ -35,6 +35,7 @@ DETECTORS: dict[str, tuple[str, Any]] = {
 KS = "ks"
 EVALUATE_EVERY = 100  # paired labels between two Evaluation records
 RECENT_ERRORS = 100  # errors averaged for the "after" level of detectors that reset themselves
+LEVEL_ERRORS = 500  # errors averaged for the level a held-back rise must reach (steadier than the last 100)
 # A CONCEPT alert's retraining slice holds at least this many of the latest labelled events (when the
 # detector attributes fewer to the new concept): enough to train on and hold out a validation fifth.
 MIN_RETRAIN_EVENTS = 300
@@ -205,9 +206,13 @@ class ConceptHit:
 
 
 class ConceptWatch:
-    """A River drift detector on one pipeline's error stream; only rises of the error are reported."""
+    """A River drift detector on one pipeline's error stream; only rises of the error are reported, and only
+    once they reach `min_rise` over the level before them (a significant rise can be negligible: a
+    near-perfect model going from 0.25 % to 1.5 % errors). A smaller rise stays pending: it is reported
+    when the mean of the last LEVEL_ERRORS errors reaches the minimum, so a drift whose first detection
+    came early is not lost (River's ADWIN may not flag the rest of the same change again)."""
 
-    def __init__(self, name: str, params: Mapping[str, Any], regression: bool) -> None:
+    def __init__(self, name: str, params: Mapping[str, Any], regression: bool, min_rise: float = 0.0) -> None:
         if name not in DETECTORS:
             raise ConfigError(f"unknown concept detector {name!r}; use one of {', '.join(DETECTORS)}")
         if name == "DDM" and regression:
@@ -222,9 +227,18 @@ class ConceptWatch:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{name} parameters {dict(params)}: {exc}") from exc
         self.adaptive = name == "ADWIN"  # ADWIN keeps the recent part of its window after a change
+        self.regression = regression
+        self.min_rise = min_rise  # error rate points (classification), a share of the level (regression)
         self.n = 0  # errors in the detector's window (since its last reset)
         self.total = 0.0
         self.recent: deque[float] = deque(maxlen=RECENT_ERRORS)
+        self.level: deque[float] = deque(maxlen=LEVEL_ERRORS)
+        self.level_sum = 0.0
+        self.pending: ConceptHit | None = None  # a rise detected but below min_rise so far
+        self.negligible = 0  # rises held back as below min_rise (reported later or never)
+
+    def _needed(self, before: float) -> float:
+        return self.min_rise * (abs(before) if self.regression else 1.0)
 
     def update(self, error: float) -> ConceptHit | None:
         det = self.detector
@@ -232,7 +246,18 @@ class ConceptWatch:
         self.n += 1
         self.total += error
         self.recent.append(error)
+        if len(self.level) == self.level.maxlen:
+            self.level_sum -= self.level[0]
+        self.level.append(error)
+        self.level_sum += error
         if not det.drift_detected:
+            pending = self.pending
+            if pending is not None and self.level_sum / len(self.level) - pending.before >= self._needed(
+                pending.before
+            ):
+                self.pending = None
+                grown = pending.changed + (self.n - pending.window)
+                return ConceptHit(pending.before, sum(self.recent) / len(self.recent), self.n, grown)
             return None
         window = self.n
         k = len(self.recent)
@@ -255,7 +280,20 @@ class ConceptWatch:
             self.n, self.total = 0, 0.0
             self.recent.clear()
             changed = window
-        return ConceptHit(before, recent, window, changed) if rise else None
+        self.pending = None
+        if not rise:
+            return None
+        hit = ConceptHit(before, recent, self.n, changed)
+        level = self.level_sum / len(self.level)
+        if max(level, recent) - before < self._needed(before):
+            self.negligible += 1
+            self.pending = hit
+            log.info(
+                "%s: error rise from %.4g to %.4g (last %d) held back until it reaches concept_min_rise %g",
+                self.name, before, level, len(self.level), self.min_rise,
+            )  # fmt: skip
+            return None
+        return ConceptHit(before, recent, window, changed)
 
 
 def ks_test(ref_sorted: np.ndarray, sample: Iterable[float], threshold: float) -> tuple[float, float]:
@@ -475,6 +513,7 @@ class PipelineMonitor:
         if monitoring != self.monitoring or stateful != self.stateful:
             self.stateful = stateful
             self.monitoring = monitoring
+            self.concept_min_rise = float(monitoring.get("concept_min_rise", 0.05))
             try:
                 params = {k: json.loads(v) for k, v in monitoring["concept_params"].items()}
                 self.concept_settings: tuple[str, dict[str, Any]] = (monitoring["concept_detector"], params)
@@ -490,7 +529,9 @@ class PipelineMonitor:
             self._restart_detectors()
 
     def _restart_detectors(self) -> None:
-        self.concept = ConceptWatch(*self.concept_settings, self.regression)
+        self.concept = ConceptWatch(
+            *self.concept_settings, self.regression, getattr(self, "concept_min_rise", 0.0)
+        )
         window, threshold = self.data_window, self.data_threshold
         self.data: PartitionedKS | KSWatch = PartitionedKS(window, threshold, self.stateful)
         self.scores = KSWatch(self.data_window, self.data_threshold)

@@ -670,3 +670,51 @@ def test_an_adwin_cut_after_a_burst_that_has_passed_is_not_a_rise() -> None:
     watch.detector = _CutDetector(at=len(rising), kept=500, kept_mean=sum(rising[-500:]) / 500)
     [hit] = [h for e in rising if (h := watch.update(e)) is not None]
     assert hit.before == pytest.approx(0.01) and hit.after > 0.3 and hit.changed == 500
+
+
+def test_a_significant_but_negligible_error_rise_is_held_back() -> None:
+    """A near-perfect model going from 0.25 % to ~2 % errors (a chaos run's false CONCEPT alert, long before
+    the drift, "from 0.0025 to 0.04" in the last 100): significant for ADWIN, below concept_min_rise."""
+    errors = [1.0 if i % 400 == 0 else 0.0 for i in range(8000)] + [
+        1.0 if i % 50 == 0 else 0.0 for i in range(2000)
+    ]
+    for min_rise, reported in ((0.05, 0), (0.0, 1)):
+        watch = ConceptWatch("ADWIN", {}, regression=False, min_rise=min_rise)
+        watch.detector = _CutDetector(at=8100, kept=100, kept_mean=0.02)
+        hits = [h for e in errors if (h := watch.update(e)) is not None]
+        assert (len(hits), watch.negligible) == (reported, 1 - reported)
+
+
+def test_a_held_back_rise_is_reported_once_the_error_level_reaches_the_minimum() -> None:
+    """River's ADWIN flagged the change once, early (its kept part still mostly the old level), and not
+    again: the rise is reported when the mean of the last 500 errors has risen by concept_min_rise."""
+    rng = random.Random(7)
+    errors = [1.0 if rng.random() < 0.05 else 0.0 for _ in range(3000)]
+    errors += [1.0 if rng.random() < 0.5 else 0.0 for _ in range(1000)]
+    watch = ConceptWatch("ADWIN", {}, regression=False, min_rise=0.3)
+    hits = [(i, h) for i, e in enumerate(errors) if (h := watch.update(e)) is not None]
+    assert watch.negligible == 1, "first detected below the minimum"
+    [(at, hit)] = hits
+    assert 3000 + 250 <= at < 3000 + 500, at  # when the 500-mean had risen 0.3 over ~0.05 (~330 events)
+    assert hit.before < 0.08 and hit.after > 0.35
+    assert hit.changed >= at - 3000 - 50, "the retraining slice covers the new level"
+
+
+def test_for_regression_the_minimum_rise_is_a_share_of_the_error_level() -> None:
+    errors = [10.0] * 2000 + [10.1] * 500  # +1 %: below 5 %
+    watch = ConceptWatch("ADWIN", {}, regression=True, min_rise=0.05)
+    watch.detector = _CutDetector(at=2100, kept=100, kept_mean=10.1)
+    assert [h for e in errors if (h := watch.update(e)) is not None] == [] and watch.negligible == 1
+    errors = [10.0] * 2000 + [11.0] * 500  # +10 %
+    watch = ConceptWatch("ADWIN", {}, regression=True, min_rise=0.05)
+    watch.detector = _CutDetector(at=2100, kept=100, kept_mean=11.0)
+    assert len([h for e in errors if (h := watch.update(e)) is not None]) == 1
+
+
+def test_the_pipeline_s_concept_min_rise_reaches_the_detector() -> None:
+    pm = PipelineMonitor(definition(concept_detector="ADWIN"))
+    assert pm.concept.min_rise == 0.05
+    d = definition(concept_detector="ADWIN")
+    d["monitoring"]["concept_min_rise"] = 0.1
+    pm.configure(d)
+    assert pm.concept.min_rise == 0.1
