@@ -219,6 +219,10 @@ def frame_topics(encoders: Mapping[str, Encoder]) -> None:
     _framed.update(encoders)
 
 
+def is_framed_topic(topic: str) -> bool:
+    return topic in _framed
+
+
 def encoder_for(topic: str, record_name: str) -> Encoder:
     """How a `record_name` record is written to `topic`: framed under the topic's registered schema id
     where `frame_topics` set that up, else in the single-object encoding."""

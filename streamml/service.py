@@ -20,7 +20,14 @@ import mode
 from confluent_kafka import KafkaError, Message
 
 from streamml import limits
-from streamml.codec import codec_for, encoder_for, frame_topics, use_registry
+from streamml.codec import (
+    codec_for,
+    encoder_for,
+    frame_topics,
+    is_framed_topic,
+    registry_in_use,
+    use_registry,
+)
 from streamml.errors import (
     BrokerUnavailableError,
     DecodeError,
@@ -74,6 +81,16 @@ def framed_topics(catalogue: Catalogue, writer: str) -> list[tuple[str, str]]:
         for spec in catalogue.global_topics()
         if writer in spec.writers and spec.name not in internal
     ]
+
+
+def frame_dead_letters(catalogue: Catalogue, pipeline: str) -> None:
+    """With a registry in use, the pipeline's dead-letter topic is written Confluent-framed under its own
+    subject, as the global topics are: registered once per process and pipeline, when the service loads
+    the pipeline (a registry it cannot reach leaves that topic single-object, logged)."""
+    registry = registry_in_use()
+    topic = catalogue.dead_letter(pipeline).name
+    if isinstance(registry, Registry) and not is_framed_topic(topic):
+        frame_topics(framed_encoders(registry, [(topic, "DeadLetter")]))
 
 
 def dead_letter(

@@ -30,6 +30,7 @@ from streamml.runtime import BatchLoop, Output, faust_app
 from streamml.service import (
     ControlFollower,
     dead_letter,
+    frame_dead_letters,
     now_ms,
     prepare,
     run_service,
@@ -88,6 +89,7 @@ class Features:
             ensure_topics(
                 self.settings, self.catalogue.used_by(self.catalogue.pipeline_topics(name), SERVICE)
             )
+            frame_dead_letters(self.catalogue, name)
         old = self.engines.pop(name, None)
         if old is not None:
             self.hops = {t: h for t, h in self.hops.items() if h.engine is not old}

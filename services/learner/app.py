@@ -26,7 +26,7 @@ from streamml.errors import ValidationError
 from streamml.kafka import ensure_topics
 from streamml.pipelines import online_model
 from streamml.runtime import MODEL_VERSION_MAX_BYTES, Output, faust_app, read_to_end
-from streamml.service import ControlFollower, dead_letter, now_ms, prepare, run_service
+from streamml.service import ControlFollower, dead_letter, frame_dead_letters, now_ms, prepare, run_service
 from streamml.settings import Settings
 from streamml.signing import Keys, keys_from
 from streamml.topics import MODEL_MAX_BYTES, Catalogue
@@ -96,6 +96,7 @@ class Learner:
         engine = FeatureEngine(record)
         learner = self._learner_for(record) if self.owns(name) else None
         ensure_topics(self.settings, self.catalogue.used_by(self.catalogue.pipeline_topics(name), SERVICE))
+        frame_dead_letters(self.catalogue, name)
         self.engines[name] = engine
         self.pipelines[name] = record
         if learner is not None:

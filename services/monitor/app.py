@@ -32,6 +32,7 @@ from streamml.service import (
     ControlFollower,
     check_declared_model,
     dead_letter,
+    frame_dead_letters,
     now_ms,
     prepare,
     run_service,
@@ -92,6 +93,7 @@ class MonitorService:
             return
         self.definitions[name] = record
         self.engines[name] = FeatureEngine(record)
+        frame_dead_letters(self.catalogue, name)
         c = self.catalogue
         self.routes[c.features(name).name] = (name, "features")
         self.routes[c.predictions(name).name] = (name, "predictions")

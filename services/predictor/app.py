@@ -32,6 +32,7 @@ from streamml.service import (
     ControlFollower,
     check_declared_model,
     dead_letter,
+    frame_dead_letters,
     now_ms,
     prepare,
     run_service,
@@ -109,6 +110,7 @@ class Predictor:
         self.engines[name] = engine
         self.by_topic[self.catalogue.features(name).name] = name
         self._register_predictions(name)
+        frame_dead_letters(self.catalogue, name)
         self.registry.regression[name] = record["task"] == "REGRESSION"
         self._report(self.registry.retry(name))
 

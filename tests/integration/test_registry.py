@@ -196,6 +196,19 @@ def test_raw_events_from_a_confluent_avro_producer_become_feature_vectors(
     assert all(p["model_name"] == "online" and p["model_version"] == 1 for p in theirs_preds)
     assert client.get_latest_version(f"{topic}-value").schema.schema_str is not None
 
+    # A raw record nobody can read is dead-lettered on the pipeline's dead-letter topic, framed under that
+    # topic's subject (registered when the service loaded the pipeline, the registry being in use).
+    producer.produce(raw, b"not an event")
+    assert producer.flush(30) == 0
+    later = Features(isolated, catalogue)
+    later.on_pipeline(state.current["agrawal"], None)
+    dead_topic = catalogue.dead_letter("agrawal").name
+    dead = [o.value for o in later.handle_through(read_to_end(isolated, raw)) if o.topic == dead_topic]
+    assert len(dead) == 1 and dead[0] is not None and is_framed(dead[0])
+    letter = deserializer(dead[0], SerializationContext(dead_topic, MessageField.VALUE))
+    assert letter["source_topic"] == raw and letter["original_value"] == b"not an event"
+    assert codec_for("DeadLetter").decode(dead[0])["source_offset"] == 6
+
 
 def test_control_records_are_framed_under_their_topics_subjects(
     isolated: Settings, registry_url: str
