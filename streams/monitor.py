@@ -529,9 +529,7 @@ class PipelineMonitor:
             self._restart_detectors()
 
     def _restart_detectors(self) -> None:
-        self.concept = ConceptWatch(
-            *self.concept_settings, self.regression, getattr(self, "concept_min_rise", 0.0)
-        )
+        self.concept = ConceptWatch(*self.concept_settings, self.regression, self.concept_min_rise)
         window, threshold = self.data_window, self.data_threshold
         self.data: PartitionedKS | KSWatch = PartitionedKS(window, threshold, self.stateful)
         self.scores = KSWatch(self.data_window, self.data_threshold)
