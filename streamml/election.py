@@ -45,6 +45,7 @@ from streamml.runtime import (
     DEPENDENCY_WAIT_MAX_S,
     DEPENDENCY_WAIT_S,
     FETCH_WAIT_MS,
+    HEARTBEAT_MS,
     MIN_BATCH,
     RETRIABLE,
     SESSION_TIMEOUT_MS,
@@ -127,7 +128,7 @@ class WriterSlots:
             **{
                 "partition.assignment.strategy": "cooperative-sticky",
                 "session.timeout.ms": SESSION_TIMEOUT_MS,  # a crashed writer's slots move on after ~6 s
-                "heartbeat.interval.ms": 1_000,
+                "heartbeat.interval.ms": HEARTBEAT_MS,
                 # An instance whose event loop stalls this long (librdkafka heartbeats from its own thread)
                 # leaves the group: its slots move on, and it is fenced if it writes again.
                 "max.poll.interval.ms": 30_000,

@@ -401,6 +401,10 @@ COMMITTED_WAIT_S = 60.0
 # its partitions (measured in `make chaos`: the take-over of a killed features instance took ~10 s plus the
 # catch-up at 10 s). 6 s is the broker's default group.min.session.timeout.ms.
 SESSION_TIMEOUT_MS = 6_000
+# How often data loops heartbeat: a rebalance (a sibling stopping or joining) reaches a member with its next
+# heartbeat, so every member waits up to this long before it gives up and takes partitions (measured in
+# `make chaos --schedule sigterm`: with 1 s the survivor took ~0.5 s to notice a sibling's stop).
+HEARTBEAT_MS = 250
 # A data loop's consumer that has subscribed but whose group coordinator has not seen it join (no member id)
 # after this long is replaced by a new one. Seen once in `make chaos`: a predictor restarted next to a busy
 # sibling subscribed and never sent its JoinGroup (the broker logged no join), so it stayed out of the group
@@ -542,9 +546,17 @@ class BatchLoop(mode.Service):
         aligned: Callable[[str], bool] | None = None,
         order_time: Callable[[Message], int] | None = None,
         catch_up: Callable[[], Awaitable[bool]] | None = None,
+        cooperative: bool = False,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
+        # The group's rebalance protocol. Cooperative (KIP-429, cooperative-sticky; Kafka Streams' default
+        # since 2.4): a member joining or leaving moves only the partitions that must move, and the others
+        # are read on meanwhile. Eager (range): every member gives up every partition and gets a new
+        # assignment, balanced per topic. Loops reading two topics of unequal cost (the features service's
+        # raw topic and repartition topic) stay eager: the sticky assignor balances partition counts over
+        # all topics, and could leave one instance every raw partition and the other every window.
+        self._cooperative = cooperative
         # Awaited before the loop joins its group, and after every assignment before the new partitions are
         # read (they stay paused): what their previous owner knew must be known here first. The predictor
         # applies every promotion and version written so far, so a new owner never serves an older version
@@ -648,10 +660,12 @@ class BatchLoop(mode.Service):
                 # A crashed instance's partitions move on after this: the broker's minimum (6 s by default);
                 # heartbeats come from librdkafka's own thread, so a busy event loop does not expire it.
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
-                "heartbeat.interval.ms": 1_000,
+                # A rebalance (a sibling leaving or joining) reaches the members with their next heartbeat.
+                "heartbeat.interval.ms": HEARTBEAT_MS,
                 # The broker answers a fetch as soon as there is data (fetch.min.bytes 1), so a long wait adds
                 # no latency; a short one made every idle consumer ask each broker 100 times a second.
                 "fetch.wait.max.ms": FETCH_WAIT_MS,
+                "partition.assignment.strategy": "cooperative-sticky" if self._cooperative else "range",
                 # Aligned loops: small runs per partition, so a batch holds several partitions to order.
                 **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),
             },
@@ -710,10 +724,10 @@ class BatchLoop(mode.Service):
             # events whose window updates the restored state lacks. Kafka Streams fetches a task's committed
             # offsets before restoring it for the same reason.
             partitions = self._on_assign_hook(self._committed_offsets(consumer, partitions))
-            consumer.assign(partitions)
+            self._assign(consumer, partitions)
         if self._catch_up is not None and partitions:
             if self._on_assign_hook is None:
-                consumer.assign(partitions)  # (in the callback: the library then assigns nothing itself)
+                self._assign(consumer, partitions)  # (in the callback: the library then assigns nothing)
             consumer.pause(partitions)  # before any fetch: nothing of them is read until `_open_gate`
             self._assignments += 1
             for tp in partitions:
@@ -722,6 +736,14 @@ class BatchLoop(mode.Service):
             self._gate_tasks.add(task)
             task.add_done_callback(self._gate_tasks.discard)
         log.info("%s: assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Take the partitions of this rebalance: added to those kept (cooperative), or the whole new
+        assignment (eager)."""
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
 
     async def _caught_up(self, then: str) -> None:
         """Await `catch_up`; not caught up in time, or failed, is logged and counted, and the caller goes
@@ -815,8 +837,9 @@ class BatchLoop(mode.Service):
 
     @staticmethod
     def _kept_after(consumer: Consumer, partitions: list[TopicPartition]) -> bool:
-        """Whether partitions outside `partitions` stay assigned. The eager protocol this loop uses revokes
-        the whole assignment, so after an abort in a revocation there is normally nothing else to rewind."""
+        """Whether partitions outside `partitions` stay assigned: after an abort in a revocation, those kept
+        are rewound too (`_rewind`). The eager protocol revokes the whole assignment, so then there is
+        nothing else to rewind; the cooperative one revokes only what moves."""
         try:
             kept = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         except (KafkaException, RuntimeError):

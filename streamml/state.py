@@ -42,6 +42,9 @@ class KeyedWindows:
     offsets: dict[str, int] = field(default_factory=dict)  # entity key → input offset of its last event
     sources: dict[str, dict[str, int]] = field(default_factory=dict)  # key → source partition → offset
     frozen: bool = False  # set while scoring a request that is not part of the stream (POST /predict)
+    # The input offset after the last record of the partition handled with these windows (None: none yet):
+    # what the group's committed offset is when they are exactly the committed state (see `resume`).
+    position: int | None = None
     replayed: int = 0  # events not applied again because their key's windows already held them
     outputs: dict[str, list[str]] = field(default_factory=dict)  # entity key → outputs it has windows of
     _offset: int | None = None  # input offset of the event being applied (None: no offsets kept)
@@ -149,6 +152,9 @@ class PartitionedStore:
         self.changelog = changelog
         self.changelog_partitions = changelog_partitions
         self.parts: dict[int, KeyedWindows] = {}
+        # Windows of partitions revoked in a rebalance, kept until the next assignment says whether they
+        # come back here (`resume`), as Kafka Streams kept suspended tasks under the eager protocol.
+        self.suspended: dict[int, KeyedWindows] = {}
         self._codec = codec_for("WindowState")
 
     def owned(self) -> set[int]:
@@ -200,6 +206,27 @@ class PartitionedStore:
     def drop(self, partition: int) -> None:
         """Forget a partition this instance lost (its new owner restores it from the changelog)."""
         self.parts.pop(partition, None)
+
+    def suspend(self, partition: int) -> None:
+        """A rebalance took the partition away: its windows wait for the next assignment (`resume`)."""
+        windows = self.parts.pop(partition, None)
+        if windows is not None:
+            self.suspended[partition] = windows
+
+    def resume(self, partition: int, committed: int) -> bool:
+        """The partition is assigned again, to be read from `committed`: its suspended windows are taken
+        back if they are exactly the state at that offset (the records handled with them end there: the
+        revocation committed them, and nobody read the partition since). Otherwise (the commit failed or was
+        aborted, or another instance read on) False: the caller restores it from the changelog."""
+        windows = self.suspended.pop(partition, None)
+        if windows is None or windows.position is None or windows.position != committed or committed < 0:
+            return False
+        self.parts[partition] = windows
+        return True
+
+    def forget_suspended(self) -> None:
+        """The assignment is complete: suspended windows not taken back belong to another instance now."""
+        self.suspended.clear()
 
     def changes(self) -> list[Output]:
         """One changelog record per key changed since the last call, pinned to its partition's number."""

@@ -150,12 +150,23 @@ class Features:
     # -- assignment -----------------------------------------------------------------------------------
     def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Restore the windows of each newly assigned input partition from its changelog partition. Runs
-        inside the consumer's rebalance callback, so before any record of these partitions is returned."""
+        inside the consumer's rebalance callback, so before any record of these partitions is returned.
+        A partition that was revoked from this instance in the same rebalance and comes back, to be read
+        from where its windows stand, keeps them (the eager protocol revokes every partition first)."""
         wanted: dict[str, list[int]] = {}
+        kept: list[tuple[str, int]] = []
         for tp in partitions:
             store = self.stores.get(tp.topic)
-            if store is not None and tp.partition not in store.owned():
+            if store is None or tp.partition in store.owned():
+                continue
+            if store.resume(tp.partition, tp.offset):
+                kept.append((tp.topic, tp.partition))
+            else:
                 wanted.setdefault(tp.topic, []).append(tp.partition)
+        for store in self.stores.values():
+            store.forget_suspended()
+        if kept:
+            log.info("windows kept through the rebalance (read on from where they stand): %s", kept)
         for topic, parts in wanted.items():
             store = self.stores[topic]
             started = time.monotonic()
@@ -170,11 +181,12 @@ class Features:
         return partitions
 
     def on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Drop the windows of partitions taken away (the data loop has committed what it processed)."""
+        """Put aside the windows of partitions taken away (the data loop has committed what it processed):
+        the next assignment takes them back if they come back here unread by anyone else, else drops them."""
         for tp in partitions:
             store = self.stores.get(tp.topic)
             if store is not None:
-                store.drop(tp.partition)
+                store.suspend(tp.partition)
 
     # -- records --------------------------------------------------------------------------------------
     def handle(self, msgs: list[Message]) -> list[Output]:
@@ -221,6 +233,8 @@ class Features:
     def _features_of(self, engine: FeatureEngine, topic: str, msg: Message, now: int) -> Output:
         """Stage 2: the feature vector of one event, with its input partition's windows."""
         partition, offset = msg.partition() or 0, msg.offset() or 0
+        windows = self.stores[topic].get(partition)
+        windows.position = offset + 1  # (whatever its fate below: the record is handled)
         origin: Message = msg
         named = Source.from_headers(msg.headers()) if topic in self.hop_inputs else None
         raw_record = None
@@ -242,7 +256,7 @@ class Features:
                     "start_offset": source.offset,
                     "end_offset": source.offset + 1,
                 },
-                windows=self.stores[topic].get(partition),
+                windows=windows,
                 offset=offset,
                 raw_record=raw_record,
             )

@@ -460,6 +460,8 @@ def build(settings: Settings) -> tuple[faust.App, Predictor, BatchLoop]:
         topics=predictor.topics,
         dead_letter=lambda msg, exc: dead_letter(catalogue, SERVICE, None, msg, exc),
         catch_up=predictor.caught_up,
+        # one topic per pipeline: a sibling stopping or joining pauses only the partitions that move
+        cooperative=True,
     )
     return app, predictor, loop
 

@@ -28,6 +28,7 @@ from streamml.errors import DependencyUnavailableError, StreamMLError
 from streamml.kafka import make_consumer, make_producer
 from streamml.runtime import (
     DEPENDENCY_WAIT_S,
+    HEARTBEAT_MS,
     SESSION_TIMEOUT_MS,
     Output,
     in_daemon_thread,
@@ -201,7 +202,7 @@ class RequestLoop(mode.Service):
                 "enable.auto.offset.store": False,
                 "partition.assignment.strategy": "cooperative-sticky",  # a fit on a kept partition goes on
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
-                "heartbeat.interval.ms": 1_000,
+                "heartbeat.interval.ms": HEARTBEAT_MS,
                 "fetch.wait.max.ms": 100,
             },
         )

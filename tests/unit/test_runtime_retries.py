@@ -1173,6 +1173,9 @@ class PausingConsumer(FakeConsumer):
     def assign(self, partitions: list[TopicPartition]) -> None:
         self._note("assign", partitions)
 
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self._note("add", partitions)
+
     def pause(self, partitions: list[TopicPartition]) -> None:
         self._note("pause", partitions)
 
@@ -1202,6 +1205,26 @@ def test_assigned_partitions_are_read_only_once_the_loop_has_caught_up(settings:
         done.set()
         await asyncio.sleep(0.05)
         assert consumer.calls[-1] == ("resume", [("f", 0)]) and not loop._gated
+
+    asyncio.run(scenario())
+
+
+def test_a_cooperative_loop_adds_the_partitions_of_a_rebalance_to_those_it_keeps(settings: Settings) -> None:
+    """Cooperative rebalancing (the predictor): an assignment names only the partitions that moved here,
+    so they are added (librdkafka refuses a whole-assignment call then), and the kept ones read on."""
+    consumer = PausingConsumer()
+    loop = BatchLoop(settings, name="t", handler=lambda msgs: [], topics=lambda: {"f"}, cooperative=True)
+    loop._consumer = consumer  # type: ignore[assignment]
+    loop._producer = FakeProducer()  # type: ignore[assignment]
+
+    async def scenario() -> None:
+        async def catch_up() -> bool:
+            return True
+
+        loop._catch_up = catch_up
+        loop._on_assign(consumer, [TopicPartition("f", 2)])  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert consumer.calls == [("add", [("f", 2)]), ("pause", [("f", 2)]), ("resume", [("f", 2)])]
 
     asyncio.run(scenario())
 

@@ -103,6 +103,30 @@ def test_restore_replaces_what_was_held_and_drop_forgets_a_partition() -> None:
     assert s.owned() == set()
 
 
+def test_revoked_windows_come_back_only_at_the_offset_they_stand_at() -> None:
+    """Eager rebalances revoke every partition and assign most back: windows kept in memory are taken back
+    when the partition is read on from exactly where they stand, else restored from the changelog."""
+    s = store()
+    for p in (0, 1, 2):
+        apply(s.get(p), f"k{p}", 9, 1.0)
+        s.get(p).position = 10
+    s.changes()  # (the revocation's commit took them)
+    for p in (0, 1, 2):
+        s.suspend(p)
+    s.suspend(7)  # not owned: nothing to put aside
+    assert s.owned() == set() and set(s.suspended) == {0, 1, 2}
+    assert s.resume(0, 10) and s.get(0).state_of("k0") == {"sum": [1.0], "mean": [1.0]}
+    assert not s.resume(1, 8)  # the commit did not get there (failed, or aborted): restore
+    assert not s.resume(3, 10)  # never here
+    s.forget_suspended()  # 2 went to another instance
+    assert s.owned() == {0} and not s.suspended
+    assert not s.resume(2, 10)  # a later assignment: another instance may have read on
+    fresh = KeyedWindows()
+    s.parts[4] = fresh
+    s.suspend(4)
+    assert not s.resume(4, -1001)  # nothing handled, nothing committed: restore
+
+
 def test_an_event_at_or_before_its_keys_last_offset_is_not_applied_again() -> None:
     w = KeyedWindows()
     assert apply(w, "k", 0, 1.0) == [1.0]
