@@ -53,6 +53,9 @@ _PROC = Path("/proc")
 # Ports handed out by free_port_block stay below Linux's ephemeral range so that outgoing client
 # connections cannot be holding them.
 _FREE_PORT_RANGE = (20000, 32000)
+# Ports this process handed out: free when chosen, but their server may not have bound them yet (a stack
+# picks every service's ports before starting them), so they are never handed out twice.
+_HANDED_OUT: set[int] = set()
 
 
 class LocalKafkaError(StreamMLError):
@@ -320,7 +323,9 @@ def free_port_block(n: int, attempts: int = 200) -> int:
     low, high = _FREE_PORT_RANGE
     for _ in range(attempts):
         base = random.randrange(low, high - n)
-        if all(port_is_free(base + i) for i in range(n)):
+        ports = range(base, base + n)
+        if _HANDED_OUT.isdisjoint(ports) and all(port_is_free(port) for port in ports):
+            _HANDED_OUT.update(ports)
             return base
     raise LocalKafkaError(f"found no {n} consecutive free ports in {low}..{high}")
 

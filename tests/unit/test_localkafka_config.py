@@ -170,6 +170,13 @@ def test_pinned_version_comes_from_the_pom() -> None:
     assert f"<kafka.version>{localkafka.pinned_kafka_version()}</kafka.version>" in pom
 
 
+def test_free_ports_are_never_handed_out_twice_before_their_servers_bind_them() -> None:
+    """A stack picks every service's ports before starting any: a port picked twice lets one service
+    start and the other exit with "Address already in use" (seen once in `make chaos`)."""
+    picked = [free_port_block(1) for _ in range(300)] + [free_port_block(3) + i for i in range(3)]
+    assert len(set(picked)) == len(picked)
+
+
 def test_free_port_block_is_bindable_and_port_is_free_sees_listeners() -> None:
     base = free_port_block(4)
     assert all(port_is_free(base + i) for i in range(4))
