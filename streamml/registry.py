@@ -25,11 +25,12 @@ import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from streamml import limits, unions
+from streamml import limits, typedfv, unions
 from streamml.contracts import ORIGINAL_NAME, Contract, generic_contract
 from streamml.errors import DecodeError, DependencyUnavailableError, SchemaError, StreamMLError
 from streamml.schemas import strip_logical_types
 from streamml.settings import Settings
+from streamml.typedfv import TypedVectors
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Writer:
 
     parsed: Any
     renamed: dict[str, str]
+    fast: TypedVectors | None = None  # a pipeline's typed FeatureVector: its own reader (streamml.typedfv)
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ class Registry:
             raise DecodeError(f"schema id {schema_id} is {registered.schema_type}, not Avro")
         try:
             schema = json.loads(registered.schema_str or "null")
-            return Writer(fastavro.parse_schema(strip_logical_types(schema)), _renamed_features(schema))
+            return _writer(fastavro.parse_schema(strip_logical_types(schema)), schema)
         except Exception as exc:  # a schema fastavro cannot use (e.g. references it was not given)
             raise DecodeError(f"schema id {schema_id} cannot be used: {limits.clip(str(exc), 200)}") from exc
 
@@ -229,7 +231,7 @@ class Registry:
 
     def remember(self, schema_id: int, schema: dict[str, Any], parsed: Any) -> None:
         """Cache a schema this process registered (or knows) under its id: no registry call to read it."""
-        self._cache(schema_id, Writer(parsed, _renamed_features(schema)))
+        self._cache(schema_id, _writer(parsed, schema))
 
     def _cache(self, schema_id: int, writer: Writer | None) -> None:
         self._writers[schema_id] = writer
@@ -257,6 +259,12 @@ class Registry:
     def decode_features(self, data: bytes) -> dict[str, Any]:
         """A typed FeatureVector (Confluent-framed, a pipeline's generated contract) in the shape of the
         generic one: `features` holds the values present, under the definition's names."""
+        fast = self.writer(_ID.unpack_from(data, 1)[0]).fast if is_framed(data) else None
+        if fast is not None:
+            try:
+                return fast.read(data, FRAME_HEADER_LEN)
+            except Exception:  # not what it expects: fastavro reads it, or says why it cannot
+                pass
         writer, record = self._read(data)
         features = record.get("features")
         if not (
@@ -294,6 +302,11 @@ class Registry:
         return writer, record
 
 
+def _writer(parsed: Any, schema: Any) -> Writer:
+    renamed = _renamed_features(schema)
+    return Writer(parsed, renamed, typedfv.for_schema(schema, renamed))
+
+
 def _renamed_features(schema: Any) -> dict[str, str]:
     """Avro name → definition name of the nested `features` record's renamed fields (none elsewhere)."""
     if not isinstance(schema, dict):
@@ -319,8 +332,14 @@ class FramedEncoder:
         # definition name → Avro name of the features that were renamed (usually none)
         self._rename = {orig: avro for avro, orig in _renamed_features(contract.schema).items()}
         self._hint = unions.hinter(self._parsed)  # union branches named up front (see streamml.unions)
+        # a pipeline's typed FeatureVector has a writer of its own (streamml.typedfv); other contracts: None
+        self._fast = typedfv.for_schema(contract.schema, _renamed_features(contract.schema))
 
     def encode(self, record: dict[str, Any]) -> bytes:
+        if self._fast is not None:
+            body = self._fast.write(record)
+            if body is not None:
+                return self._header + body
         if self._rename:
             renamed = {self._rename.get(k, k): v for k, v in record["features"].items()}
             record = {**record, "features": renamed}
