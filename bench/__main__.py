@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--capacity-duration", type=float, default=15, help="capacity: measured seconds per rate (default 15)"
     )
+    p.add_argument(
+        "--capacity-rates",
+        default=",".join(str(r) for r in measures.CAPACITY_RATES),
+        help="capacity: raw rates tried upwards, comma-separated (default %(default)s)",
+    )
     p.add_argument("--swaps", type=int, default=12, help="promotions during the swap measurement (>= 10)")
     p.add_argument("--swap-interval", type=float, default=1.0, help="seconds between promotions")
     p.add_argument("--swap-rate", type=float, default=2000, help="feature vectors per second during swaps")
@@ -251,7 +256,7 @@ class Bench:
                     services=measures.CAPACITY_SERVICES,
                 )  # fmt: skip
 
-            return measures.capacity(run_at)
+            return measures.capacity(run_at, [float(r) for r in a.capacity_rates.split(",")])
 
         self.measure("passthrough", passthrough)
         self.measure("predictor", predictor)
