@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import orjson
 from fastavro import schemaless_reader, schemaless_writer
+from fastavro.schema import to_parsing_canonical_form
 
-from streamml import fvreader, fvwriter, limits, unions
+from streamml import fvreader, fvwriter, limits, predreader, unions
 from streamml.errors import DecodeError, SchemaError
 from streamml.schemas import AvroSchema, get_schema, schema_by_fingerprint, schema_history
 
@@ -44,8 +45,10 @@ class AvroCodec:
         # Earlier versions of this record type, by fingerprint: records already on the topics (a compacted
         # topic keeps them for ever) or written by an instance not yet upgraded.
         self._earlier = {fp: s.parsed for fp, s in schema_history().items() if s.name == self.schema.name}
-        # The generic FeatureVector has a reader of its own (streamml.fvreader), while it is that contract.
-        self._fast = fvreader.read if fvreader.matches(self.schema.raw) else None
+        # The generic FeatureVector and the Prediction have readers of their own (streamml.fvreader,
+        # streamml.predreader), while they are the contracts those were written for.
+        self.canonical = _canonical(self.schema.raw)
+        self._fast = FAST_READERS.get(self.canonical or "")
         self._write = fvwriter.writer_for(self.schema.name, self.schema.raw)  # (FeatureVector, Prediction)
 
     def encode(self, record: Record) -> bytes:
@@ -66,7 +69,8 @@ class AvroCodec:
             if data[:1] == b"\x00" and _registry is not None:  # Confluent-framed (a registry is in use)
                 if self.schema.name == "FeatureVector":
                     return _registry.decode_features(data)  # a pipeline's typed contract
-                return _registry.decode_as(data, self._parsed)  # this contract, registered under its topic
+                # this contract, registered under its topic
+                return _registry.decode_as(data, self._parsed, (self.canonical, self._fast))
             raise DecodeError(f"not Avro single-object encoded (expected {self.schema.name})")
         if data[2:HEADER_LEN] != self.schema.fingerprint:
             return self._decode_earlier(data)  # off the hot path: the current schema is checked first
@@ -109,6 +113,20 @@ class AvroCodec:
             ) from exc
         assert isinstance(record, dict)
         return record
+
+
+# Readers made for one contract, by the parsing canonical form they were written for.
+FAST_READERS: dict[str, Callable[[bytes, int], Record]] = {
+    fvreader.CANONICAL: fvreader.read,
+    fvwriter.PREDICTION: predreader.read,
+}
+
+
+def _canonical(schema: Any) -> str | None:
+    try:
+        return str(to_parsing_canonical_form(schema))
+    except Exception:  # not a schema fastavro can put in canonical form
+        return None
 
 
 _codecs: dict[str, AvroCodec] = {}
@@ -194,7 +212,9 @@ class FramedReader(Protocol):
 
     def decode_features(self, data: bytes) -> Record: ...
 
-    def decode_as(self, data: bytes, reader: Any) -> Record: ...
+    def decode_as(
+        self, data: bytes, reader: Any, fast: tuple[str | None, Callable[[bytes, int], Record] | None] = ...
+    ) -> Record: ...
 
     def prefetch(self, values: Iterable[bytes | None]) -> None: ...
 

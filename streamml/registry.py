@@ -17,13 +17,14 @@ import re
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
+from fastavro.schema import to_parsing_canonical_form
 
 from streamml import limits, typedfv, unions
 from streamml.contracts import ORIGINAL_NAME, Contract, generic_contract
@@ -70,6 +71,7 @@ class Writer:
     parsed: Any
     renamed: dict[str, str]
     fast: TypedVectors | None = None  # a pipeline's typed FeatureVector: its own reader (streamml.typedfv)
+    canonical: str | None = None  # the schema's parsing canonical form
 
 
 @dataclass(frozen=True)
@@ -242,10 +244,23 @@ class Registry:
         """A Confluent-framed record, read with its writer schema."""
         return self._read(data)[1]
 
-    def decode_as(self, data: bytes, reader: Any) -> dict[str, Any]:
+    def decode_as(
+        self,
+        data: bytes,
+        reader: Any,
+        fast: tuple[str | None, Callable[[bytes, int], dict[str, Any]] | None] = (None, None),
+    ) -> dict[str, Any]:
         """A Confluent-framed record resolved to `reader` (fastavro's parsed form of one of our contracts):
-        fields the writer lacks take their defaults, as Avro schema resolution says."""
+        fields the writer lacks take their defaults, as Avro schema resolution says. `fast`: the reader's
+        parsing canonical form and a reader made for it (`codec.FAST_READERS`), used when the writer schema
+        is that same contract (nothing to resolve)."""
         writer, body, schema_id = self._body(data)
+        canonical, read = fast
+        if read is not None and canonical is not None and writer.canonical == canonical:
+            try:
+                return read(data, FRAME_HEADER_LEN)
+            except Exception:  # not what it expects: fastavro reads it, or says why it cannot
+                pass
         try:
             record = fastavro.schemaless_reader(io.BytesIO(body), writer.parsed, reader)
         except Exception as exc:  # a corrupt body, or a writer schema that does not resolve to ours
@@ -304,7 +319,11 @@ class Registry:
 
 def _writer(parsed: Any, schema: Any) -> Writer:
     renamed = _renamed_features(schema)
-    return Writer(parsed, renamed, typedfv.for_schema(schema, renamed))
+    try:
+        canonical: str | None = str(to_parsing_canonical_form(schema))
+    except Exception:  # not a schema fastavro can put in canonical form
+        canonical = None
+    return Writer(parsed, renamed, typedfv.for_schema(schema, renamed), canonical)
 
 
 def _renamed_features(schema: Any) -> dict[str, str]:

@@ -229,7 +229,7 @@ class AwayRegistry:
     def __init__(self) -> None:
         self.away = True
 
-    def decode_as(self, data: bytes, reader: Any) -> dict[str, Any]:
+    def decode_as(self, data: bytes, reader: Any, fast: Any = (None, None)) -> dict[str, Any]:
         if self.away:
             raise RegistryUnavailableError("registry unreachable")
         return codec_for("Promotion").decode(b"\xc3\x01" + codec_for("Promotion").header[2:] + data[5:])
