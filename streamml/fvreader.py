@@ -172,13 +172,7 @@ def _map_blocks(data: bytes, pos: int, count: int) -> tuple[dict[str, Any], int,
 def read(data: bytes, pos: int = 0) -> dict[str, Any]:
     """The FeatureVector record whose Avro body starts at `pos` of `data`; raises on anything unexpected."""
     event_id, pos = _string(data, pos)
-    branch = data[pos]
-    if branch == 0:
-        key, pos = None, pos + 1
-    elif branch == 2:
-        key, pos = _string(data, pos + 1)
-    else:
-        raise Malformed("key: union branch out of range")
+    key, pos = key_union(data, pos)
     pipeline, pos = _string(data, pos)
     revision, pos = _long(data, pos)
     features: dict[str, Any] | None = None
@@ -197,40 +191,25 @@ def read(data: bytes, pos: int = 0) -> dict[str, Any]:
     if count:  # more blocks after the one matched
         more, count, pos = _map_blocks(data, pos, count)
         features.update(more)
-    label: Any
-    branch = data[pos]
-    pos += 1
-    if branch == 0:
-        label = None
-    elif branch == 2:
-        label = data[pos] != 0  # fastavro reads a boolean byte as `!= 0` too
-        pos += 1
-    elif branch == 4:
-        label, pos = _long(data, pos)
-    elif branch == 6:
-        if pos + 8 > len(data):
-            raise Malformed("truncated double")
-        label = _DOUBLE(data, pos)[0]
-        pos += 8
-    elif branch == 8:
-        label, pos = _string(data, pos)
-    else:
-        raise Malformed("label: union branch out of range")
+    label, pos = scalar_union(data, pos, "label")
     event_time, pos = _long(data, pos)
     feature_time, pos = _long(data, pos)
-    branch = data[pos]
-    pos += 1
-    source: dict[str, Any] | None
-    if branch == 0:
-        source = None
-    elif branch == 2:
-        topic, pos = _string(data, pos)
-        partition, pos = _long(data, pos)
-        start, pos = _long(data, pos)
-        end, pos = _long(data, pos)
-        source = {"topic": topic, "partition": partition, "start_offset": start, "end_offset": end}
-    else:
-        raise Malformed("source: union branch out of range")
+    source, pos = source_union(data, pos)
+    return vector(event_id, key, pipeline, revision, features, label, event_time, feature_time, source)
+
+
+def vector(
+    event_id: str,
+    key: str | None,
+    pipeline: str,
+    revision: int,
+    features: dict[str, Any],
+    label: Any,
+    event_time: int,
+    feature_time: int,
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A FeatureVector record, as fastavro gives it (the generic and the typed readers' result)."""
     return {
         "event_id": event_id,
         "key": key,
@@ -242,3 +221,47 @@ def read(data: bytes, pos: int = 0) -> dict[str, Any]:
         "feature_time": feature_time,
         "source": source,
     }
+
+
+def scalar_union(data: bytes, pos: int, what: str) -> tuple[Any, int]:
+    """A ["null", "boolean", "long", "double", "string"] union (a vector's label, a prediction)."""
+    branch = data[pos]
+    pos += 1
+    if branch == 0:
+        return None, pos
+    if branch == 2:
+        return data[pos] != 0, pos + 1  # fastavro reads a boolean byte as `!= 0` too
+    if branch == 4:
+        return _long(data, pos)
+    if branch == 6:
+        if pos + 8 > len(data):
+            raise Malformed("truncated double")
+        return _DOUBLE(data, pos)[0], pos + 8
+    if branch == 8:
+        return _string(data, pos)
+    raise Malformed(f"{what}: union branch out of range")
+
+
+def key_union(data: bytes, pos: int) -> tuple[str | None, int]:
+    """A ["null", "string"] union (the entity key of vectors and predictions)."""
+    branch = data[pos]
+    if branch == 0:
+        return None, pos + 1
+    if branch == 2:
+        return _string(data, pos + 1)
+    raise Malformed("key: union branch out of range")
+
+
+def source_union(data: bytes, pos: int) -> tuple[dict[str, Any] | None, int]:
+    """A ["null", OffsetRange] union (where the raw event was read)."""
+    branch = data[pos]
+    pos += 1
+    if branch == 0:
+        return None, pos
+    if branch != 2:
+        raise Malformed("source: union branch out of range")
+    topic, pos = _string(data, pos)
+    partition, pos = _long(data, pos)
+    start, pos = _long(data, pos)
+    end, pos = _long(data, pos)
+    return {"topic": topic, "partition": partition, "start_offset": start, "end_offset": end}, pos

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from streamml.fvreader import Malformed, _long, _string
+from streamml.fvreader import Malformed, _long, _string, key_union, scalar_union, source_union
 
 _DOUBLE = struct.Struct("<d").unpack_from
 
@@ -22,32 +22,11 @@ _DOUBLE = struct.Struct("<d").unpack_from
 def read(data: bytes, pos: int = 0) -> dict[str, Any]:
     """The Prediction record whose Avro body starts at `pos` of `data`; raises on anything unexpected."""
     event_id, pos = _string(data, pos)
-    branch = data[pos]
-    if branch == 0:
-        key, pos = None, pos + 1
-    elif branch == 2:
-        key, pos = _string(data, pos + 1)
-    else:
-        raise Malformed("key: union branch out of range")
+    key, pos = key_union(data, pos)
     pipeline, pos = _string(data, pos)
     model_name, pos = _string(data, pos)
     model_version, pos = _long(data, pos)
-    prediction: Any
-    branch = data[pos]
-    pos += 1
-    if branch == 0:
-        prediction = None
-    elif branch == 2:
-        prediction = data[pos] != 0  # fastavro reads a boolean byte as `!= 0` too
-        pos += 1
-    elif branch == 4:
-        prediction, pos = _long(data, pos)
-    elif branch == 6:
-        prediction, pos = _double(data, pos)
-    elif branch == 8:
-        prediction, pos = _string(data, pos)
-    else:
-        raise Malformed("prediction: union branch out of range")
+    prediction, pos = scalar_union(data, pos, "prediction")
     branch = data[pos]
     pos += 1
     if branch == 0:
@@ -71,19 +50,7 @@ def read(data: bytes, pos: int = 0) -> dict[str, Any]:
     event_time, pos = _long(data, pos)
     feature_time, pos = _long(data, pos)
     prediction_time, pos = _long(data, pos)
-    branch = data[pos]
-    pos += 1
-    source: dict[str, Any] | None
-    if branch == 0:
-        source = None
-    elif branch == 2:
-        topic, pos = _string(data, pos)
-        partition, pos = _long(data, pos)
-        start, pos = _long(data, pos)
-        end, pos = _long(data, pos)
-        source = {"topic": topic, "partition": partition, "start_offset": start, "end_offset": end}
-    else:
-        raise Malformed("source: union branch out of range")
+    source, pos = source_union(data, pos)
     return {
         "event_id": event_id,
         "key": key,

@@ -23,7 +23,7 @@ from typing import Any
 from fastavro.schema import to_parsing_canonical_form
 
 from streamml import fvwriter
-from streamml.fvreader import Malformed, _long, _string
+from streamml.fvreader import Malformed, _long, _string, key_union, source_union, vector
 from streamml.fvwriter import Unfit
 
 _DOUBLE = struct.Struct("<d")
@@ -62,13 +62,7 @@ class TypedVectors:
         """The record whose Avro body starts at `pos`, in the shape `Registry.decode_features` returns
         (features by definition name, nulls left out); raises on anything unexpected."""
         event_id, pos = _string(data, pos)
-        branch = data[pos]
-        if branch == 0:
-            key, pos = None, pos + 1
-        elif branch == 2:
-            key, pos = _string(data, pos + 1)
-        else:
-            raise Malformed("key: union branch out of range")
+        key, pos = key_union(data, pos)
         pipeline, pos = _string(data, pos)
         revision, pos = _long(data, pos)
         features: dict[str, Any] | None = None
@@ -100,32 +94,10 @@ class TypedVectors:
                 label, pos = _string(data, pos)
         event_time, pos = _long(data, pos)
         feature_time, pos = _long(data, pos)
-        branch = data[pos]
-        pos += 1
-        source: dict[str, Any] | None
-        if branch == 0:
-            source = None
-        elif branch == 2:
-            topic, pos = _string(data, pos)
-            partition, pos = _long(data, pos)
-            start, pos = _long(data, pos)
-            end, pos = _long(data, pos)
-            source = {"topic": topic, "partition": partition, "start_offset": start, "end_offset": end}
-        else:
-            raise Malformed("source: union branch out of range")
+        source, pos = source_union(data, pos)
         if pos != len(data):
             raise Malformed("bytes after the record")
-        return {
-            "event_id": event_id,
-            "key": key,
-            "pipeline": pipeline,
-            "pipeline_revision": revision,
-            "features": features,
-            "label": label,
-            "event_time": event_time,
-            "feature_time": feature_time,
-            "source": source,
-        }
+        return vector(event_id, key, pipeline, revision, features, label, event_time, feature_time, source)
 
     def _features(self, data: bytes, pos: int) -> tuple[dict[str, Any], int]:
         """Field by field: some null, or some strings."""

@@ -26,10 +26,12 @@ PARSED = get_schema("Prediction").parsed
 
 
 def _fastavro(body: bytes) -> Any:
+    """What fastavro reads from `body`, or the type of what it raises."""
     try:
-        return fastavro.schemaless_reader(io.BytesIO(body), PARSED, None)
+        record = fastavro.schemaless_reader(io.BytesIO(body), PARSED, None)
     except Exception as exc:
         return type(exc)
+    return record
 
 
 def _body(record: dict[str, Any]) -> bytes:

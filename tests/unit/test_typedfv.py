@@ -52,6 +52,14 @@ def _registered(name: str, schema_id: int) -> tuple[Any, FramedEncoder]:
     return contract, FramedEncoder(contract, schema_id)
 
 
+def _setup(name: str, schema_id: int) -> tuple[Any, FramedEncoder, typedfv.TypedVectors]:
+    """The pipeline's contract remembered under `schema_id`, its encoder and its typed reader/writer."""
+    contract, encoder = _registered(name, schema_id)
+    fast = typedfv.for_schema(contract.schema, _renamed_features(contract.schema))
+    assert fast is not None
+    return contract, encoder, fast
+
+
 def _fastavro_bytes(contract: Any, record: dict[str, Any]) -> bytes | None:
     rename = {orig: avro for avro, orig in _renamed_features(contract.schema).items()}
     datum = {**record, "features": {rename.get(k, k): v for k, v in record["features"].items()}}
@@ -146,9 +154,7 @@ def test_every_generated_contract_gets_them_and_nothing_else_does() -> None:
 @given(data=st.data())
 def test_records_are_written_and_read_as_fastavro_does(name: str, data: st.DataObject) -> None:
     schema_id = 100 + sorted(DEFINITIONS).index(name)
-    contract, encoder = _registered(name, schema_id)
-    fast = typedfv.for_schema(contract.schema, _renamed_features(contract.schema))
-    assert fast is not None
+    contract, encoder, fast = _setup(name, schema_id)
     record = data.draw(vectors(name))
     expected = _fastavro_bytes(contract, record)
     ours = fast.write(record)
@@ -174,10 +180,7 @@ def test_records_are_written_and_read_as_fastavro_does(name: str, data: st.DataO
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_damaged_bodies_are_read_as_fastavro_reads_them_or_refused(name: str, data: st.DataObject) -> None:
-    schema_id = 200 + sorted(DEFINITIONS).index(name)
-    contract, encoder = _registered(name, schema_id)
-    fast = typedfv.for_schema(contract.schema, _renamed_features(contract.schema))
-    assert fast is not None
+    contract, encoder, fast = _setup(name, 200 + sorted(DEFINITIONS).index(name))
     try:
         framed = bytearray(encoder.encode(data.draw(vectors(name))))
     except SchemaError:
