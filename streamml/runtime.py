@@ -26,7 +26,15 @@ from typing import Any
 
 import faust
 import mode
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from streamml import limits
 from streamml.codec import prefetch_writers
@@ -419,6 +427,11 @@ DEPENDENCY_WAIT_MAX_S = 5.0
 # Aligned topics: how long a partition with records left to read may hold back the others (as Kafka
 # Streams' max.task.idle.ms) before the rest goes on without its records.
 ALIGN_IDLE_S = 1.0
+# A rewind (exactly-once, after an abort) waits this long per attempt for the stable committed offsets;
+# `_run` tries again (reading nothing meanwhile) until the broker answers.
+REWIND_WAIT_S = 2.0
+# seek() errors of a partition that is not being fetched yet (see `_rewind`).
+NOT_FETCHING = (KafkaError._STATE, KafkaError._OUTDATED)
 
 
 # Fatal transactional errors that mean another producer with this transactional id (or the coordinator,
@@ -604,12 +617,11 @@ class BatchLoop(mode.Service):
         # Since when the commit has been held (see `_holding`); None while nothing is held.
         self._holding_since: float | None = None
         self._abort_needed: str | None = None  # exactly-once: why the open transaction must be aborted
-        self._rewinding = False  # partitions revoked to go back to the committed input: commit nothing
         # Exactly-once, after a transaction was given up (`_abort`): its abort is not acknowledged yet, and
         # the loop has to go back to the committed input (`_rewind`). Nothing is read or begun meanwhile.
         self._abort_pending = False
         self._rewind_pending = False
-        self._in_revoke = False  # inside the revoke callback (no unsubscribe there)
+        self._in_revoke = False  # inside the revoke callback (no rewind there: see `_on_revoke`)
         self._offsets_call: Future[Any] | None = None  # send_offsets_to_transaction running on its thread
         self._offsets_call_since = 0.0
         self._producer_overrides: dict[str, Any] = {}
@@ -781,10 +793,25 @@ class BatchLoop(mode.Service):
         the broker cannot answer, up to COMMITTED_WAIT_S. After that they are returned as given (logged,
         counted: the consumer then fetches the offsets itself, and a transaction of the previous owner that
         is still open could commit after the restore)."""
-        if not partitions:
+        committed = self._stable_offsets(consumer, partitions, COMMITTED_WAIT_S)
+        if committed is None:
+            ERRORS.labels(self.name, "offset_fetch").inc()
+            log.error(
+                "%s: no stable committed offsets for %s within %.0f s; restoring without them",
+                self.name, [(tp.topic, tp.partition) for tp in partitions], COMMITTED_WAIT_S,
+            )  # fmt: skip
             return partitions
+        return committed
+
+    def _stable_offsets(
+        self, consumer: Consumer, partitions: list[TopicPartition], wait_s: float
+    ) -> list[TopicPartition] | None:
+        """The group's stable committed offsets of `partitions` (an offset below 0: none committed), asked
+        again while the broker cannot answer; None if it has not answered within `wait_s`."""
+        if not partitions:
+            return []
         asked = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
-        deadline = time.monotonic() + COMMITTED_WAIT_S
+        deadline = time.monotonic() + wait_s
         while True:
             left = deadline - time.monotonic()
             try:
@@ -796,17 +823,13 @@ class BatchLoop(mode.Service):
             except KafkaException as exc:
                 why = str(kafka_error(exc) or exc)
             if time.monotonic() >= deadline:
-                ERRORS.labels(self.name, "offset_fetch").inc()
-                log.error(
-                    "%s: no stable committed offsets for %s within %.0f s (%s); restoring without them",
-                    self.name, [(tp.topic, tp.partition) for tp in asked], COMMITTED_WAIT_S, why,
-                )  # fmt: skip
-                return partitions
+                log.warning("%s: committed offsets not fetched (%s)", self.name, why)
+                return None
             log.warning("%s: committed offsets not fetched yet (%s); asking again", self.name, why)
             time.sleep(0.2)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if not self._closing and not self._rewinding:  # when closing, on_stop has just committed
+        if not self._closing:  # when closing, on_stop has just committed
             self._in_revoke = True
             try:
                 # Outputs still unacknowledged after this wait leave the partitions uncommitted: their next
@@ -832,7 +855,6 @@ class BatchLoop(mode.Service):
             self._starved_since.pop((p.topic, p.partition), None)
         if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
             self._on_revoke_hook(partitions)
-        self._rewinding = False
         log.info("%s: revoked %s", self.name, [(p.topic, p.partition) for p in partitions])
 
     @staticmethod
@@ -861,6 +883,8 @@ class BatchLoop(mode.Service):
                     await asyncio.sleep(0.2)
                 elif self._rewind_pending:
                     self._rewind()
+                    if self._rewind_pending:  # (the broker did not answer, or a seek failed: logged)
+                        await asyncio.sleep(0.2)
                 continue
             if self._holding:  # outputs not acknowledged yet: retry them, read nothing new meanwhile
                 self._commit(force=True, timeout_s=LOOP_WAIT_S)
@@ -994,11 +1018,11 @@ class BatchLoop(mode.Service):
         return 0.0 if self._holding_since is None else time.monotonic() - self._holding_since
 
     def _abort_and_rewind(self, why: str) -> None:
-        """Exactly-once: abort the open transaction and go back to the last committed input. The
-        partitions are revoked (their state, derived from input that is now uncommitted, is dropped) and
-        assigned again (restored from changelogs, read from the committed offsets)."""
+        """Exactly-once: abort the open transaction and go back to the last committed input (`_rewind`:
+        state derived from input that is now uncommitted is dropped and restored, the partitions read
+        again from their committed offsets)."""
         self._abort(why)
-        if not self._abort_pending and not self._in_revoke:
+        if self._rewind_pending and not self._abort_pending and not self._in_revoke:
             self._rewind()
 
     def _abort(self, why: str, timeout_s: float = ABORT_WAIT_S) -> None:
@@ -1063,14 +1087,54 @@ class BatchLoop(mode.Service):
         return True
 
     def _rewind(self) -> None:
-        """Go back to the last committed input: every partition is revoked (its state dropped, nothing
-        committed) and assigned again at the next subscription (state restored, committed offsets read)."""
+        """Go back to the last committed input, in place, as Kafka Streams revives a task whose transaction
+        was aborted: every assigned partition's state is put aside and taken back at its stable committed
+        offset (the features service restores windows that had moved on from the changelog), and the
+        partition is sought to that offset. Records fetched before the seek are never returned.
+
+        The group is not left and joined again for this: a leave moved every sibling's partitions too, and
+        when librdkafka merged the leave with the join (a rebalance already under way) no revocation came,
+        so the loop read on past the aborted transaction's input (make chaos, exactly_once: 133 events
+        without a prediction). Until it has succeeded (the offsets fetched, every seek taken) the rewind
+        stays pending and `_run` reads nothing."""
         assert self._consumer is not None
-        self._rewind_pending = False
+        consumer = self._consumer
         self._buffers.clear()
-        self._rewinding = True  # until the revoke callback has run (inside the next consume)
-        self._consumer.unsubscribe()
-        self._subscribed = set()
+        try:
+            held = consumer.assignment()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("%s: rewind: assignment not known (%s); trying again", self.name, exc)
+            return
+        committed = self._stable_offsets(consumer, held, REWIND_WAIT_S)
+        if committed is None:
+            ERRORS.labels(self.name, "rewind_retry").inc()
+            return
+        for tp in held:
+            key = (tp.topic, tp.partition)
+            self._positions.pop(key, None)
+            self._committed.pop(key, None)
+            self._starved_since.pop(key, None)
+        if self._on_revoke_hook is not None:
+            self._on_revoke_hook(held)
+        if self._on_assign_hook is not None:
+            committed = self._on_assign_hook(committed)
+        for tp in committed:
+            # (no committed offset: the group's reset policy, earliest)
+            offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            try:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                # Not fetching yet (just assigned, still paused for its catch-up or looking up its start):
+                # nothing of it has been read since its assignment, which starts it at the committed offset.
+                if err is not None and err.code() in NOT_FETCHING:
+                    continue
+                ERRORS.labels(self.name, "rewind_retry").inc()
+                log.warning("%s: rewind: seeking %s failed (%s); trying again", self.name, tp, err or exc)
+                return
+        self._rewind_pending = False
+        log.info("%s: back at the committed input %s", self.name,
+                 [(tp.topic, tp.partition, tp.offset) for tp in committed])  # fmt: skip
 
     def _resubscribe(self, wanted: set[str]) -> None:
         assert self._consumer is not None

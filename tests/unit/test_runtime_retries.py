@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, KafkaError, KafkaException, TopicPartition
 
 from services.controller import app as controller_app
 from services.learner import app as learner_app
@@ -595,13 +595,44 @@ class TxnFakeProducer(FakeProducer):
 
 
 class RewindConsumer(FakeConsumer):
-    unsubscribed = False
+    """Holds partition in[0], whose committed offset is 7 (the first input of the transaction the tests
+    give up), and records where a rewind seeks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = [TopicPartition("in", 0)]
+        self.seeks: list[tuple[str, int, int]] = []
+        self.seek_errors: list[KafkaError] = []
+        self.fetch_errors = 0
+        self.left_group = False
 
     def consumer_group_metadata(self) -> object:
         return object()
 
+    def assignment(self) -> list[TopicPartition]:
+        return list(self.held)
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+        if self.fetch_errors > 0:
+            self.fetch_errors -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator away", retriable=True))
+        return [TopicPartition(tp.topic, tp.partition, 7) for tp in partitions]
+
+    def seek(self, tp: TopicPartition) -> None:
+        if self.seek_errors:
+            raise KafkaException(self.seek_errors.pop(0))
+        self.seeks.append((tp.topic, tp.partition, tp.offset))
+
     def unsubscribe(self) -> None:
-        self.unsubscribed = True
+        self.left_group = True
+
+    def get_watermark_offsets(self, _tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+        return 0, 9
+
+    @property
+    def rewound(self) -> bool:
+        """Sought back to the committed offset, without leaving the group."""
+        return self.seeks == [("in", 0, 7)] and not self.left_group
 
 
 def eos_loop(settings: Settings, producer: TxnFakeProducer, consumer: RewindConsumer) -> BatchLoop:
@@ -625,9 +656,9 @@ def test_exactly_once_aborts_a_failed_transaction_and_rewinds_to_the_committed_i
         producer.flush()
     assert loop._commit(force=True) is True  # not holding: nothing committed, the input is read again
     assert "abort" in producer.calls and "commit" not in producer.calls
-    assert consumer.unsubscribed and loop._subscribed == set() and not loop._in_txn
-    loop._on_revoke(consumer, [TopicPartition("in", 0)])  # dropping state, committing nothing
-    assert consumer.commits == [] and not loop._rewinding
+    assert consumer.rewound and not loop._rewind_pending and not loop._in_txn
+    loop._on_revoke(consumer, [TopicPartition("in", 0)])  # nothing read since: nothing to commit
+    assert consumer.commits == []
 
 
 def test_exactly_once_gives_up_a_transaction_held_too_long(
@@ -643,10 +674,10 @@ def test_exactly_once_gives_up_a_transaction_held_too_long(
     assert loop._held_for() > runtime.HOLD_LIMIT_S
     producer.commit_error = KafkaError(KafkaError._TIMED_OUT, "txn timed out", txn_requires_abort=True)
     loop._abort_and_rewind("held")  # the commit call in progress ends failed (the broker aborted it)
-    assert loop._abort_pending and not loop._holding and not consumer.unsubscribed
+    assert loop._abort_pending and not loop._holding and not consumer.seeks
     assert loop._finish_abort() is True and producer.calls[-1] == "abort"  # `_run`'s next turn
     loop._rewind()
-    assert consumer.unsubscribed and "commit" not in producer.calls
+    assert consumer.rewound and "commit" not in producer.calls
 
 
 SLOW_COMMIT = KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True)
@@ -696,11 +727,69 @@ def test_exactly_once_retries_an_unacknowledged_abort_before_anything_else(setti
     loop._commit(force=True)
     producer.commit_error = KafkaError(KafkaError._TIMED_OUT, "timed out", txn_requires_abort=True)
     loop._abort_and_rewind("held too long")
-    assert loop._abort_pending and loop._rewind_pending and not consumer.unsubscribed
+    assert loop._abort_pending and loop._rewind_pending and not consumer.seeks
     assert loop._finish_abort() is False  # the abort itself is not acknowledged this time
     assert loop._finish_abort() is True and producer.calls[-1] == "abort"  # `_run`'s next turn
     loop._rewind()
-    assert consumer.unsubscribed and not loop._rewind_pending and "commit" not in producer.calls
+    assert consumer.rewound and not loop._rewind_pending and "commit" not in producer.calls
+
+
+def test_a_rewind_takes_state_back_and_seeks_to_the_committed_offsets_without_leaving_the_group(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make chaos (exactly_once) lost 133 events: the old rewind left the group and joined again, and when
+    librdkafka merged the two (a sibling's rebalance under way) no revocation came, so the loop read on
+    past the aborted input. The rewind now seeks every assigned partition itself, after its state hooks."""
+    monkeypatch.setattr(runtime, "REWIND_WAIT_S", 0.0)
+    consumer = RewindConsumer()
+    consumer.held = [TopicPartition("in", 0), TopicPartition("in", 1), TopicPartition("in", 2)]
+    loop = eos_loop(settings, TxnFakeProducer(), consumer)
+    events: list[tuple[str, list[tuple[str, int, int]]]] = []
+
+    def revoke(parts: list[TopicPartition]) -> None:
+        events.append(("revoke", [(tp.topic, tp.partition, tp.offset) for tp in parts]))
+
+    def assign(parts: list[TopicPartition]) -> list[TopicPartition]:
+        events.append(("assign", [(tp.topic, tp.partition, tp.offset) for tp in parts]))
+        return parts
+
+    loop._on_revoke_hook, loop._on_assign_hook = revoke, assign
+    loop.process([FakeMessage("in", b"a", offset=9), FakeMessage("in", b"b", offset=3, partition=1)])
+    consumer.fetch_errors = 1  # the coordinator does not answer: nothing is sought or dropped yet
+    loop._abort_and_rewind("outputs not acknowledged")
+    assert loop._rewind_pending and consumer.seeks == [] and events == []
+    consumer.fetch_errors = 0
+    # in[1] is not being fetched yet (just assigned): it starts at its committed offset anyway
+    consumer.seek_errors = [KafkaError(KafkaError._OUTDATED)]
+    consumer.held = [TopicPartition("in", 1), TopicPartition("in", 0)]
+    loop._rewind()
+    assert not loop._rewind_pending and consumer.seeks == [("in", 0, 7)] and not consumer.left_group
+    assert events == [
+        ("revoke", [("in", 1, -1001), ("in", 0, -1001)]),
+        ("assign", [("in", 1, 7), ("in", 0, 7)]),
+    ]
+    assert loop._positions == {} and loop._buffers == {}
+
+    # a seek refused for another reason: the whole rewind is tried again, nothing is read meanwhile
+    consumer.seeks.clear()
+    loop._rewind_pending = True
+    consumer.seek_errors = [KafkaError(KafkaError._TRANSPORT, "broker down")]
+    loop._rewind()
+    assert loop._rewind_pending and consumer.seeks == []
+    loop._rewind()
+    assert not loop._rewind_pending and consumer.seeks == [("in", 1, 7), ("in", 0, 7)]
+
+
+def test_a_partition_without_a_committed_offset_is_rewound_to_its_beginning(settings: Settings) -> None:
+    class Uncommitted(RewindConsumer):
+        def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
+            return [TopicPartition(tp.topic, tp.partition, OFFSET_INVALID) for tp in partitions]
+
+    consumer = Uncommitted()
+    loop = eos_loop(settings, TxnFakeProducer(), consumer)
+    loop._rewind_pending = True
+    loop._rewind()
+    assert consumer.seeks == [("in", 0, OFFSET_BEGINNING)] and not loop._rewind_pending
 
 
 class AssignConsumer(RewindConsumer):
@@ -819,7 +908,7 @@ def test_a_wedged_send_offsets_holds_the_loop_briefly_then_the_producer_is_repla
     monkeypatch.setattr(runtime, "TXN_CALL_WEDGED_S", 0.0)
     assert loop._commit(force=True, timeout_s=0.05) is True and not loop._holding
     assert loop._producer is fresh and fresh.initialised and loop._abandoned == [wedged]
-    assert consumer.unsubscribed and not loop._in_txn  # back to the committed input
+    assert consumer.rewound and not loop._in_txn  # back to the committed input
     assert "commit" not in wedged.calls and fresh.calls == []
     wedged.release.set()
 
@@ -987,7 +1076,7 @@ def test_a_fatal_abort_replaces_the_producer(settings: Settings, monkeypatch: py
     loop.process([FakeMessage("in", b"a", offset=7)])
     loop._abort_and_rewind("outputs not acknowledged")
     assert loop._producer is fresh and fresh.initialised and loop._abandoned == [failed]
-    assert not loop._abort_pending and consumer.unsubscribed and "commit" not in failed.calls
+    assert not loop._abort_pending and consumer.rewound and "commit" not in failed.calls
 
 
 def test_a_replaced_producer_is_let_go_after_a_while(
@@ -1046,8 +1135,8 @@ def test_a_fenced_data_loop_replaces_its_producer_unless_fenced_again_and_again(
     for attempt in range(runtime.FENCES_TOLERATED):
         loop.process([FakeMessage("in", b"a", offset=7)])
         assert loop._commit(force=True)  # nothing is held: the producer was replaced, the input rewound
-        assert loop._producer is made[attempt] and consumer.unsubscribed and not loop._in_txn
-        consumer.unsubscribed = False
+        assert loop._producer is made[attempt] and consumer.rewound and not loop._in_txn
+        consumer.seeks.clear()
     loop.process([FakeMessage("in", b"a", offset=7)])
     with pytest.raises(StreamMLError, match="another process uses transactional id"):
         loop._commit(force=True)
