@@ -87,12 +87,18 @@ def check_broker(settings: Settings, timeout_s: float | None = None) -> None:
 _TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
 
 
+# One metadata request waits at most this long: a request sent to a broker that is going away can wait
+# for it much longer (make chaos: a monitor restarted during a broker restart got no metadata in 30 s while
+# two brokers served, and exited), and the next request goes to a broker that answers.
+METADATA_ATTEMPT_S = 5.0
+
+
 def list_topics(admin: AdminClient, deadline: float) -> Any:
     """Cluster metadata, asked again until `deadline` while the answer is a transient failure (a broker of
     the bootstrap list being down fails the request sent to it; another broker answers the next one)."""
     while True:
         try:
-            return admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+            return admin.list_topics(timeout=max(1.0, min(METADATA_ATTEMPT_S, deadline - time.monotonic())))
         except KafkaException as exc:
             err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
             if err is None or not _transient(err) or time.monotonic() >= deadline:
@@ -118,7 +124,12 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
     """
     deadline = time.monotonic() + timeout_s
     admin = make_admin(settings)
-    existing = list_topics(admin, deadline).topics
+    try:
+        existing = list_topics(admin, deadline).topics
+    except KafkaException as exc:
+        if isinstance(exc.args[0], KafkaError) and _transient(exc.args[0]):  # not now, not wrong
+            raise BrokerUnavailableError(f"no cluster metadata within {timeout_s:.0f} s: {exc}") from exc
+        raise
     missing = [s for s in specs if s.name not in existing]
     created: set[str] = set()
     if missing:

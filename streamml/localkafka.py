@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from base64 import urlsafe_b64encode
@@ -292,6 +293,19 @@ def render_properties(config: dict[str, str]) -> str:
     lines = ["# Written by streamml.localkafka; regenerated on every start."]
     lines += [f"{key}={value}" for key, value in config.items()]
     return "\n".join(lines) + "\n"
+
+
+def die_with_parent_prefix() -> list[str]:
+    """The command prefix that makes a child get SIGTERM when its parent dies (`setpriv --pdeathsig`), or
+    nothing. Linux sends that signal when the *thread* that started the child ends, not the process: a
+    broker restarted from a worker thread (make chaos restarts brokers on a thread of its own) was
+    terminated 25 ms after that thread finished, and every chaos run went on with one broker fewer. So
+    only children started on the main thread get it; the others are stopped by pid by whoever started
+    them, as always."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
 def port_is_free(port: int) -> bool:
@@ -732,9 +746,8 @@ class LocalKafka:
         node.log_dir.mkdir(parents=True, exist_ok=True)
         class_flags, dump_lock = _class_sharing_flags(self.libs_dir, java)
         cmd = [*self._jvm_args(node, java, self.heap_mb), *class_flags, "kafka.Kafka", str(node.properties)]
-        setpriv = shutil.which("setpriv") if self.die_with_parent else None
-        if setpriv is not None:
-            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+        if self.die_with_parent:
+            cmd = [*die_with_parent_prefix(), *cmd]
         with node.console_log.open("ab") as console:
             console.write(f"--- started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
             console.flush()

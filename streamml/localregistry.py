@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamml.errors import StreamMLError
-from streamml.localkafka import HOST, free_port_block, java_binary, pid_alive
+from streamml.localkafka import HOST, die_with_parent_prefix, free_port_block, java_binary, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,8 @@ class LocalRegistry:
             "-jar",
             str(dist / RUNNER),
         ]
-        setpriv = shutil.which("setpriv") if self.die_with_parent else None
-        if setpriv is not None:
-            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+        if self.die_with_parent:
+            cmd = [*die_with_parent_prefix(), *cmd]
         with open(self.home / LOG_FILE, "ab") as out:
             self._child = subprocess.Popen(
                 cmd,

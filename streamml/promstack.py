@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from streamml.errors import StreamMLError
-from streamml.localkafka import port_is_free
+from streamml.localkafka import die_with_parent_prefix, port_is_free
 from streamml.stack import REPO_ROOT, free_port
 
 log = logging.getLogger(__name__)
@@ -306,9 +306,8 @@ class LocalPrometheus:
             f"--storage.tsdb.path={self.home / 'data'}",
             "--storage.tsdb.retention.time=2d",
         ]
-        setpriv = shutil.which("setpriv") if die_with_parent else None
-        if setpriv is not None:
-            cmd = [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+        if die_with_parent:
+            cmd = [*die_with_parent_prefix(), *cmd]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd,

@@ -7,6 +7,8 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -413,3 +415,25 @@ def test_cli_status_says_whether_the_cluster_is_secure(
     assert "security: secure" in secure_out and "admin bootstrap: 127.0.0.1:19502" in secure_out
     assert "security: PLAINTEXT" in plain_out
     assert plain_out.splitlines()[0] == "node 1  127.0.0.1:19500  stopped"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+def test_a_child_started_on_a_worker_thread_outlives_that_thread() -> None:
+    """Linux signals a parent-death child when the thread that started it ends: make chaos restarted its
+    broker on a thread of its own, and the broker got SIGTERM 25 ms after that thread finished."""
+    assert localkafka.die_with_parent_prefix()[:2] == [shutil.which("setpriv"), "--pdeathsig"]  # main thread
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        started.append(subprocess.Popen([*localkafka.die_with_parent_prefix(), "sleep", "30"]))
+        time.sleep(1.0)  # (the thread outlives the child's start, as a broker start waits for it to serve)
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join()
+    try:
+        time.sleep(0.5)
+        assert started[0].poll() is None, f"the child died with its thread ({started[0].returncode})"
+    finally:
+        started[0].kill()
+        started[0].wait()

@@ -17,7 +17,7 @@ from services.controller import app as controller_app
 from services.learner import app as learner_app
 from streamml import codec, kafka, runtime
 from streamml.codec import codec_for
-from streamml.errors import DependencyUnavailableError, StreamMLError
+from streamml.errors import BrokerUnavailableError, DependencyUnavailableError, StreamMLError
 from streamml.pipelines import load_file, to_definition
 from streamml.registry import Registry, RegistryUnavailableError
 from streamml.runtime import BatchLoop, Outbox, Output, commit_can_wait, is_permanent, is_retriable
@@ -972,9 +972,11 @@ class FlakyAdmin:
     def __init__(self, *errors: KafkaError) -> None:
         self.errors = list(errors)
         self.calls = 0
+        self.timeouts: list[float] = []
 
     def list_topics(self, timeout: float = 0) -> str:
         self.calls += 1
+        self.timeouts.append(timeout)
         if self.errors:
             raise KafkaException(self.errors.pop(0))
         return "metadata"
@@ -990,6 +992,23 @@ def test_metadata_is_asked_again_while_a_bootstrap_broker_is_down_but_not_for_ot
     late = FlakyAdmin(*[KafkaError(KafkaError._TRANSPORT)] * 100)
     with pytest.raises(KafkaException):
         kafka.list_topics(late, time.monotonic() + 0.3)  # type: ignore[arg-type]
+    # a request stuck on a broker going away does not hold the whole wait: each waits METADATA_ATTEMPT_S
+    stuck = FlakyAdmin(KafkaError(KafkaError._TIMED_OUT))
+    assert kafka.list_topics(stuck, time.monotonic() + 60) == "metadata"  # type: ignore[arg-type]
+    assert stuck.calls == 2 and max(stuck.timeouts) <= kafka.METADATA_ATTEMPT_S
+
+
+def test_topics_not_checked_for_want_of_metadata_are_a_broker_problem_not_a_crash(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """make chaos: a monitor restarted while a broker restarted got no metadata in time and exited with a
+    traceback; it is a BrokerUnavailableError (one clear line, exit status 2) now."""
+    monkeypatch.setattr(
+        kafka, "make_admin", lambda _s: FlakyAdmin(*[KafkaError(KafkaError._TIMED_OUT)] * 100)
+    )
+    monkeypatch.setattr(kafka.time, "sleep", lambda _s: None)
+    with pytest.raises(BrokerUnavailableError, match="no cluster metadata within 0 s"):
+        kafka.ensure_topics(settings, [], timeout_s=0.0)
 
 
 # -- a schema registry away: framed records wait, never dead-lettered --------------------------------------
