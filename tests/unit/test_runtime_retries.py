@@ -1351,3 +1351,40 @@ def test_a_catch_up_that_fails_still_lets_the_partitions_be_read(settings: Setti
         assert consumer.calls[-1] == ("resume", [("f", 0)])
 
     asyncio.run(scenario())
+
+
+class AssigningConsumer(FakeConsumer):
+    """Counts assignment reads; its assignment changes as the library changes it after a callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assigned: list[TopicPartition] = [TopicPartition("f", 0)]
+        self.reads = 0
+
+    def assignment(self) -> list[TopicPartition]:
+        self.reads += 1
+        return list(self.assigned)
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+        return 0, 0
+
+    def subscribe(self, topics: list[str], **_callbacks: Any) -> None:
+        pass
+
+
+def test_the_assignment_is_read_once_per_rebalance_not_once_per_batch(settings: Settings) -> None:
+    consumer = AssigningConsumer()
+    loop = data_loop(settings, FakeProducer(), consumer)
+    for _ in range(100):  # batches, lag reports
+        assert [(tp.topic, tp.partition) for tp in loop._assignment()] == [("f", 0)]
+    assert consumer.reads == 1
+    loop._on_assign(consumer, [TopicPartition("f", 1)])  # type: ignore[arg-type]
+    consumer.assigned.append(TopicPartition("f", 1))  # (the library assigns after the callback returns)
+    assert [tp.partition for tp in loop._assignment()] == [0, 1] and consumer.reads == 2
+    loop._on_revoke(consumer, [TopicPartition("f", 0), TopicPartition("f", 1)])  # type: ignore[arg-type]
+    consumer.assigned = []
+    reads = consumer.reads  # (the revocation's commit may read it, in the callback)
+    assert all(loop._assignment() == [] for _ in range(50)) and consumer.reads == reads + 1
+    consumer.assigned = [TopicPartition("g", 0)]
+    loop._subscribe(["g"])  # a new subscription: whatever its rebalance brings is read again
+    assert [tp.topic for tp in loop._assignment()] == ["g"]
