@@ -1116,6 +1116,9 @@ class BatchLoop(mode.Service):
         assert self._consumer is not None
         consumer = self._consumer
         self._buffers.clear()
+        if self._closing:  # nothing is read any more: the next owner starts from the committed offsets
+            self._rewind_pending = False
+            return
         try:
             held = consumer.assignment()
         except (KafkaException, RuntimeError) as exc:

@@ -780,6 +780,17 @@ def test_a_rewind_takes_state_back_and_seeks_to_the_committed_offsets_without_le
     assert not loop._rewind_pending and consumer.seeks == [("in", 1, 7), ("in", 0, 7)]
 
 
+def test_a_stopping_loop_does_not_rewind(settings: Settings) -> None:
+    """An abort while stopping (the producer replaced, say) reads nothing again: no offset fetch that could
+    hold the stop while the broker is away; the next owner starts from the committed offsets."""
+    consumer = RewindConsumer()
+    consumer.fetch_errors = 10**6
+    loop = eos_loop(settings, TxnFakeProducer(), consumer)
+    loop._closing = loop._rewind_pending = True
+    loop._rewind()
+    assert not loop._rewind_pending and consumer.seeks == [] and consumer.fetch_errors == 10**6
+
+
 def test_a_partition_without_a_committed_offset_is_rewound_to_its_beginning(settings: Settings) -> None:
     class Uncommitted(RewindConsumer):
         def committed(self, partitions: list[TopicPartition], timeout: float = 0) -> list[TopicPartition]:
