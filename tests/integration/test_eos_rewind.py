@@ -16,11 +16,11 @@ import random
 import uuid
 from collections import Counter
 
-from confluent_kafka import Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Producer
 
-from streamml.runtime import BatchLoop, Output, read_to_end
+from streamml.runtime import BatchLoop, read_to_end
 from streamml.settings import Settings
+from tests.integration.copying import copy_to, source_and_sink
 
 N = 6000
 PARTITIONS = 4
@@ -35,15 +35,9 @@ def test_transactions_given_up_during_rebalances_lose_and_repeat_nothing(kafka_b
         commit_interval_s=0.2,
         max_batch=50,  # small batches: many transactions, many chances to give one up
     )  # type: ignore[call-arg]
-    source, sink = f"{prefix}.in", f"{prefix}.out"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for created in admin.create_topics(
-        [NewTopic(source, PARTITIONS, 1), NewTopic(sink, PARTITIONS, 1)]
-    ).values():
-        created.result(30)
+    source, sink = source_and_sink(kafka_bootstrap, prefix, PARTITIONS)
 
-    def copy(msgs: list[Message]) -> list[Output]:
-        return [Output(sink, None, m.value() or b"", partition=m.partition()) for m in msgs]
+    copy = copy_to(sink)
 
     def instance(i: int) -> BatchLoop:
         return BatchLoop(

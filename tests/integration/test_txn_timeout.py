@@ -12,12 +12,12 @@ import asyncio
 import uuid
 from collections import Counter
 
-from confluent_kafka import Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
-from streamml.runtime import BatchLoop, Output, read_to_end
+from streamml.runtime import BatchLoop, read_to_end
 from streamml.settings import Settings
+from tests.integration.copying import copy_to, source_and_sink
 
 N = 200
 
@@ -30,17 +30,13 @@ def test_a_transaction_timed_out_by_the_coordinator_is_redone_not_fatal(kafka_bo
         processing_guarantee="exactly_once",
         commit_interval_s=14.0,  # the open transaction outlives its 1 s timeout and the coordinator's sweep
     )  # type: ignore[call-arg]
-    source, sink = f"{prefix}.in", f"{prefix}.out"
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for created in admin.create_topics([NewTopic(source, 2, 1), NewTopic(sink, 2, 1)]).values():
-        created.result(30)
+    source, sink = source_and_sink(kafka_bootstrap, prefix, 2)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i in range(N):
         producer.produce(source, str(i).encode(), partition=i % 2)
     assert producer.flush(30) == 0
 
-    def copy(msgs: list[Message]) -> list[Output]:
-        return [Output(sink, None, m.value() or b"", partition=m.partition()) for m in msgs]
+    copy = copy_to(sink)
 
     name = f"copy-{prefix}"  # (its own metric series)
     loop = BatchLoop(
