@@ -39,7 +39,7 @@ from confluent_kafka import (
 from streamml import limits
 from streamml.codec import prefetch_writers
 from streamml.errors import DependencyUnavailableError, StreamMLError
-from streamml.kafka import make_consumer, make_producer
+from streamml.kafka import kafka_error, make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, ERRORS, EVENTS_IN
 from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES
@@ -251,12 +251,6 @@ def is_retriable(err: KafkaError) -> bool:
 def commit_can_wait(err: KafkaError) -> bool:
     """An offset commit that failed this way is tried again later (or by the partition's next owner)."""
     return is_retriable(err) or err.code() in _GROUP_MOVED
-
-
-def kafka_error(exc: BaseException) -> KafkaError | None:
-    """The KafkaError a confluent-kafka call raised (KafkaException carries it as its first argument)."""
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    return err if isinstance(err, KafkaError) else None
 
 
 def produce(producer: Producer, out: Output, on_delivery: Callable[[Any, Any], None] | None = None) -> None:
@@ -853,14 +847,21 @@ class BatchLoop(mode.Service):
                 self._rewind_pending = False  # everything goes anyway: nothing else to take back
         for p in partitions:
             self._gated.pop((p.topic, p.partition), None)
-            self._positions.pop((p.topic, p.partition), None)
-            self._committed.pop((p.topic, p.partition), None)
-            self._buffers.pop((p.topic, p.partition), None)  # not handled: read again by the next owner
-            self._starved_since.pop((p.topic, p.partition), None)
+        self._forget_progress(partitions)  # (buffered records not handled: read again by the next owner)
         if self._on_revoke_hook is not None:  # after the commit: state of what was processed is written
             self._on_revoke_hook(partitions)
         self._assigned = None
         log.info("%s: revoked %s", self.name, [(p.topic, p.partition) for p in partitions])
+
+    def _forget_progress(self, partitions: list[TopicPartition]) -> None:
+        """Forget how far the loop got in `partitions` (positions, commits, buffered records, alignment
+        waits): they are read again from their committed offsets, here or by their next owner."""
+        for p in partitions:
+            key = (p.topic, p.partition)
+            self._positions.pop(key, None)
+            self._committed.pop(key, None)
+            self._buffers.pop(key, None)
+            self._starved_since.pop(key, None)
 
     @staticmethod
     def _kept_after(consumer: Consumer, partitions: list[TopicPartition]) -> bool:
@@ -1115,24 +1116,19 @@ class BatchLoop(mode.Service):
         stays pending and `_run` reads nothing."""
         assert self._consumer is not None
         consumer = self._consumer
-        self._buffers.clear()
         if self._closing:  # nothing is read any more: the next owner starts from the committed offsets
             self._rewind_pending = False
             return
         try:
-            held = consumer.assignment()
+            held = self._assignment()
         except (KafkaException, RuntimeError) as exc:
             log.warning("%s: rewind: assignment not known (%s); trying again", self.name, exc)
             return
+        self._forget_progress(held)
         committed = self._stable_offsets(consumer, held, REWIND_WAIT_S)
         if committed is None:
             ERRORS.labels(self.name, "rewind_retry").inc()
             return
-        for tp in held:
-            key = (tp.topic, tp.partition)
-            self._positions.pop(key, None)
-            self._committed.pop(key, None)
-            self._starved_since.pop(key, None)
         if self._on_revoke_hook is not None:
             self._on_revoke_hook(held)
         if self._on_assign_hook is not None:
