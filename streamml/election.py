@@ -39,7 +39,7 @@ from confluent_kafka import (
 
 from streamml.codec import encoder_for, prefetch_writers
 from streamml.errors import DependencyUnavailableError, StreamMLError
-from streamml.kafka import make_consumer, make_producer
+from streamml.kafka import kafka_error, make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import (
     DEPENDENCY_WAIT_MAX_S,
@@ -55,7 +55,6 @@ from streamml.runtime import (
     first_offsets,
     interleave,
     is_permanent,
-    kafka_error,
     produce,
 )
 from streamml.settings import Settings

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from streamml.kafka import make_consumer
+from streamml.kafka import kafka_error, make_consumer
 from streamml.metrics import ERRORS
-from streamml.runtime import is_retriable, kafka_error
+from streamml.runtime import is_retriable
 from streamml.runtime import watermarks as topic_watermarks
 from streamml.settings import Settings
 

@@ -83,6 +83,12 @@ def check_broker(settings: Settings, timeout_s: float | None = None) -> None:
         raise BrokerUnavailableError(f"{hint} ({exc})") from exc
 
 
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The KafkaError a confluent-kafka call raised (KafkaException carries it as its first argument)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
 # Metadata errors that say "not now" (a broker of the bootstrap list is down, or just went away)
 _TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
 
@@ -100,7 +106,7 @@ def list_topics(admin: AdminClient, deadline: float) -> Any:
         try:
             return admin.list_topics(timeout=max(1.0, min(METADATA_ATTEMPT_S, deadline - time.monotonic())))
         except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            err = kafka_error(exc)
             if err is None or not _transient(err) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.2)
@@ -127,7 +133,7 @@ def ensure_topics(settings: Settings, specs: list[TopicSpec], timeout_s: float =
     try:
         existing = list_topics(admin, deadline).topics
     except KafkaException as exc:
-        if isinstance(exc.args[0], KafkaError) and _transient(exc.args[0]):  # not now, not wrong
+        if (err := kafka_error(exc)) is not None and _transient(err):  # not now, not wrong
             raise BrokerUnavailableError(f"no cluster metadata within {timeout_s:.0f} s: {exc}") from exc
         raise
     missing = [s for s in specs if s.name not in existing]

@@ -36,11 +36,11 @@ from streamml.errors import (
     ValidationError,
 )
 from streamml.follow import ControlTail, start_offsets
-from streamml.kafka import check_broker, ensure_topics, make_producer
+from streamml.kafka import check_broker, ensure_topics, kafka_error, make_producer
 from streamml.metrics import CONTROL_SKIPPED, DEAD_LETTERED, ERRORS
 from streamml.pipelines import validate_definition
 from streamml.registry import Registry, framed_encoders
-from streamml.runtime import Output, end_offsets, is_retriable, kafka_error, read_to_end
+from streamml.runtime import Output, end_offsets, is_retriable, read_to_end
 from streamml.settings import Settings
 from streamml.stalls import LoopWatch, stack_of
 from streamml.topics import PIPELINE_NAME, Catalogue

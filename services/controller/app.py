@@ -26,8 +26,8 @@ from streamml import metrics
 from streamml.codec import codec_for, encoder_for
 from streamml.election import WriterSlots, slot_of
 from streamml.errors import StreamMLError
-from streamml.kafka import make_consumer
-from streamml.runtime import Output, faust_app, is_retriable, kafka_error, read_to_end, watermarks
+from streamml.kafka import kafka_error, make_consumer
+from streamml.runtime import Output, faust_app, is_retriable, read_to_end, watermarks
 from streamml.service import (
     ControlFollower,
     check_declared_model,

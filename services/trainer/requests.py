@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from streamml import metrics
 from streamml.codec import prefetch_writers
 from streamml.errors import DependencyUnavailableError, StreamMLError
-from streamml.kafka import make_consumer, make_producer
+from streamml.kafka import kafka_error, make_consumer, make_producer
 from streamml.runtime import (
     DEPENDENCY_WAIT_S,
     HEARTBEAT_MS,
@@ -33,7 +33,6 @@ from streamml.runtime import (
     Output,
     in_daemon_thread,
     is_retriable,
-    kafka_error,
     produce,
 )
 from streamml.service import check_record_pipeline

@@ -4,18 +4,32 @@ sink can count each input exactly once."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamml.runtime import Output
+from streamml.settings import Settings
 
 
-def source_and_sink(bootstrap: str, prefix: str, partitions: int) -> tuple[str, str]:
+def exactly_once(bootstrap: str, **overrides: Any) -> Settings:
+    """Exactly-once settings under a topic prefix of their own."""
+    return Settings(
+        bootstrap_servers=bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        processing_guarantee="exactly_once",
+        **overrides,
+    )  # type: ignore[call-arg]
+
+
+def source_and_sink(settings: Settings, partitions: int) -> tuple[str, str]:
     """Create `<prefix>.in` and `<prefix>.out` with `partitions` each; their names."""
+    prefix = settings.topic_prefix
     source, sink = f"{prefix}.in", f"{prefix}.out"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     for created in admin.create_topics(
         [NewTopic(source, partitions, 1), NewTopic(sink, partitions, 1)]
     ).values():

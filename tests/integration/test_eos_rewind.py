@@ -13,29 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections import Counter
 
 from confluent_kafka import Producer
 
 from streamml.runtime import BatchLoop, read_to_end
-from streamml.settings import Settings
-from tests.integration.copying import copy_to, source_and_sink
+from tests.integration.copying import copy_to, exactly_once, source_and_sink
 
 N = 6000
 PARTITIONS = 4
 
 
 def test_transactions_given_up_during_rebalances_lose_and_repeat_nothing(kafka_bootstrap: str) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    base = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=prefix,
-        processing_guarantee="exactly_once",
-        commit_interval_s=0.2,
-        max_batch=50,  # small batches: many transactions, many chances to give one up
-    )  # type: ignore[call-arg]
-    source, sink = source_and_sink(kafka_bootstrap, prefix, PARTITIONS)
+    # small batches: many transactions, many chances to give one up
+    base = exactly_once(kafka_bootstrap, commit_interval_s=0.2, max_batch=50)
+    prefix = base.topic_prefix
+    source, sink = source_and_sink(base, PARTITIONS)
 
     copy = copy_to(sink)
 

@@ -9,28 +9,22 @@ committed input, and every record still comes out exactly once (CI saw a feature
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 
 from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
 from streamml.runtime import BatchLoop, read_to_end
-from streamml.settings import Settings
-from tests.integration.copying import copy_to, source_and_sink
+from tests.integration.copying import copy_to, exactly_once, source_and_sink
 
 N = 200
 
 
 def test_a_transaction_timed_out_by_the_coordinator_is_redone_not_fatal(kafka_bootstrap: str) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    slow = Settings(
-        bootstrap_servers=kafka_bootstrap,
-        topic_prefix=prefix,
-        processing_guarantee="exactly_once",
-        commit_interval_s=14.0,  # the open transaction outlives its 1 s timeout and the coordinator's sweep
-    )  # type: ignore[call-arg]
-    source, sink = source_and_sink(kafka_bootstrap, prefix, 2)
+    # the open transaction outlives its 1 s timeout and the coordinator's sweep
+    slow = exactly_once(kafka_bootstrap, commit_interval_s=14.0)
+    prefix = slow.topic_prefix
+    source, sink = source_and_sink(slow, 2)
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
     for i in range(N):
         producer.produce(source, str(i).encode(), partition=i % 2)
