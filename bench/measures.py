@@ -630,7 +630,10 @@ def quix_stage(
     dep.workdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(quix_python), str(QUIX_SCRIPT), stage, "--bootstrap", dep.bootstrap, "--input", source,
            "--output", sink, "--group", f"{dep.prefix}-quix-{stage}",
-           "--state-dir", str(dep.workdir / "quix-state")]  # fmt: skip
+           "--state-dir", str(dep.workdir / "quix-state"),
+           # our data loops' batching, so the two differ in the library, not in the client's settings
+           "--linger-ms", str(dep.settings.linger_ms), "--fetch-min-bytes", str(dep.settings.fetch_min_bytes),
+           "--fetch-max-wait-ms", str(dep.settings.fetch_max_wait_ms)]  # fmt: skip
     if model is not None:
         model_file = dep.workdir / "model.pkl"
         model_file.write_bytes(pickle.dumps(model))  # our own model, for our own subprocess

@@ -12,12 +12,13 @@ same events and the same model.
   fastavro in a Quix deserializer, as a team reading our topics would): the same bytes our predictor reads.
 
 Both stamp each output with the wall-clock milliseconds of processing (`feature_time`, `prediction_time`), as
-our services do, so the rates are computed the same way. Producer settings and the commit interval are
-ours (idempotent, acks=all, lz4, linger 2 ms, commits every 0.2 s); the rest are Quix defaults (JSON via
-orjson, at-least-once). The process runs until SIGTERM.
+our services do, so the rates are computed the same way. Producer settings, fetch batching and the commit
+interval are ours (idempotent, acks=all, lz4, the linger and fetch options the benchmark passes, commits
+every 0.2 s); the rest are Quix defaults (JSON via orjson, at-least-once). The process runs until SIGTERM.
 
     python bench/quix_stages.py features|predictor --bootstrap HOST:PORT --input T --output T --group G
-        [--model FILE] [--avro-schema FILE] [--state-dir DIR]
+        [--model FILE] [--avro-schema FILE] [--state-dir DIR] [--linger-ms MS] [--fetch-min-bytes N]
+        [--fetch-max-wait-ms MS]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from quixstreams import Application, State
 from quixstreams.models.serializers import Deserializer
 
 WINDOW = 100
-PRODUCER = {"enable.idempotence": True, "acks": "all", "linger.ms": 2, "compression.type": "lz4"}
+PRODUCER = {"enable.idempotence": True, "acks": "all", "compression.type": "lz4"}  # ours, with --linger-ms
 FIELDS = ("salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan")
 
 
@@ -108,13 +109,20 @@ def main() -> None:
         "--avro-schema", type=Path, help="predictor: read Avro single-object records of this schema"
     )
     p.add_argument("--state-dir", type=Path, default=Path("quix-state"))
+    p.add_argument("--linger-ms", type=float, default=2.0, help="the producer's linger.ms (ours)")
+    p.add_argument("--fetch-min-bytes", type=int, default=1, help="the consumer's fetch.min.bytes (ours)")
+    p.add_argument("--fetch-max-wait-ms", type=int, default=500, help="its fetch.wait.max.ms (ours)")
     a = p.parse_args()
     app = Application(
         broker_address=a.bootstrap,
         consumer_group=a.group,
         auto_offset_reset="earliest",
         commit_interval=0.2,
-        producer_extra_config=PRODUCER,
+        producer_extra_config={**PRODUCER, "linger.ms": a.linger_ms},
+        consumer_extra_config={
+            "fetch.min.bytes": a.fetch_min_bytes,
+            "fetch.wait.max.ms": a.fetch_max_wait_ms,
+        },
         state_dir=a.state_dir,
         loglevel="WARNING",
     )

@@ -39,12 +39,11 @@ from confluent_kafka import (
 
 from streamml.codec import encoder_for, prefetch_writers
 from streamml.errors import DependencyUnavailableError, StreamMLError
-from streamml.kafka import kafka_error, make_consumer, make_producer
+from streamml.kafka import data_fetch, kafka_error, make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, ERRORS, EVENTS_IN, WRITER_SLOTS, WRITER_SLOTS_CONFIGURED
 from streamml.runtime import (
     DEPENDENCY_WAIT_MAX_S,
     DEPENDENCY_WAIT_S,
-    FETCH_WAIT_MS,
     HEARTBEAT_MS,
     MIN_BATCH,
     RETRIABLE,
@@ -417,7 +416,7 @@ class WriterLoop(mode.Service):
             f"{self.settings.topic_prefix}-{self.name}-writer-data",  # never joined, never committed
             **{
                 "isolation.level": "read_committed",
-                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                **data_fetch(self.settings),
                 "max.partition.fetch.bytes": 64 * 1024,
             },
         )

@@ -54,6 +54,14 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
     return Consumer(_base(settings, **conf))
 
 
+def data_fetch(settings: Settings) -> dict[str, Any]:
+    """The fetch options of a data loop's consumer. By default (1 byte, 500 ms) the broker answers as soon
+    as there is a record, so the long wait adds no latency and an idle consumer asks each broker twice a
+    second. A larger `fetch_min_bytes` gathers that much per answer (fewer requests for the broker and the
+    client under load) and holds a fetch up to `fetch_max_wait_ms` while less is there (latency per hop)."""
+    return {"fetch.min.bytes": settings.fetch_min_bytes, "fetch.wait.max.ms": settings.fetch_max_wait_ms}
+
+
 def _tcp_reachable(servers: str, timeout_s: float) -> bool:
     for server in servers.split(","):
         host, _, port = server.rpartition(":")

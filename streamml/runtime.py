@@ -39,7 +39,7 @@ from confluent_kafka import (
 from streamml import limits
 from streamml.codec import prefetch_writers
 from streamml.errors import DependencyUnavailableError, StreamMLError
-from streamml.kafka import kafka_error, make_consumer, make_producer
+from streamml.kafka import data_fetch, kafka_error, make_consumer, make_producer
 from streamml.metrics import BATCH_SECONDS, CONSUMER_LAG, ERRORS, EVENTS_IN
 from streamml.settings import Settings
 from streamml.topics import MODEL_MAX_BYTES
@@ -369,11 +369,9 @@ SLOW_STEP_S = 2.0
 # batches take milliseconds; on starved cores this keeps signals and Faust's agents answered within ~1 s.
 STEP_TARGET_S = 0.5
 MIN_BATCH = 50
-# A data loop's sleeps after polls that found nothing (see IdleWait), and how long its consumer's fetch may
-# wait at the broker for data (answered at once when there is some).
+# A data loop's sleeps after polls that found nothing (see IdleWait).
 IDLE_WAIT_MIN_S = 0.001
 IDLE_WAIT_MAX_S = 0.02
-FETCH_WAIT_MS = 500
 # Exactly-once: a transaction whose outputs are not acknowledged for this long (a broker away longer than
 # the transaction timeout: the broker aborts it) is aborted here and the loop goes back to its last
 # committed input, as Kafka Streams does with a task whose transaction failed.
@@ -641,7 +639,7 @@ class BatchLoop(mode.Service):
     async def on_start(self) -> None:
         self._consumer = self._new_consumer()
         overrides: dict[str, Any] = {
-            "linger.ms": 2,
+            "linger.ms": self.settings.linger_ms,
             # A delivery report only for a failed output (`_on_delivery` acts on those alone): no Python
             # callback per delivered record. Flushes and the in-flight count work as before.
             "delivery.report.only.error": True,
@@ -669,9 +667,7 @@ class BatchLoop(mode.Service):
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
                 # A rebalance (a sibling leaving or joining) reaches the members with their next heartbeat.
                 "heartbeat.interval.ms": HEARTBEAT_MS,
-                # The broker answers a fetch as soon as there is data (fetch.min.bytes 1), so a long wait adds
-                # no latency; a short one made every idle consumer ask each broker 100 times a second.
-                "fetch.wait.max.ms": FETCH_WAIT_MS,
+                **data_fetch(self.settings),
                 "partition.assignment.strategy": "cooperative-sticky" if self._cooperative else "range",
                 # Aligned loops: small runs per partition, so a batch holds several partitions to order.
                 **({"max.partition.fetch.bytes": 64 * 1024} if self._aligned is not None else {}),

@@ -93,6 +93,27 @@ class Settings(BaseSettings):
     )
     commit_interval_s: float = Field(0.2, gt=0, description="How often services commit offsets/transactions.")
     max_batch: int = Field(2000, ge=1, description="Most records a service processes per batch.")
+    linger_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a data loop's producer gathers outputs into one request (librdkafka "
+        "linger.ms): a few ms of latency per hop for fewer, larger requests to the broker.",
+    )
+    fetch_min_bytes: int = Field(
+        1,
+        ge=1,
+        le=16 * 1024 * 1024,
+        description="Data a data loop's fetch asks the broker to gather before answering (fetch.min.bytes): "
+        "fewer, larger fetches under load; 1 answers as soon as there is anything.",
+    )
+    fetch_max_wait_ms: int = Field(
+        500,
+        ge=1,
+        le=10_000,
+        description="Longest a data loop's fetch waits at the broker for fetch_min_bytes (fetch.wait.max.ms):"
+        " the added latency per hop at low rates.",
+    )
     writer_slots: int = Field(
         6, ge=1, le=64, description="Writer slots of single-writer services (partitions of <prefix>.writers)."
     )

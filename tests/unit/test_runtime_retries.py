@@ -492,17 +492,20 @@ def test_the_data_loop_producer_takes_the_services_producer_config(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: dict[str, Any] = {}
-    monkeypatch.setattr(runtime, "make_consumer", lambda *_a, **_k: FakeConsumer())
+    consumer: dict[str, Any] = {}
+    monkeypatch.setattr(runtime, "make_consumer", lambda *_a, **k: consumer.update(k) or FakeConsumer())
     monkeypatch.setattr(runtime, "make_producer", lambda _s, **conf: made.update(conf) or FakeProducer())
+    tuned = settings.model_copy(update={"linger_ms": 12.0, "fetch_min_bytes": 4096, "fetch_max_wait_ms": 7})
     loop = BatchLoop(
-        settings,
+        tuned,
         name="learner",
         handler=lambda _m: [],
         topics=set,
         producer_config={"message.max.bytes": 64 << 20},
     )
     asyncio.run(loop.on_start())
-    assert made["message.max.bytes"] == 64 << 20 and made["linger.ms"] == 2
+    assert made["message.max.bytes"] == 64 << 20 and made["linger.ms"] == 12.0
+    assert consumer["fetch.min.bytes"] == 4096 and consumer["fetch.wait.max.ms"] == 7
 
 
 def test_slow_steps_shrink_the_batch_and_quick_full_ones_grow_it_back(settings: Settings) -> None:
