@@ -38,9 +38,15 @@ from streamml.localkafka import LocalKafka, free_port_block, ports_per_node
 log = logging.getLogger("bench")
 T = TypeVar("T")
 MEASURES = (
-    "passthrough", "predictor", "features", "e2e", "swap", "learner", "breakdown", "loop", "stationary",
-    "monitor", "typed", "capacity", "quix",
+    "passthrough", "predictor", "features", "e2e", "batched", "swap", "learner", "breakdown", "loop",
+    "stationary", "monitor", "typed", "capacity", "quix",
 )  # fmt: skip
+# The data loops' batching for throughput (see README, Configuration), measured beside the defaults.
+BATCHED_ENV = {
+    "STREAMML_LINGER_MS": "5",
+    "STREAMML_FETCH_MIN_BYTES": "65536",
+    "STREAMML_FETCH_MAX_WAIT_MS": "20",
+}
 QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".local" / "quix-venv" / "bin" / "python"
 MONITOR_WARMUP = 5000  # events handled untimed before the monitor's throughput is measured
 
@@ -117,10 +123,19 @@ class Bench:
         self.secure: LocalKafka | None = None  # set by run_secure: later deployments are on it
         self.inputs: tuple[list[dict[str, Any]], list[Any]] = ([], [])  # events and records, for run_secure
 
-    def deployment(self, name: str, pipeline: str = PIPELINE) -> Deployment:
+    def deployment(
+        self, name: str, pipeline: str = PIPELINE, env: dict[str, str] | None = None
+    ) -> Deployment:
         prefix = f"bench{self.run_id}-{name}"
         if self.secure is None:
-            dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, pipeline=pipeline)
+            dep = Deployment(
+                self.bootstrap,
+                prefix,
+                self.key,
+                self.workdir / name,
+                pipeline=pipeline,
+                settings_env=env or {},
+            )
         else:
             dep = self.secure_deployment(self.secure, name, prefix, pipeline)
         self.deployments[name] = dep
@@ -141,7 +156,7 @@ class Bench:
         user = acl.user_name(prefix, acl.CLI)
         return Deployment(
             kafka.bootstrap, prefix, self.key, self.workdir / name, pipeline=pipeline,
-            security_env=kafka.client_env(user, acl.password_file(users, user)), users_dir=users,
+            settings_env=kafka.client_env(user, acl.password_file(users, user)), users_dir=users,
         )  # fmt: skip
 
     def run_secure(self, kafka: LocalKafka, events: list[dict[str, Any]], records: list[Any]) -> None:
@@ -236,6 +251,12 @@ class Bench:
                 self.broker_pids,
             )  # fmt: skip
 
+        def batched() -> Measured:
+            dep = self.deployment("batched", env=BATCHED_ENV)
+            return measures.e2e_latency(
+                dep, definition_for(dep), events, one, a.rate, a.duration, a.warmup, None, self.broker_pids,
+            )  # fmt: skip
+
         def swap() -> Measured:
             dep = self.deployment("swap")
             versions = signed_versions(self.key.encode(), warm, a.swaps + 1, 200, a.estimator)
@@ -262,6 +283,7 @@ class Bench:
         self.measure("predictor", predictor)
         self.measure("features", features)
         self.measure("e2e", e2e)
+        self.measure("batched", batched)
         self.measure("swap", swap)
         self.measure("learner", learner)
         if "learner" in self.only:
@@ -302,7 +324,7 @@ class Bench:
             def deployment(name: str, **kw: Any) -> tuple[Deployment, dict[str, Any], list[Any]]:
                 prefix = f"bench{self.run_id}-{name}"
                 env = {"STREAMML_SCHEMA_REGISTRY_URL": url}
-                dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, security_env=env)
+                dep = Deployment(self.bootstrap, prefix, self.key, self.workdir / name, settings_env=env)
                 self.deployments[name] = dep
                 use_registry(Registry(dep.settings))  # the services frame what they write: read it back here
                 definition = definition_for(dep, **kw)
@@ -417,6 +439,14 @@ class Bench:
         v = m.value if key is None else m.details.get(key)
         return None if v is None else float(v)
 
+    def e2e_cpu_us(self, name: str) -> float | None:
+        """CPU µs per raw event of an e2e measure: its services, load generator, probe and broker together."""
+        m = self.results.get(name)
+        cores, sent = (m.details.get("cpu_cores"), m.details.get("sent")) if m else (None, None)
+        if not cores or not sent:
+            return None
+        return float(sum(cores.values())) * self.args.duration * 1e6 / int(sent)
+
     def result(self) -> dict[str, float | None]:
         def r(v: float | None, digits: int) -> float | None:
             return None if v is None else round(v, digits)
@@ -440,6 +470,11 @@ class Bench:
             "quix_predictor_avro_eps": r(self.value("quix_predictor_avro"), 1),
             "e2e_p50_ms": r(self.value("e2e"), 2),
             "e2e_p99_ms": r(self.value("e2e", "p99"), 2),
+            "e2e_cpu_us": r(self.e2e_cpu_us("e2e"), 1),
+            "batched_p50_ms": r(self.value("batched"), 2),
+            "batched_p99_ms": r(self.value("batched", "p99"), 2),
+            "batched_cpu_us": r(self.e2e_cpu_us("batched"), 1),
+            "batched_cpu_ratio": r(stats.ratio(self.e2e_cpu_us("batched"), self.e2e_cpu_us("e2e")), 3),
             "swap_p50_ms": r(self.value("swap"), 1),
             "swap_p99_ms": r(self.value("swap", "p99"), 1),
             "learner_eps": r(learner_eps, 1),
@@ -504,6 +539,10 @@ class Bench:
             ["e2e p99", n(res["e2e_p99_ms"], 1), "ms",
              f"last half: p50 {n(d('e2e', 'late_p50'), 1)}, p99 {n(d('e2e', 'late_p99'), 1)} ms; "
              f"p50 per 2 s of sending: {d('e2e', 'p50_by_2s')}"],
+            ["e2e, data loops batching (linger 5 ms, fetch 64 KiB or 20 ms)", n(res["batched_p50_ms"], 1),
+             "ms", f"p99 {n(res['batched_p99_ms'], 1)} ms; CPU per event (services, load, probe, broker): "
+             f"{n(res['batched_cpu_us'], 1)} µs against {n(res['e2e_cpu_us'], 1)} µs with the defaults "
+             f"(ratio {n(res['batched_cpu_ratio'], 2)})"],
             ["features service (1 worker, feature_time stamps)", n(self.value("features")),
              "events/s", f"raw JSON drain, context for e2e; {cpu_note('features')}"],
             ["swap: promotion produced → first prediction, p50", n(res["swap_p50_ms"], 1), "ms",

@@ -247,16 +247,17 @@ class Deployment:
     signing_key: str
     workdir: Path
     pipeline: str = PIPELINE  # the pipeline whose data topics it creates and reads
-    # A secured cluster: the user's STREAMML_* security settings (the bench acts as the `cli` principal)
-    # and the folder of every service's password file (each service runs as its own principal).
-    security_env: dict[str, str] = field(default_factory=dict)
+    # STREAMML_* settings of the bench and its services beyond the defaults: a secured cluster's (the bench
+    # acts as the `cli` principal; `users_dir` holds every service's password file, each service runs as
+    # its own principal), a registry's URL, the data loops' batching.
+    settings_env: dict[str, str] = field(default_factory=dict)
     users_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        security = {k.removeprefix("STREAMML_").lower(): v for k, v in self.security_env.items()}
+        overrides = {k.removeprefix("STREAMML_").lower(): v for k, v in self.settings_env.items()}
         self.settings = Settings(
             **{
-                **security,
+                **overrides,
                 "bootstrap_servers": self.bootstrap,
                 "topic_prefix": self.prefix,
                 "default_partitions": 1,
@@ -380,7 +381,7 @@ class Deployment:
     # -- services -------------------------------------------------------------------------------------
     def env(self) -> dict[str, str]:
         return {
-            **self.security_env,
+            **self.settings_env,
             "STREAMML_BOOTSTRAP_SERVERS": self.bootstrap,
             "STREAMML_TOPIC_PREFIX": self.prefix,
             "STREAMML_DEFAULT_PARTITIONS": "1",
