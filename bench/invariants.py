@@ -142,7 +142,7 @@ def rolling_steps(steps: Iterable[Record]) -> list[RollingStep]:
 
 
 def rolling_value(op: str, window: Sequence[float]) -> float:
-    """What streams.features computes for a window (math.fsum, as it does)."""
+    """What streams.features computes for a window (to within the checks' tolerance: the exact sum)."""
     if op == "rolling_count":
         return float(len(window))
     if op == "rolling_sum":
