@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,6 +113,30 @@ def _num(features: Features, name: str) -> float | None:
     return value if isinstance(value, float) else None
 
 
+def _binary(op: str, out: str, first: str, second: str, on_zero: float) -> Step:
+    """A sum, product, difference or ratio of two features: what the general step computes (a two-value
+    `math.fsum` and `math.prod` are the correctly rounded `+` and `*`)."""
+    combine: Callable[[float, float], float]
+    if op == "ratio":
+
+        def combine(a: float, b: float) -> float:
+            return a / b if b != 0 else on_zero
+
+    else:
+        combine = {"sum": operator.add, "product": operator.mul, "difference": operator.sub}[op]
+
+    def binary(f: Features, _k: str | None, _w: KeyedWindows) -> None:
+        a, b = f.get(first), f.get(second)
+        if not isinstance(a, float) or not isinstance(b, float):
+            return  # a missing input leaves the derived feature missing (models treat it as absent)
+        value = combine(a, b)
+        if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:  # NaN too
+            raise ValidationError(f"feature step {op!r}: {out} = {value!r} is out of range")
+        f[out] = value
+
+    return binary
+
+
 def _number(op: str, name: str, value: Any, kind: type[float] | type[int] = float) -> Any:
     """A numeric step parameter, or a ValidationError saying which one is wrong."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -151,6 +176,8 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
         need_inputs(None if op in ("sum", "product") else 2)
         out = need_output()
         on_zero = _number(op, "on_zero", params.get("on_zero", 0.0))
+        if len(inputs) == 2:  # the usual case, a fifth of the general one's cost: no lists, one operation
+            return _binary(op, out, inputs[0], inputs[1], on_zero)
 
         def arith(f: Features, _k: str | None, _w: KeyedWindows) -> None:
             values = [_num(f, n) for n in inputs]

@@ -664,3 +664,32 @@ def test_a_label_found_valid_once_is_remembered_by_type_and_value_only() -> None
     for label in (2, 1.5, "yes", "x" * 10):  # 1 and True were valid; 2 (an int too) and text are not
         with pytest.raises(ValidationError, match="label"):
             engine.check_vector({**fv, "label": label})
+
+
+@pytest.mark.parametrize("op", ["sum", "product", "difference", "ratio"])
+def test_two_input_steps_compute_what_the_general_step_computes(op: str) -> None:
+    """The two-input fast path against the general definition: fsum/prod over the inputs, a missing or
+    non-numeric input leaves the output missing, a result beyond ±MAX_MAGNITUDE (or NaN) is refused."""
+    from streams.features import MAX_MAGNITUDE, _build_step
+
+    values: list[object] = [0.0, -0.0, 1.5, -2.25, 0.1, 0.2, 1e100, -1e100, 1e-300, 7.0, "text", None]
+    step = _build_step(op, "out", ["a", "b"], {"on_zero": 9.0})
+    for a in values:
+        for b in values:
+            record = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
+            if not isinstance(a, float) or not isinstance(b, float):
+                want: object = "missing"
+            else:
+                value = {
+                    "sum": lambda x, y: math.fsum([x, y]),
+                    "product": lambda x, y: math.prod([x, y]),
+                    "difference": lambda x, y: x - y,
+                    "ratio": lambda x, y: x / y if y != 0 else 9.0,
+                }[op](a, b)
+                want = value if math.isfinite(value) and abs(value) <= MAX_MAGNITUDE else "refused"
+            try:
+                step(record, None, None)  # type: ignore[arg-type]
+                got = record.get("out", "missing")
+            except ValidationError:
+                got = "refused"
+            assert got == want, (op, a, b, got, want)
