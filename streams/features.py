@@ -270,6 +270,12 @@ class FeatureEngine:
         self.key_field: str | None = definition["key_field"]
         self.time_field: str | None = definition["event_time_field"]
         self.fields = [(f["name"], f["type"], f["required"], f["default"]) for f in definition["fields"]]
+        # Per field: its kind takes a float as it is, and an int as a float (coerce_value's first two cases,
+        # tried inline before calling it).
+        self._coerce = [
+            (name, kind, required, default, kind == "FLOAT", kind in ("FLOAT", "INT"))
+            for name, kind, required, default in self.fields
+        ]
         label = definition["label"]
         self.label_field: str | None = label["field"] if label["source"] == "INLINE" else None
         self.task: str = definition["task"]
@@ -361,7 +367,8 @@ class FeatureEngine:
         if len(event_id) > limits.MAX_EVENT_ID_CHARS:
             raise ValidationError(f"event id longer than {limits.MAX_EVENT_ID_CHARS} characters")
         features: Features = {}
-        for name, kind, required, default in self.fields:
+        low, high = -MAX_MAGNITUDE, MAX_MAGNITUDE
+        for name, kind, required, default, floats, ints in self._coerce:
             value = values.get(name)
             if value is None:
                 if required:
@@ -369,7 +376,13 @@ class FeatureEngine:
                 if default is None:
                     continue
                 value = default
-            features[name] = coerce_value(name, kind, value)
+            t = type(value)
+            if t is float and floats and low <= value <= high:  # type: ignore[operator]  # (NaN: coerce_value)
+                features[name] = value
+            elif t is int and ints and low <= value <= high:  # type: ignore[operator]
+                features[name] = float(value)  # type: ignore[arg-type]
+            else:
+                features[name] = coerce_value(name, kind, value)
         key = values.get(self.key_field) if self.key_field else None
         key_str = None if key is None else str(key)
         if key_str is not None and len(key_str) > limits.MAX_EVENT_ID_CHARS:

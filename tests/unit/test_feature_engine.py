@@ -693,3 +693,25 @@ def test_two_input_steps_compute_what_the_general_step_computes(op: str) -> None
             except ValidationError:
                 got = "refused"
             assert got == want, (op, a, b, got, want)
+
+
+@pytest.mark.parametrize("kind", ["float", "int", "bool", "string"])
+def test_transform_coerces_each_value_as_coerce_value_does(tmp_path: Path, kind: str) -> None:
+    """The engine takes plain floats and ints inline and leaves the rest to coerce_value: same value, same
+    refusals, for values at and beyond every edge."""
+    from streams.features import MAX_MAGNITUDE, coerce_value
+
+    engine = engine_from(tmp_path, one_field(kind))
+    edge = MAX_MAGNITUDE
+    values: list[Any] = [0, -0.0, 1, 2.5, -3, 1.0, True, False, "7", " 2.5 ", "yes", "x"]
+    values += [edge, -edge, edge * 10, -edge * 10, 10**101, float("nan"), float("inf"), 2**63, 2.0**60]
+    for value in values:
+        try:
+            want: Any = coerce_value("v", kind.upper(), value)
+        except ValidationError:
+            want = "refused"
+        try:
+            got: Any = run(engine, {"event_id": "e1", "v": value})["features"]["v"]
+        except ValidationError:
+            got = "refused"
+        assert got == want and type(got) is type(want), (kind, value, got, want)
