@@ -439,13 +439,15 @@ class Bench:
         v = m.value if key is None else m.details.get(key)
         return None if v is None else float(v)
 
-    def e2e_cpu_us(self, name: str) -> float | None:
-        """CPU µs per raw event of an e2e measure: its services, load generator, probe and broker together."""
+    def e2e_cpu_us(self, name: str, process: str | None = None) -> float | None:
+        """CPU µs per raw event of an e2e measure while measuring: one process's, or (None) its services',
+        load generator's, probe's and broker's together."""
         m = self.results.get(name)
         cores, sent = (m.details.get("cpu_cores"), m.details.get("sent")) if m else (None, None)
         if not cores or not sent:
             return None
-        return float(sum(cores.values())) * self.args.duration * 1e6 / int(sent)
+        used = sum(cores.values()) if process is None else cores[process]
+        return float(used) * self.args.duration * 1e6 / int(sent)
 
     def result(self) -> dict[str, float | None]:
         def r(v: float | None, digits: int) -> float | None:
@@ -604,13 +606,10 @@ class Bench:
             ))  # fmt: skip
         cpu = d("e2e", "cpu_cores")
         if cpu:
-            sent = max(int(d("e2e", "sent") or 0), 1)
-            seconds = a.duration
             cpu_rows = [
-                [name, n(100 * cores, 0), n(cores * seconds * 1e6 / sent, 1)] for name, cores in cpu.items()
+                [name, n(100 * cores, 0), n(self.e2e_cpu_us("e2e", name), 1)] for name, cores in cpu.items()
             ]
-            total = sum(cpu.values())
-            cpu_rows.append(["all of the above", n(100 * total, 0), n(total * seconds * 1e6 / sent, 1)])
+            cpu_rows.append(["all of the above", n(100 * sum(cpu.values()), 0), n(res["e2e_cpu_us"], 1)])
             cpu_rows.append(["whole machine (other work included), % of all cores",
                              n(100 * d("e2e", "machine_busy"), 0), ""])  # fmt: skip
             parts.append(report.table(

@@ -17,8 +17,8 @@ interval are ours (idempotent, acks=all, lz4, the linger and fetch options the b
 every 0.2 s); the rest are Quix defaults (JSON via orjson, at-least-once). The process runs until SIGTERM.
 
     python bench/quix_stages.py features|predictor --bootstrap HOST:PORT --input T --output T --group G
-        [--model FILE] [--avro-schema FILE] [--state-dir DIR] [--linger-ms MS] [--fetch-min-bytes N]
-        [--fetch-max-wait-ms MS]
+        --linger-ms MS --fetch-min-bytes N --fetch-max-wait-ms MS [--model FILE] [--avro-schema FILE]
+        [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def main() -> None:
         "--avro-schema", type=Path, help="predictor: read Avro single-object records of this schema"
     )
     p.add_argument("--state-dir", type=Path, default=Path("quix-state"))
-    p.add_argument("--linger-ms", type=float, default=2.0, help="the producer's linger.ms (ours)")
-    p.add_argument("--fetch-min-bytes", type=int, default=1, help="the consumer's fetch.min.bytes (ours)")
-    p.add_argument("--fetch-max-wait-ms", type=int, default=500, help="its fetch.wait.max.ms (ours)")
+    p.add_argument("--linger-ms", type=float, required=True, help="the producer's linger.ms (ours)")
+    p.add_argument("--fetch-min-bytes", type=int, required=True, help="the consumer's fetch.min.bytes (ours)")
+    p.add_argument("--fetch-max-wait-ms", type=int, required=True, help="its fetch.wait.max.ms (ours)")
     a = p.parse_args()
     app = Application(
         broker_address=a.bootstrap,

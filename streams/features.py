@@ -113,6 +113,13 @@ def _num(features: Features, name: str) -> float | None:
     return value if isinstance(value, float) else None
 
 
+def _in_range(op: str, out: str, value: float) -> float:
+    """A derived value, or the ValidationError of one beyond ±MAX_MAGNITUDE (or NaN)."""
+    if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:  # (false for NaN)
+        raise ValidationError(f"feature step {op!r}: {out} = {value!r} is out of range")
+    return value
+
+
 def _binary(op: str, out: str, first: str, second: str, on_zero: float) -> Step:
     """A sum, product, difference or ratio of two features: what the general step computes (a two-value
     `math.fsum` and `math.prod` are the correctly rounded `+` and `*`)."""
@@ -129,10 +136,7 @@ def _binary(op: str, out: str, first: str, second: str, on_zero: float) -> Step:
         a, b = f.get(first), f.get(second)
         if not isinstance(a, float) or not isinstance(b, float):
             return  # a missing input leaves the derived feature missing (models treat it as absent)
-        value = combine(a, b)
-        if not -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:  # NaN too
-            raise ValidationError(f"feature step {op!r}: {out} = {value!r} is out of range")
-        f[out] = value
+        f[out] = _in_range(op, out, combine(a, b))
 
     return binary
 
@@ -176,25 +180,15 @@ def _build_step(op: str, output: str | None, inputs: list[str], params: Mapping[
         need_inputs(None if op in ("sum", "product") else 2)
         out = need_output()
         on_zero = _number(op, "on_zero", params.get("on_zero", 0.0))
-        if len(inputs) == 2:  # the usual case, a fifth of the general one's cost: no lists, one operation
+        if len(inputs) == 2:  # (difference and ratio always): no lists, one operation
             return _binary(op, out, inputs[0], inputs[1], on_zero)
+        combine_all: Callable[[list[float]], float] = math.fsum if op == "sum" else math.prod
 
-        def arith(f: Features, _k: str | None, _w: KeyedWindows) -> None:
-            values = [_num(f, n) for n in inputs]
-            if any(v is None for v in values):
+        def arith(f: Features, _k: str | None, _w: KeyedWindows) -> None:  # a sum or product of 1 or 3+
+            nums = [_num(f, n) for n in inputs]
+            if None in nums:
                 return  # a missing input leaves the derived feature missing (models treat it as absent)
-            nums = [float(v) for v in values if v is not None]
-            if op == "sum":
-                value = math.fsum(nums)
-            elif op == "product":
-                value = math.prod(nums)
-            elif op == "difference":
-                value = nums[0] - nums[1]
-            else:
-                value = nums[0] / nums[1] if nums[1] != 0 else on_zero
-            if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
-                raise ValidationError(f"feature step {op!r}: {out} = {value!r} is out of range")
-            f[out] = value
+            f[out] = _in_range(op, out, combine_all(nums))  # type: ignore[arg-type]
 
         return arith
     if op == "log1p":
@@ -269,12 +263,18 @@ class FeatureEngine:
         self.id_field: str = definition["event_id_field"]
         self.key_field: str | None = definition["key_field"]
         self.time_field: str | None = definition["event_time_field"]
-        self.fields = [(f["name"], f["type"], f["required"], f["default"]) for f in definition["fields"]]
-        # Per field: its kind takes a float as it is, and an int as a float (coerce_value's first two cases,
-        # tried inline before calling it).
+        # Per field: name, kind, required, default, and whether its kind takes a float as it is and an int as
+        # a float (coerce_value's first two cases, tried inline before calling it).
         self._coerce = [
-            (name, kind, required, default, kind == "FLOAT", kind in ("FLOAT", "INT"))
-            for name, kind, required, default in self.fields
+            (
+                f["name"],
+                f["type"],
+                f["required"],
+                f["default"],
+                f["type"] == "FLOAT",
+                f["type"] in ("FLOAT", "INT"),
+            )
+            for f in definition["fields"]
         ]
         label = definition["label"]
         self.label_field: str | None = label["field"] if label["source"] == "INLINE" else None
@@ -283,7 +283,7 @@ class FeatureEngine:
         self.steps: list[Step] = []
         # What each model input must be (text for STRING fields, a float for everything else): the learner
         # and predictor check vectors they read against it, since anyone may write to a features topic.
-        self.kinds: dict[str, type] = {f[0]: str if f[1] == "STRING" else float for f in self.fields}
+        self.kinds: dict[str, type] = {f[0]: str if f[1] == "STRING" else float for f in self._coerce}
         for step in definition["feature_steps"]:
             try:
                 params = {k: json.loads(v) for k, v in step["params"].items()}

@@ -488,7 +488,7 @@ def test_the_size_limit_fits_the_topic_and_every_reader() -> None:
     assert int(topic.config["max.message.bytes"]) == MODEL_MAX_BYTES
 
 
-def test_the_data_loop_producer_takes_the_services_producer_config(
+def test_the_data_loop_clients_take_the_services_producer_config_and_batching(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: dict[str, Any] = {}
