@@ -78,6 +78,11 @@ class Features:
         self.registry = shared if isinstance(shared, Registry) else Registry.from_settings(settings)
         # With a registry: each pipeline's vectors in its typed contract, Confluent-framed (by pipeline)
         self.encoders: dict[str, FramedEncoder] = {}
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
+        self._replays = (
+            0  # (exactly once: events their windows held already, see _replayed_under_exactly_once)
+        )
+        self._replay_logged = 0.0
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is None:
@@ -157,8 +162,16 @@ class Features:
         kept: list[tuple[str, int]] = []
         for tp in partitions:
             store = self.stores.get(tp.topic)
-            if store is None or tp.partition in store.owned():
+            if store is None:
                 continue
+            if tp.partition in store.owned():
+                # Every partition held was put aside by the revocation (or the rewind) before this: windows
+                # of a partition not held were made outside any assignment, and are not its committed state.
+                log.warning(
+                    "%s: windows of %s[%d] held outside an assignment; restoring them from %s",
+                    store.pipeline, tp.topic, tp.partition, store.changelog,
+                )  # fmt: skip
+                store.drop(tp.partition)
             if store.resume(tp.partition, tp.offset):
                 kept.append((tp.topic, tp.partition))
             else:
@@ -244,6 +257,7 @@ class Features:
             raw_record = (f"{named.topic}/{named.partition}", named.offset)
         else:
             source = Source(topic, partition, offset, msg.timestamp()[1])
+        replayed = windows.replayed
         try:
             raw = decode_raw(msg.value(), self.registry)
             fv = engine.transform(
@@ -264,10 +278,28 @@ class Features:
             value = encoder.encode(fv) if encoder is not None else self._features.encode(fv)
         except Exception as exc:  # the record boundary: any failure dead-letters this record only
             return dead_letter(self.catalogue, SERVICE, engine.pipeline, origin, exc)
+        if windows.replayed != replayed and self.exactly_once:
+            self._replayed_under_exactly_once(engine.pipeline, topic, partition, offset)
         return Output(
             self.catalogue.features(engine.pipeline).name, fv["event_id"].encode(), value,
             pipeline=engine.pipeline,
         )  # fmt: skip
+
+    def _replayed_under_exactly_once(self, pipeline: str, topic: str, partition: int, offset: int) -> None:
+        """An event its key's windows already held. At least once that is a record read again after a
+        crash; exactly once the windows are always the committed state of the offset read from, so it means
+        they were ahead of the input: counted (`streamml_errors_total{kind="window_replay"}`) and logged at
+        most every 5 s, never silent."""
+        metrics.ERRORS.labels(SERVICE, "window_replay").inc()
+        self._replays += 1
+        now = time.monotonic()
+        if now - self._replay_logged >= 5.0:
+            self._replay_logged = now
+            log.warning(
+                "%s: %s[%d]@%d was already in its key's windows (%d such records so far): exactly once, "
+                "the windows were ahead of the committed input",
+                pipeline, topic, partition, offset, self._replays,
+            )  # fmt: skip
 
     def handle_through(self, msgs: list[Message]) -> list[Output]:
         """Both stages in one call, without a broker (tests, benchmarks): repartition records are read

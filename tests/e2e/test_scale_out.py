@@ -26,6 +26,30 @@ pytestmark = [pytest.mark.scale_out, pytest.mark.slow]
 GUARANTEE = "exactly_once"
 
 
+# What the features instances log about their windows' provenance (shown when a rolling feature is wrong).
+EVIDENCE = (
+    "ahead of the committed input",
+    "revoked meanwhile",
+    "outside an assignment",
+    "aborting the transaction",
+    "no stable committed offsets",
+    "restored windows",
+    "kept through the rebalance",
+    "replacing the",
+)
+
+
+def window_evidence(system: System, most: int = 60) -> list[str]:
+    lines = []
+    for svc in system.stack.services.values():
+        if svc.name == "features" and svc.log_path.exists():
+            text = svc.log_path.read_text(errors="replace")
+            lines += [
+                f"{svc.label}: {line[:300]}" for line in text.splitlines() if any(e in line for e in EVIDENCE)
+            ]
+    return lines[:most]
+
+
 def test_two_instances_of_every_service_survive_kills_and_a_broker_restart(
     kafka3: LocalKafka, make_cluster_system: Callable[..., System]
 ) -> None:
@@ -62,12 +86,14 @@ def test_two_instances_of_every_service_survive_kills_and_a_broker_restart(
         f"{count.duplicates} duplicate predictions (read_committed), e.g. {count.duplicate_examples}",
     )
     expect(count.unexpected == 0, f"{count.unexpected} predictions of malformed or unknown events")
-    fcheck = d["features"]
+    fcheck, ocheck = d["features"], d["features_read_order"]
     expect(fcheck.records > 0 and fcheck.unordered == 0, f"feature records without source: {fcheck}")
     expect(
-        fcheck.mismatches == 0,
-        f"{fcheck.mismatches} of {fcheck.records} records' rolling features "
-        f"differ from the per-key reference, e.g. {fcheck.examples[:2]}",
+        fcheck.mismatches == 0 and ocheck.mismatches == 0 and ocheck.copies == 0,
+        f"{fcheck.mismatches} of {fcheck.records} records' rolling features differ from the per-key "
+        f"reference (in the repartition topic's order: {ocheck.mismatches}, {ocheck.copies} copies), e.g. "
+        f"{ocheck.examples[:2] or fcheck.examples[:2]}; the features instances said:\n"
+        + "\n".join(window_evidence(system)),
     )
     lineage = d["lineage"]
     expect(

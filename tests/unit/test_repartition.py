@@ -208,7 +208,6 @@ def test_assignment_restores_exactly_the_new_partitions_and_revocation_drops_the
     assert reader.on_assign(assigned) == assigned
     assert reads == [{partition: partition, (partition + 1) % 4: (partition + 1) % 4}]
     assert reader.stores[HOP].owned() == {partition, (partition + 1) % 4}
-    assert reader.on_assign(assigned) == assigned and len(reads) == 1  # owned already: nothing to read
     # the restored windows continue where the writer stopped, and replayed offsets are not counted again
     (fresh,) = writer.handle([FakeMessage(RAW, event(3, salary=10.0), offset=3)])  # type: ignore[misc]
     again = reader.handle([HeaderMessage(hop[2], 2), HeaderMessage(fresh, 3)])  # type: ignore[list-item]
@@ -217,6 +216,58 @@ def test_assignment_restores_exactly_the_new_partitions_and_revocation_drops_the
     assert counts == [3.0, 4.0]
     reader.on_revoke([TopicPartition(HOP, partition), TopicPartition(RAW, 0)])
     assert reader.stores[HOP].owned() == {(partition + 1) % 4}
+
+
+def test_windows_made_outside_an_assignment_are_replaced_by_the_changelog_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every partition held is put aside before an assignment (the revocation, the rewind): windows held
+    when a partition is assigned were made by records of a partition this instance did not own (a record
+    fetched before a revocation), so they are not its committed state and are restored like any other."""
+    writer = service()
+    hop = writer.handle([FakeMessage(RAW, event(i, salary=10.0), offset=i) for i in range(3)])  # type: ignore[misc]
+    partition = hop[0].partition or 0
+    writer.handle([HeaderMessage(o, i) for i, o in enumerate(hop)])  # type: ignore[misc]
+    log = [o.value for o in writer.state_changes()]
+    monkeypatch.setattr(
+        features_app,
+        "read_changelog",
+        lambda _s, _t, parts: {p: log if p == partition else [] for p in parts},
+    )
+    reader = service()
+    # a record of the partition handled while the instance did not own it: a window of one event
+    reader.handle([HeaderMessage(hop[2], 2)])  # type: ignore[list-item]
+    assert set(map(tuple, reader.stores[HOP].get(partition).state_of("3").values())) == {(10.0,)}
+    reader.on_assign([TopicPartition(HOP, partition, 3)])
+    restored = reader.stores[HOP].get(partition)
+    assert restored.offsets == {"3": 2} and all(len(w) == 3 for w in restored.state_of("3").values())
+    # the next event meets the three before it
+    (fresh,) = writer.handle([FakeMessage(RAW, event(3, salary=10.0), offset=3)])  # type: ignore[misc]
+    (out,) = reader.handle([HeaderMessage(fresh, 3)])  # type: ignore[list-item]
+    assert codec_for("FeatureVector").decode(out.value or b"")["features"]["zipcode_count_100"] == 4.0
+
+
+def test_exactly_once_an_event_its_windows_already_held_is_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Exactly once the windows are the committed state of the offset read from: a record they already
+    hold means they were ahead of the input. Never silent (at least once it is an ordinary replay)."""
+    from streamml.metrics import ERRORS
+
+    def replays() -> float:
+        return ERRORS.labels("features", "window_replay")._value.get()
+
+    for guarantee, counted in (("at_least_once", 0), ("exactly_once", 1)):
+        s = features_app.Features(SETTINGS.model_copy(update={"processing_guarantee": guarantee}), CATALOGUE)
+        s.on_pipeline(agrawal(), None)
+        (hop,) = s.handle([FakeMessage(RAW, event(0), offset=0)])  # type: ignore[misc]
+        before = replays()
+        s.handle([HeaderMessage(hop, 0)])  # type: ignore[list-item]
+        with caplog.at_level("WARNING"):
+            (again,) = s.handle([HeaderMessage(hop, 0)])  # type: ignore[list-item]
+        assert again.topic == FEATURES, "the record is still featured"
+        assert replays() - before == counted
+        assert ("ahead of the committed input" in caplog.text) is bool(counted)
 
 
 # -- the declaration --------------------------------------------------------------------------------------
