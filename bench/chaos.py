@@ -82,6 +82,7 @@ PREDICTION_PATH = ("features", "predictor")
 # the controller may be down (12 s in the fixed schedule, 3,600 events at 300/s) when the alert comes.
 DUE_MARGIN = 4_000
 INVALID = b"{not json"  # a malformed raw event: dead-lettered, never predicted
+DEAD_LOG_LINES = 40  # of an instance found dead at the end, shown in the report
 
 
 @dataclass(frozen=True)
@@ -610,6 +611,7 @@ class Run:
             "features_read_order": ocheck,
             "loop": loop, "concept_due": due, "per_stop": per_stop, "stuck": stuck, "exits": exits,
             "dead": unasked, "errors": errors,
+            "dead_logs": {label: self.stack.tail(label, DEAD_LOG_LINES) for label in unasked},
             "alert_messages": [a.get("message", "") for a in concept_alerts],
             "alerts_by_kind": collections.Counter(a["kind"] for a in alerts),
             "requests": len(requests), "claims": len(claims),
@@ -689,6 +691,9 @@ class Run:
             ["t (s)", "action", "target", "signal", "exit", "stall s", "takeover s", "error"],
             stop_rows, "Stops: longest pause of predictions in any partition after each, and the takeover",
         )  # fmt: skip
+        # Why an instance died by itself: the end of its log (the work folder is gone after the run).
+        for label, tail in d["dead_logs"].items():
+            out += f"\n\nLast {DEAD_LOG_LINES} log lines of {label}, dead at the end:\n{tail}"
         # Each CONCEPT alert, and how the version it is about erred by event index and in prediction order.
         for message, (model, profile) in zip(d["alert_messages"], d["errors"], strict=True):
             by_index, by_time = profile
