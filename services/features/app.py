@@ -79,9 +79,9 @@ class Features:
         # With a registry: each pipeline's vectors in its typed contract, Confluent-framed (by pipeline)
         self.encoders: dict[str, FramedEncoder] = {}
         self.exactly_once = settings.processing_guarantee == "exactly_once"
-        self._replays = (
-            0  # (exactly once: events their windows held already, see _replayed_under_exactly_once)
-        )
+        # Exactly once: events their windows held already (see _replayed_under_exactly_once), and when the
+        # last was logged.
+        self._replays = 0
         self._replay_logged = 0.0
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
