@@ -79,10 +79,7 @@ class Features:
         # With a registry: each pipeline's vectors in its typed contract, Confluent-framed (by pipeline)
         self.encoders: dict[str, FramedEncoder] = {}
         self.exactly_once = settings.processing_guarantee == "exactly_once"
-        # Exactly once: events their windows held already (see _replayed_under_exactly_once), and when the
-        # last was logged.
-        self._replays = 0
-        self._replay_logged = 0.0
+        self._replay_logged = 0.0  # (exactly once: see _replayed_under_exactly_once)
 
     def on_pipeline(self, record: dict[str, Any] | None, _msg: Any) -> None:
         if record is None:
@@ -279,26 +276,27 @@ class Features:
         except Exception as exc:  # the record boundary: any failure dead-letters this record only
             return dead_letter(self.catalogue, SERVICE, engine.pipeline, origin, exc)
         if windows.replayed != replayed and self.exactly_once:
-            self._replayed_under_exactly_once(engine.pipeline, topic, partition, offset)
+            self._replayed_under_exactly_once(engine.pipeline, topic, partition, offset, windows.replayed)
         return Output(
             self.catalogue.features(engine.pipeline).name, fv["event_id"].encode(), value,
             pipeline=engine.pipeline,
         )  # fmt: skip
 
-    def _replayed_under_exactly_once(self, pipeline: str, topic: str, partition: int, offset: int) -> None:
+    def _replayed_under_exactly_once(
+        self, pipeline: str, topic: str, partition: int, offset: int, so_far: int
+    ) -> None:
         """An event its key's windows already held. At least once that is a record read again after a
         crash; exactly once the windows are always the committed state of the offset read from, so it means
         they were ahead of the input: counted (`streamml_errors_total{kind="window_replay"}`) and logged at
         most every 5 s, never silent."""
         metrics.ERRORS.labels(SERVICE, "window_replay").inc()
-        self._replays += 1
         now = time.monotonic()
         if now - self._replay_logged >= 5.0:
             self._replay_logged = now
             log.warning(
-                "%s: %s[%d]@%d was already in its key's windows (%d such records so far): exactly once, "
-                "the windows were ahead of the committed input",
-                pipeline, topic, partition, offset, self._replays,
+                "%s: %s[%d]@%d was already in its key's windows (%d such records of the partition so far): "
+                "exactly once, the windows were ahead of the committed input",
+                pipeline, topic, partition, offset, so_far,
             )  # fmt: skip
 
     def handle_through(self, msgs: list[Message]) -> list[Output]:
